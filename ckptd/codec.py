@@ -1,0 +1,250 @@
+"""Lossless encoding of chunk objects: float byte grouping + zstd, plain zstd, or raw.
+
+Trained float weights compress poorly as a byte stream (zstd-1 keeps ~92% of fp32 weights) because
+the high-entropy mantissa bytes are interleaved with the low-entropy sign/exponent byte. Grouping
+byte *i* of every element into plane *i* (the idea of ZipNN's byte grouping) separates them: the
+exponent plane compresses to about a third, the mantissa planes are stored nearly raw. Each plane is
+its own zstd frame, or raw when zstd would not make it smaller.
+
+Object file layout (all integers little-endian)::
+
+    header  16 bytes  struct "<4sBBHQ": magic b"CKO1", codec id, element size,
+                      reserved (0), raw length in bytes
+    payload           codec RAW (0):       the raw bytes
+                      codec ZSTD (1):      one zstd frame
+                      codec BYTEGROUP (2): element-size plane records "<BQ" (mode 0 raw / 1 zstd,
+                                           stored length), then the planes' bytes in order;
+                                           plane i holds byte i of every element
+
+Thread safety: :func:`encode` and :func:`decode` may be called from many threads at once; each
+thread keeps its own zstd contexts. Both release the GIL for the heavy work (numpy copies, zstd).
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import zstandard
+
+from ckptd.errors import CorruptCheckpointError, FormatVersionError
+
+if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
+    raise ImportError("ckptd's on-disk format assumes a little-endian host")
+
+MAGIC = b"CKO1"
+HEADER = struct.Struct("<4sBBHQ")
+PLANE = struct.Struct("<BQ")
+
+RAW, ZSTD, BYTEGROUP = 0, 1, 2
+CODEC_NAMES = {RAW: "raw", ZSTD: "zstd", BYTEGROUP: "bytegroup+zstd"}
+
+CodecChoice = Literal["auto", "zstd", "raw"]
+
+# Planes smaller than this are compressed whole; larger ones are first probed with a sample so
+# that incompressible mantissa planes cost a 64 KiB trial instead of a full zstd pass.
+_PROBE_MIN_BYTES = 256 << 10
+_PROBE_BYTES = 64 << 10
+# Keep zstd output only when it saves at least this fraction.
+_MIN_SAVING = 0.01
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """How chunks are encoded.
+
+    ``codec``: ``"auto"`` groups float bytes before zstd and uses plain zstd for other dtypes;
+    ``"zstd"`` always uses plain zstd; ``"raw"`` stores bytes as they are (fastest persist, largest
+    files). ``level``: zstd level; 1 is the measured sweet spot (higher levels are slower and, after
+    byte grouping, no smaller).
+    """
+
+    codec: CodecChoice = "auto"
+    level: int = 1
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """An encoded object: ``parts`` are written in order; ``stored_bytes`` is their total length."""
+
+    codec: int
+    parts: tuple[bytes | memoryview, ...]
+    stored_bytes: int
+
+    @property
+    def codec_name(self) -> str:
+        return CODEC_NAMES[self.codec]
+
+
+_local = threading.local()
+
+
+# The most significant byte plane of trained floats (sign + exponent) has a small alphabet and few
+# useful repeats: zstd tuned to emit mostly Huffman-coded literals gets it to its byte entropy
+# (~0.34 on MiniLM) 3x faster than level 1, which wastes time and bits on short matches (0.37).
+_LITERAL_PARAMS = {"window_log": 17, "hash_log": 6, "search_log": 1, "min_match": 7}
+_LITERALS = -1000  # cache key of the literal-leaning compressor
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    cache: dict[int, zstandard.ZstdCompressor] = _local.__dict__.setdefault("c", {})
+    comp = cache.get(level)
+    if comp is None:
+        if level == _LITERALS:
+            params = zstandard.ZstdCompressionParameters(
+                strategy=zstandard.STRATEGY_FAST, write_checksum=False, **_LITERAL_PARAMS
+            )
+            comp = zstandard.ZstdCompressor(compression_params=params)
+        else:
+            comp = zstandard.ZstdCompressor(level=level, write_checksum=False)
+        cache[level] = comp
+    return comp
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    d: zstandard.ZstdDecompressor | None = _local.__dict__.get("d")
+    if d is None:
+        d = _local.d = zstandard.ZstdDecompressor()
+    return d
+
+
+def _maybe_compress(data: memoryview, level: int) -> bytes | None:
+    """zstd-compress ``data``; None when that would not save at least ``_MIN_SAVING``."""
+    comp = _compressor(level)
+    if len(data) >= _PROBE_MIN_BYTES:
+        probe = comp.compress(data[:_PROBE_BYTES])
+        if len(probe) >= _PROBE_BYTES * (1 - _MIN_SAVING):
+            return None
+    out = comp.compress(data)
+    if len(out) >= len(data) * (1 - _MIN_SAVING):
+        return None
+    return out
+
+
+def encode(raw: memoryview, *, elem_size: int, is_float: bool, config: CodecConfig) -> Encoded:
+    """Encode ``raw`` (the chunk's bytes) into an object.
+
+    ``elem_size`` and ``is_float`` describe the elements of the chunk (all of one dtype); byte
+    grouping is used for floats of 2, 4 or 8 bytes whose length is a whole number of elements.
+    """
+    raw = raw.cast("B") if raw.format != "B" or raw.ndim != 1 else raw
+    n = len(raw)
+    if config.codec != "raw" and n > 0:
+        if config.codec == "auto" and is_float and elem_size in (2, 4, 8) and n % elem_size == 0:
+            return _encode_bytegroup(raw, elem_size, config.level)
+        packed = _maybe_compress(raw, config.level)
+        if packed is not None:
+            header = HEADER.pack(MAGIC, ZSTD, elem_size, 0, n)
+            return Encoded(ZSTD, (header, packed), len(header) + len(packed))
+    header = HEADER.pack(MAGIC, RAW, elem_size, 0, n)
+    return Encoded(RAW, (header, raw), len(header) + n)
+
+
+def _encode_bytegroup(raw: memoryview, elem_size: int, level: int) -> Encoded:
+    elements = np.frombuffer(raw, dtype=np.uint8).reshape(-1, elem_size)
+    table: list[bytes] = []
+    bodies: list[bytes | memoryview] = []
+    stored = 0
+    for i in range(elem_size):
+        plane = np.ascontiguousarray(elements[:, i]).data
+        packed = _maybe_compress(plane, _LITERALS if i == elem_size - 1 else level)
+        body: bytes | memoryview = plane if packed is None else packed
+        table.append(PLANE.pack(RAW if packed is None else ZSTD, len(body)))
+        bodies.append(body)
+        stored += len(body)
+    if stored >= len(raw) * (1 - _MIN_SAVING):
+        header = HEADER.pack(MAGIC, RAW, elem_size, 0, len(raw))
+        return Encoded(RAW, (header, raw), len(header) + len(raw))
+    head = HEADER.pack(MAGIC, BYTEGROUP, elem_size, 0, len(raw)) + b"".join(table)
+    return Encoded(BYTEGROUP, (head, *bodies), len(head) + stored)
+
+
+def read_header(data: bytes | memoryview, *, where: str) -> tuple[int, int, int]:
+    """Parse an object header; return ``(codec, elem_size, raw_len)``."""
+    if len(data) < HEADER.size:
+        raise CorruptCheckpointError(
+            f"{where}: truncated object ({len(data)} bytes, shorter than its {HEADER.size}-byte "
+            "header); run `ckptd verify` and restore from another checkpoint"
+        )
+    magic, codec, elem_size, _reserved, raw_len = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        if magic[:3] == MAGIC[:3]:
+            raise FormatVersionError(
+                f"{where}: object format {magic[3:]!r} is newer than this ckptd reads (1); "
+                "upgrade ckptd to read it"
+            )
+        raise CorruptCheckpointError(f"{where}: not a ckptd object (bad magic {magic!r})")
+    if codec not in CODEC_NAMES:
+        raise CorruptCheckpointError(f"{where}: unknown codec id {codec}")
+    return codec, elem_size, raw_len
+
+
+def decode(data: bytes | memoryview, out: memoryview, *, where: str) -> None:
+    """Decode the object file contents ``data`` into ``out`` (exactly its raw length).
+
+    Raises :class:`CorruptCheckpointError` (naming ``where``) when the object is truncated,
+    damaged, or does not decode to ``len(out)`` bytes. The caller still verifies the hash.
+    """
+    view = memoryview(data)
+    codec, elem_size, raw_len = read_header(view, where=where)
+    if raw_len != len(out):
+        raise CorruptCheckpointError(
+            f"{where}: object holds {raw_len} raw bytes but the manifest expects {len(out)}"
+        )
+    body = view[HEADER.size :]
+    try:
+        if codec == RAW:
+            if len(body) != raw_len:
+                raise CorruptCheckpointError(
+                    f"{where}: truncated object ({len(body)} of {raw_len} payload bytes)"
+                )
+            out[:] = body
+        elif codec == ZSTD:
+            _zstd_into(body, out, where)
+        else:
+            _decode_bytegroup(body, out, elem_size, where)
+    except zstandard.ZstdError as exc:
+        raise CorruptCheckpointError(f"{where}: damaged zstd data ({exc})") from exc
+
+
+def _zstd_into(frame: memoryview, out: memoryview, where: str) -> None:
+    plain = _decompressor().decompress(frame, max_output_size=len(out))
+    if len(plain) != len(out):
+        raise CorruptCheckpointError(
+            f"{where}: zstd data decodes to {len(plain)} bytes, expected {len(out)}"
+        )
+    out[:] = plain
+
+
+def _decode_bytegroup(body: memoryview, out: memoryview, elem_size: int, where: str) -> None:
+    if elem_size not in (2, 4, 8) or len(out) % elem_size:
+        raise CorruptCheckpointError(f"{where}: bad element size {elem_size} for byte grouping")
+    table_len = PLANE.size * elem_size
+    if len(body) < table_len:
+        raise CorruptCheckpointError(f"{where}: truncated object (plane table cut short)")
+    n = len(out) // elem_size
+    elements = np.frombuffer(out, dtype=np.uint8).reshape(n, elem_size)
+    pos = table_len
+    for i in range(elem_size):
+        mode, length = PLANE.unpack_from(body, i * PLANE.size)
+        chunk = body[pos : pos + length]
+        if len(chunk) != length:
+            raise CorruptCheckpointError(f"{where}: truncated object (plane {i} cut short)")
+        if mode == RAW:
+            plane: bytes | memoryview = chunk
+        elif mode == ZSTD:
+            plane = _decompressor().decompress(chunk, max_output_size=n)
+        else:
+            raise CorruptCheckpointError(f"{where}: unknown plane mode {mode}")
+        if len(plane) != n:
+            raise CorruptCheckpointError(f"{where}: plane {i} has {len(plane)} bytes, not {n}")
+        # Column by column: numpy scatters one plane at ~3.5 GB/s, while assigning the whole
+        # transposed (planes, n) array at once runs at ~0.7 GB/s.
+        elements[:, i] = np.frombuffer(plane, dtype=np.uint8)
+        pos += length
+    if pos != len(body):
+        raise CorruptCheckpointError(f"{where}: {len(body) - pos} unexpected trailing bytes")

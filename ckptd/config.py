@@ -1,0 +1,182 @@
+"""Typed configuration, validated at load.
+
+The file is TOML (``config.example.toml`` documents every key with its default). Each section maps
+to a frozen dataclass; unknown keys and bad values raise :class:`ConfigError` naming the key path,
+the value found and what is expected (``store.chunk_bytes: expected a size >= 64KiB, got 12``).
+
+Where the file is: ``--config`` / ``CKPTD_CONFIG``, else ``$XDG_CONFIG_HOME/ckptd/ckptd.toml``
+(``~/.config``), else ``/etc/ckptd/ckptd.toml``; none of them existing means all defaults.
+Where checkpoints go: ``--root`` / ``root=``, else ``CKPTD_ROOT``, else ``store.root`` of the
+config, else ``./checkpoints`` under the working directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ckptd.codec import CodecConfig
+from ckptd.errors import ConfigError
+from ckptd.pipeline import PipelineConfig
+
+DEFAULT_ROOT = Path("checkpoints")
+SYSTEM_CONFIG = Path("/etc/ckptd/ckptd.toml")
+
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*", re.IGNORECASE)
+
+
+def parse_size(value: object, key: str) -> int:
+    """Parse a byte size: an integer, or a string like ``"8MiB"``, ``"1.5 GiB"``, ``"100MB"``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.fullmatch(value)
+        if m:
+            unit = (m.group(2) or "").lower().removesuffix("b")
+            power = "kmgt".index(unit[0]) + 1 if unit else 0
+            factor = (1024 if unit.endswith("i") else 1000) ** power
+            return int(float(m.group(1)) * factor)
+    raise ConfigError(
+        f'{key}: expected a size in bytes (an integer, or a string such as "8MiB"), got {value!r}'
+    )
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """``[store]``: where checkpoints live and how the write pipeline runs."""
+
+    root: Path | None = None
+    chunk_bytes: int = 8 << 20
+    pack_bytes: int = 1 << 20
+    threads: int = 2
+    max_inflight_bytes: int = 256 << 20
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration; ``source`` is the file it came from (None: defaults)."""
+
+    store: StoreConfig = field(default_factory=StoreConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    source: Path | None = None
+
+    def pipeline(self) -> PipelineConfig:
+        s = self.store
+        return PipelineConfig(
+            chunk_bytes=s.chunk_bytes,
+            pack_bytes=s.pack_bytes,
+            threads=s.threads,
+            max_inflight_bytes=s.max_inflight_bytes,
+            codec=self.codec,
+        )
+
+
+def _take(section: dict[str, Any], name: str, known: set[str]) -> dict[str, Any]:
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise ConfigError(
+            f"{name}.{unknown[0]}: unknown key; known keys in [{name}]: {', '.join(sorted(known))}"
+        )
+    return section
+
+
+def _int(value: object, key: str, minimum: int, maximum: int | None = None) -> int:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    if ok and maximum is not None:
+        ok = value <= maximum  # type: ignore[operator]
+    if not ok:
+        bound = f">= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
+        raise ConfigError(f"{key}: expected an integer {bound}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def _size(value: object, key: str, minimum: int, minimum_text: str) -> int:
+    size = parse_size(value, key)
+    if size < minimum:
+        raise ConfigError(f"{key}: expected a size >= {minimum_text}, got {value!r}")
+    return size
+
+
+def config_from_dict(doc: dict[str, Any], source: Path | None = None) -> Config:
+    """Validate a parsed TOML document into a :class:`Config`."""
+    _take(doc, "<top level>", {"store", "codec"})
+    for name in ("store", "codec"):
+        if not isinstance(doc.get(name, {}), dict):
+            raise ConfigError(f"{name}: expected a table [{name}], got {doc[name]!r}")
+    s = _take(doc.get("store", {}), "store", set(StoreConfig.__dataclass_fields__))
+    c = _take(doc.get("codec", {}), "codec", {"codec", "level"})
+    root = s.get("root")
+    if root is not None and (not isinstance(root, str) or not root):
+        raise ConfigError(f"store.root: expected a directory path (a string), got {root!r}")
+    store = StoreConfig(
+        root=Path(root).expanduser() if root else None,
+        chunk_bytes=_size(s.get("chunk_bytes", 8 << 20), "store.chunk_bytes", 64 << 10, "64KiB"),
+        pack_bytes=_size(s.get("pack_bytes", 1 << 20), "store.pack_bytes", 0, "0"),
+        threads=_int(s.get("threads", 2), "store.threads", 1, 256),
+        max_inflight_bytes=_size(
+            s.get("max_inflight_bytes", 256 << 20), "store.max_inflight_bytes", 1 << 20, "1MiB"
+        ),
+    )
+    if store.pack_bytes > store.chunk_bytes:
+        raise ConfigError(
+            f"store.pack_bytes: must not exceed store.chunk_bytes ({store.chunk_bytes}), "
+            f"got {store.pack_bytes}"
+        )
+    codec_name = c.get("codec", "auto")
+    if codec_name not in ("auto", "zstd", "raw"):
+        raise ConfigError(f'codec.codec: expected "auto", "zstd" or "raw", got {codec_name!r}')
+    codec = CodecConfig(codec=codec_name, level=_int(c.get("level", 1), "codec.level", -7, 22))
+    return Config(store=store, codec=codec, source=source)
+
+
+def config_path(explicit: Path | str | None = None) -> Path | None:
+    """The config file to read: explicit, ``CKPTD_CONFIG``, the user's, the system's, or None."""
+    if explicit is not None:
+        return Path(explicit)
+    env = os.environ.get("CKPTD_CONFIG")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    for candidate in (Path(xdg) / "ckptd" / "ckptd.toml", SYSTEM_CONFIG):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_config(explicit: Path | str | None = None) -> Config:
+    """Load and validate the configuration (defaults when there is no file)."""
+    path = config_path(explicit)
+    if path is None:
+        return Config()
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {path} does not exist; create it (see config.example.toml) or point "
+            "--config / CKPTD_CONFIG elsewhere"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot read it ({exc.strerror})") from exc
+    try:
+        doc = tomllib.loads(text.decode())
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {path}: invalid TOML ({exc})") from exc
+    try:
+        return config_from_dict(doc, path)
+    except ConfigError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from exc
+
+
+def resolve_root(explicit: Path | str | None, config: Config | None = None) -> Path:
+    """Where checkpoints live: explicit, ``CKPTD_ROOT``, ``store.root``, or ``./checkpoints``."""
+    if explicit is not None:
+        return Path(explicit).expanduser()
+    env = os.environ.get("CKPTD_ROOT")
+    if env:
+        return Path(env).expanduser()
+    cfg = config if config is not None else load_config()
+    return cfg.store.root if cfg.store.root is not None else DEFAULT_ROOT

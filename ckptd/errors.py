@@ -1,0 +1,121 @@
+"""The exceptions ckptd raises, one type per failure mode.
+
+Every error is a :class:`CkptdError`. Messages name what was wrong (the key, path or value) and
+what to do about it. The CLI maps each type to its own exit code (``exit_code``), so scripts can
+tell "nothing to act on" from "corrupt" from "disk full" without parsing text.
+"""
+
+from __future__ import annotations
+
+
+class CkptdError(Exception):
+    """Base class of every error ckptd raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(CkptdError):
+    """The configuration file or a configuration value is invalid."""
+
+    exit_code = 3
+
+
+class InvalidNameError(CkptdError):
+    """A job name is not allowed (path separators, ``..``, NUL, too long, ...)."""
+
+    exit_code = 4
+
+
+class NotFoundError(CkptdError):
+    """A job or checkpoint that was asked for does not exist."""
+
+    exit_code = 5
+
+
+class NothingToDoError(CkptdError):
+    """A command found nothing to act on (no jobs, no checkpoints, no garbage)."""
+
+    exit_code = 6
+
+
+class CorruptCheckpointError(CkptdError):
+    """Stored bytes do not match what the manifest promises.
+
+    Raised for a hash mismatch, a truncated or missing object, or an object whose header is damaged.
+    """
+
+    exit_code = 7
+
+
+class ManifestError(CorruptCheckpointError):
+    """A manifest file cannot be parsed or fails validation."""
+
+
+class FormatVersionError(CkptdError):
+    """A manifest or object was written by a newer ckptd format than this one reads."""
+
+    exit_code = 8
+
+
+class UnsupportedStateError(CkptdError):
+    """A value in the state handed to ``snapshot()`` cannot be stored without pickle."""
+
+    exit_code = 9
+
+
+class DiskFullError(CkptdError):
+    """The store's filesystem has no room for the checkpoint (ENOSPC, EDQUOT or the disk guard)."""
+
+    exit_code = 10
+
+
+class StorePermissionError(CkptdError):
+    """The store's root or a file in it cannot be read or written by this process."""
+
+    exit_code = 11
+
+
+class StoreIOError(CkptdError):
+    """An I/O error other than a full disk or a permission problem (EIO on write or fsync, ...)."""
+
+    exit_code = 12
+
+
+class ProtocolError(CkptdError):
+    """A message between client and daemon is malformed or of an unsupported version."""
+
+    exit_code = 13
+
+
+class DaemonUnavailableError(CkptdError):
+    """No daemon answers on the socket, and none could be started."""
+
+    exit_code = 14
+
+
+class SnapshotFailedError(CkptdError):
+    """The daemon failed to persist a snapshot; the message carries its reason."""
+
+    exit_code = 15
+
+
+EXIT_CODES: dict[str, int] = {
+    cls.__name__: cls.exit_code
+    for cls in (
+        CkptdError,
+        ConfigError,
+        InvalidNameError,
+        NotFoundError,
+        NothingToDoError,
+        CorruptCheckpointError,
+        FormatVersionError,
+        UnsupportedStateError,
+        DiskFullError,
+        StorePermissionError,
+        StoreIOError,
+        ProtocolError,
+        DaemonUnavailableError,
+        SnapshotFailedError,
+    )
+}
+"""Exit code of each error type, as the CLI uses them (documented in the README)."""

@@ -1,0 +1,268 @@
+"""The manifest: one JSON file that *is* a checkpoint.
+
+A checkpoint exists iff ``<root>/<job>/manifests/step-<12 digits>.json`` exists. The manifest lists
+each tensor (key path, dtype, shape, byte length) as a sequence of pieces of content-addressed
+objects, the objects it needs (raw and stored length, codec), the skeleton of the non-tensor state
+(see :mod:`ckptd.skeleton`) and totals. It is written last, atomically, after every object it names
+is durable. Field by field documentation: ``docs/format.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from ckptd.errors import FormatVersionError, ManifestError
+from ckptd.hashing import check_hash_name
+from ckptd.skeleton import JSON, dtype_from_name
+
+FORMAT = "ckptd.manifest"
+FORMAT_VERSION = 1
+MAX_STEP = 10**12 - 1
+STEP_DIGITS = 12
+
+
+def manifest_name(step: int) -> str:
+    """File name of the manifest of ``step``: fixed width so names sort by step."""
+    return f"step-{step:0{STEP_DIGITS}d}.json"
+
+
+def step_from_name(name: str) -> int | None:
+    """Inverse of :func:`manifest_name`; None for any other file name."""
+    if not (name.startswith("step-") and name.endswith(".json")):
+        return None
+    digits = name[5:-5]
+    if len(digits) != STEP_DIGITS or not digits.isdigit():
+        return None
+    return int(digits)
+
+
+def check_step(step: object) -> int:
+    """Return ``step`` if it is a valid step number (an int in 0..10**12-1)."""
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= MAX_STEP:
+        raise ValueError(f"step must be an integer between 0 and {MAX_STEP}, got {step!r}")
+    return step
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One chunk object: ``raw_bytes`` before encoding, ``stored_bytes`` on disk (with header)."""
+
+    raw_bytes: int
+    stored_bytes: int
+    codec: str
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Bytes ``[offset, offset + length)`` of object ``object`` (offsets in its raw bytes)."""
+
+    object: str
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """A tensor: its bytes are the concatenation of ``pieces`` (C order, little-endian)."""
+
+    path: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    pieces: tuple[Piece, ...]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """An immutable checkpoint description. ``created`` is an ISO 8601 UTC timestamp."""
+
+    job: str
+    step: int
+    created: str
+    tensors: tuple[TensorEntry, ...]
+    objects: dict[str, ObjectInfo]
+    skeleton: JSON
+    metric: float | None = None
+    rank: int = 0
+    world_size: int = 1
+    written_bytes: int = 0
+
+    @property
+    def raw_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes on disk of every object this checkpoint needs (shared objects counted once)."""
+        return sum(o.stored_bytes for o in self.objects.values())
+
+    @property
+    def created_datetime(self) -> datetime:
+        return datetime.fromisoformat(self.created)
+
+    def to_json(self) -> bytes:
+        """The exact bytes written to disk (deterministic for a given manifest)."""
+        doc: dict[str, Any] = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "job": self.job,
+            "step": self.step,
+            "created": self.created,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "metric": _metric_to_json(self.metric),
+            "totals": {
+                "tensors": len(self.tensors),
+                "objects": len(self.objects),
+                "raw_bytes": self.raw_bytes,
+                "stored_bytes": self.stored_bytes,
+                "written_bytes": self.written_bytes,
+            },
+            "tensors": [
+                {
+                    "path": t.path,
+                    "dtype": t.dtype,
+                    "shape": list(t.shape),
+                    "nbytes": t.nbytes,
+                    "pieces": [[p.object, p.offset, p.length] for p in t.pieces],
+                }
+                for t in self.tensors
+            ],
+            "objects": {
+                h: {"raw_bytes": o.raw_bytes, "stored_bytes": o.stored_bytes, "codec": o.codec}
+                for h, o in sorted(self.objects.items())
+            },
+            "skeleton": self.skeleton,
+        }
+        return _dump(doc).encode()
+
+
+def _compact(value: JSON) -> str:
+    return json.dumps(value, allow_nan=False, ensure_ascii=False, separators=(", ", ": "))
+
+
+def _dump(doc: dict[str, Any]) -> str:
+    """JSON with one line per top-level key, per tensor and per object: diffable, greppable."""
+    lines = []
+    for key, value in doc.items():
+        if key == "tensors" and value:
+            body = ",\n".join(f"  {_compact(t)}" for t in value)
+            text = f"[\n{body}\n ]"
+        elif key == "objects" and value:
+            body = ",\n".join(f"  {_compact(h)}: {_compact(o)}" for h, o in value.items())
+            text = f"{{\n{body}\n }}"
+        else:
+            text = _compact(value)
+        lines.append(f" {_compact(key)}: {text}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+def now_iso() -> str:
+    """The current time as the manifest's ``created`` string."""
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _metric_to_json(metric: float | None) -> JSON:
+    if metric is None or math.isfinite(metric):
+        return metric
+    return str(metric)  # "nan", "inf", "-inf": keep the fact without breaking strict JSON
+
+
+def _metric_from_json(value: JSON, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and value in ("nan", "inf", "-inf"):
+        return float(value)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    raise ManifestError(f"{where}: metric must be a number or null, got {value!r}")
+
+
+def parse_manifest(data: bytes, *, where: str) -> Manifest:
+    """Parse and validate manifest bytes read from ``where`` (a path, used in messages).
+
+    Raises :class:`FormatVersionError` for a newer format and :class:`ManifestError` for anything
+    malformed, naming the field.
+    """
+    try:
+        doc = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{where}: not valid JSON ({exc}); the manifest is damaged") from exc
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise ManifestError(f'{where}: not a ckptd manifest (no "format": "{FORMAT}")')
+    version = doc.get("version")
+    if not isinstance(version, int) or version < 1:
+        raise ManifestError(f"{where}: bad format version {version!r}")
+    if version > FORMAT_VERSION:
+        raise FormatVersionError(
+            f"{where}: written in manifest format version {version}, this ckptd reads up to "
+            f"{FORMAT_VERSION}; upgrade ckptd to a release that reads version {version}"
+        )
+    try:
+        return _build(doc, where)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ManifestError(f"{where}: malformed manifest ({type(exc).__name__}: {exc})") from exc
+
+
+def _int(value: object, name: str, minimum: int = 0) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _build(doc: dict[str, Any], where: str) -> Manifest:
+    objects: dict[str, ObjectInfo] = {}
+    for h, o in doc["objects"].items():
+        check_hash_name(h)
+        codec = o["codec"]
+        if not isinstance(codec, str):
+            raise ValueError(f"objects.{h}.codec must be a string")
+        objects[h] = ObjectInfo(
+            _int(o["raw_bytes"], f"objects.{h}.raw_bytes"),
+            _int(o["stored_bytes"], f"objects.{h}.stored_bytes"),
+            codec,
+        )
+    tensors = []
+    for i, t in enumerate(doc["tensors"]):
+        name = f"tensors[{i}]"
+        path, dtype = t["path"], t["dtype"]
+        if not isinstance(path, str) or not isinstance(dtype, str):
+            raise ValueError(f"{name}: path and dtype must be strings")
+        shape = tuple(_int(d, f"{name}.shape") for d in t["shape"])
+        nbytes = _int(t["nbytes"], f"{name}.nbytes")
+        expected = math.prod(shape) * dtype_from_name(dtype).itemsize
+        if nbytes != expected:
+            raise ValueError(
+                f"{name} ({path}): nbytes {nbytes} != {expected} for {dtype}{list(shape)}"
+            )
+        pieces = []
+        for obj, off, length in t["pieces"]:
+            info = objects.get(check_hash_name(obj))
+            if info is None:
+                raise ValueError(f"{name} ({path}): piece names object {obj} missing from objects")
+            if _int(off, "offset") + _int(length, "length", 1) > info.raw_bytes:
+                raise ValueError(f"{name} ({path}): piece [{off}, +{length}) beyond object {obj}")
+            pieces.append(Piece(obj, off, length))
+        if sum(p.length for p in pieces) != nbytes:
+            raise ValueError(f"{name} ({path}): pieces hold {sum(p.length for p in pieces)} bytes")
+        tensors.append(TensorEntry(path, dtype, shape, nbytes, tuple(pieces)))
+    job, created = doc["job"], doc["created"]
+    if not isinstance(job, str) or not isinstance(created, str):
+        raise ValueError("job and created must be strings")
+    datetime.fromisoformat(created)
+    return Manifest(
+        job=job,
+        step=check_step(doc["step"]),
+        created=created,
+        tensors=tuple(tensors),
+        objects=objects,
+        skeleton=doc["skeleton"],
+        metric=_metric_from_json(doc.get("metric"), where),
+        rank=_int(doc.get("rank", 0), "rank"),
+        world_size=_int(doc.get("world_size", 1), "world_size", 1),
+        written_bytes=_int(doc.get("totals", {}).get("written_bytes", 0), "totals.written_bytes"),
+    )

@@ -1,0 +1,290 @@
+"""The write pipeline: one checkpoint from a flattened state to a committed manifest.
+
+Call order: :func:`write_checkpoint` plans chunks (large tensors split into ``chunk_bytes`` pieces,
+tensors of at most ``pack_bytes`` packed together by dtype), then, on a bounded thread pool and with
+at most ``max_inflight_bytes`` of chunks being worked on at once, for each chunk: hash the raw bytes
+(blake3), skip it if the job already holds that object (dedup), else encode it and write it durably.
+When every chunk has been read it calls ``on_read_done`` (the daemon releases the shared-memory slot
+there), fsyncs the object directories it touched and commits the manifest.
+
+Ownership: the caller owns the tensor buffers and must not mutate them until ``on_read_done`` has
+been called (or the function has returned or raised). If it raises, no manifest was written; objects
+already written stay as unreferenced garbage for :meth:`Store.gc`, and tmp files are removed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ckptd.codec import CODEC_NAMES, CodecConfig, encode
+from ckptd.errors import CorruptCheckpointError
+from ckptd.hashing import content_hash
+from ckptd.manifest import Manifest, ObjectInfo, Piece, TensorEntry, check_step, now_iso
+from ckptd.skeleton import JSON, dtype_from_name, dtype_name
+from ckptd.store import Store, validate_job_name
+
+_FLOAT_COMPONENT_BYTES = {
+    "float16": 2,
+    "bfloat16": 2,
+    "float32": 4,
+    "float64": 8,
+    "complex32": 2,
+    "complex64": 4,
+    "complex128": 8,
+}
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Sizes and parallelism of the write pipeline (units in the names)."""
+
+    chunk_bytes: int = 8 << 20
+    pack_bytes: int = 1 << 20
+    threads: int = 2
+    max_inflight_bytes: int = 256 << 20
+    codec: CodecConfig = field(default_factory=CodecConfig)
+
+
+@dataclass(frozen=True)
+class TensorSource:
+    """One tensor handed to the pipeline: ``data`` is its C-order bytes (``nbytes`` long)."""
+
+    path: str
+    dtype: str
+    shape: tuple[int, ...]
+    data: memoryview
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """A committed checkpoint. ``written_bytes`` counts only objects this write created."""
+
+    manifest: Manifest
+    path: Path
+    seconds: float
+    written_bytes: int
+    new_objects: int
+    reused_objects: int
+
+
+def tensor_source(path: str, tensor: torch.Tensor) -> TensorSource:
+    """Describe ``tensor`` for the pipeline, copying only if it is not CPU-contiguous already.
+
+    The returned view keeps the (possibly copied) tensor alive.
+    """
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.resolve_conj().resolve_neg().contiguous()
+    flat = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+    return TensorSource(path, dtype_name(t.dtype), tuple(t.shape), flat.numpy().data)
+
+
+@dataclass
+class _Chunk:
+    dtype: str
+    pieces: list[tuple[int, int, int]]  # (tensor index, offset in tensor, length)
+    nbytes: int = 0
+
+
+@dataclass(frozen=True)
+class _ChunkResult:
+    digest: str
+    info: ObjectInfo
+    written_bytes: int
+    new_shard: bool
+
+
+def plan_chunks(tensors: Sequence[TensorSource], config: PipelineConfig) -> list[_Chunk]:
+    """Split large tensors into chunks and pack small ones by dtype (deterministic)."""
+    chunks: list[_Chunk] = []
+    open_packs: dict[str, _Chunk] = {}
+    for index, t in enumerate(tensors):
+        n = len(t.data)
+        if n == 0:
+            continue
+        if n > config.pack_bytes:
+            step = max(config.chunk_bytes - config.chunk_bytes % 8, 8)
+            for off in range(0, n, step):
+                length = min(step, n - off)
+                chunks.append(_Chunk(t.dtype, [(index, off, length)], length))
+            continue
+        pack = open_packs.get(t.dtype)
+        if pack is None or pack.nbytes + n > config.chunk_bytes:
+            pack = open_packs[t.dtype] = _Chunk(t.dtype, [])
+            chunks.append(pack)
+        pack.pieces.append((index, 0, n))
+        pack.nbytes += n
+    return chunks
+
+
+def write_checkpoint(
+    store: Store,
+    job: str,
+    step: int,
+    skeleton: JSON,
+    tensors: Sequence[TensorSource],
+    *,
+    metric: float | None = None,
+    config: PipelineConfig | None = None,
+    executor: Executor | None = None,
+    on_read_done: Callable[[], None] | None = None,
+    created: str | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> WriteResult:
+    """Write and commit one checkpoint; see the module docstring for the order and ownership.
+
+    Raises :class:`~ckptd.errors.DiskFullError`, :class:`~ckptd.errors.StorePermissionError` or
+    :class:`~ckptd.errors.StoreIOError` when the store cannot be written; nothing is committed then.
+    """
+    config = config or PipelineConfig()
+    validate_job_name(job)
+    check_step(step)
+    for t in tensors:
+        itemsize = dtype_from_name(t.dtype).itemsize
+        expected = itemsize
+        for d in t.shape:
+            expected *= d
+        if len(t.data) != expected:
+            raise ValueError(f"{t.path}: {len(t.data)} bytes given for {t.dtype}{list(t.shape)}")
+    started = time.perf_counter()
+    store.open_job(job)
+    chunks = plan_chunks(tensors, config)
+    own_pool = executor is None
+    pool = executor or ThreadPoolExecutor(max(1, config.threads), thread_name_prefix="ckptd-write")
+    try:
+        results = _run_chunks(store, job, tensors, chunks, config, pool)
+    finally:
+        if own_pool:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if on_read_done is not None:
+            on_read_done()
+
+    by_tensor: dict[int, list[Piece]] = defaultdict(list)
+    objects: dict[str, ObjectInfo] = {}
+    shards: set[str] = set()
+    new_shard = False
+    written = new_objects = 0
+    for chunk, res in zip(chunks, results, strict=True):
+        objects[res.digest] = res.info
+        offset = 0
+        for index, _src, length in chunk.pieces:
+            by_tensor[index].append(Piece(res.digest, offset, length))
+            offset += length
+        if res.written_bytes:
+            written += res.written_bytes
+            new_objects += 1
+            shards.add(res.digest[:2])
+            new_shard |= res.new_shard
+    store.sync_objects(job, shards, new_shard)
+
+    entries = tuple(
+        TensorEntry(t.path, t.dtype, t.shape, len(t.data), tuple(by_tensor.get(i, ())))
+        for i, t in enumerate(tensors)
+    )
+    manifest = Manifest(
+        job=job,
+        step=step,
+        created=created or now_iso(),
+        tensors=entries,
+        objects=objects,
+        skeleton=skeleton,
+        metric=None if metric is None else float(metric),
+        rank=rank,
+        world_size=world_size,
+        written_bytes=written,
+    )
+    path = store.commit_manifest(manifest)
+    return WriteResult(
+        manifest,
+        path,
+        time.perf_counter() - started,
+        written,
+        new_objects,
+        len(objects) - new_objects,
+    )
+
+
+def _run_chunks(
+    store: Store,
+    job: str,
+    tensors: Sequence[TensorSource],
+    chunks: Sequence[_Chunk],
+    config: PipelineConfig,
+    pool: Executor,
+) -> list[_ChunkResult]:
+    # Each chunk in flight holds up to ~3x its size (packed copy, planes, encoded output).
+    budget = threading.BoundedSemaphore(
+        max(1, config.max_inflight_bytes // (3 * config.chunk_bytes))
+    )
+    failed = threading.Event()
+    futures: list[Future[_ChunkResult]] = []
+
+    def work(chunk: _Chunk) -> _ChunkResult:
+        try:
+            if failed.is_set():
+                raise _CancelledError
+            return _write_chunk(store, job, tensors, chunk, config.codec)
+        except BaseException:
+            failed.set()
+            raise
+        finally:
+            budget.release()
+
+    for chunk in chunks:
+        budget.acquire()
+        if failed.is_set():
+            budget.release()
+            break
+        futures.append(pool.submit(work, chunk))
+    results: list[_ChunkResult] = []
+    first_error: BaseException | None = None
+    for fut in futures:
+        try:
+            results.append(fut.result())
+        except _CancelledError:
+            continue
+        except BaseException as exc:
+            first_error = first_error or exc
+    if first_error is not None:
+        raise first_error
+    return results
+
+
+class _CancelledError(Exception):
+    """A chunk skipped because another chunk of the same checkpoint failed first."""
+
+
+def _write_chunk(
+    store: Store, job: str, tensors: Sequence[TensorSource], chunk: _Chunk, codec: CodecConfig
+) -> _ChunkResult:
+    if len(chunk.pieces) == 1:
+        index, off, length = chunk.pieces[0]
+        raw = tensors[index].data[off : off + length]
+    else:
+        raw = memoryview(b"".join(tensors[i].data[o : o + n] for i, o, n in chunk.pieces))
+    digest = content_hash(raw)
+    if store.has_object(job, digest):
+        try:
+            codec_id, _elem, raw_len, stored = store.object_header(job, digest)
+        except CorruptCheckpointError:
+            raw_len = -1  # damaged header: rewrite below
+        if raw_len == len(raw):
+            return _ChunkResult(
+                digest, ObjectInfo(len(raw), stored, CODEC_NAMES[codec_id]), 0, False
+            )
+        # A damaged object under this name: replace it (same name => these bytes).
+    component = _FLOAT_COMPONENT_BYTES.get(chunk.dtype)
+    elem_size = component or dtype_from_name(chunk.dtype).itemsize
+    encoded = encode(raw, elem_size=elem_size, is_float=component is not None, config=codec)
+    stored, new_shard = store.write_object(job, digest, encoded.parts)
+    return _ChunkResult(digest, ObjectInfo(len(raw), stored, encoded.codec_name), stored, new_shard)

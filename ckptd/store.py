@@ -1,0 +1,356 @@
+"""The on-disk store: layout, object files, the manifest commit, deletion, GC and tmp sweeping.
+
+Layout under the root (see ``docs/format.md``)::
+
+    <root>/<job>/objects/ab/<blake3 hex>      immutable chunk objects, shared between checkpoints
+    <root>/<job>/manifests/step-000000001200.json   a checkpoint; it exists iff this file exists
+    <root>/<job>/tmp/                         in-flight files; anything here is garbage once no
+                                              writer runs (swept by :meth:`Store.sweep_tmp`)
+
+The single invariant: a visible manifest only names objects that are durable. Writers therefore
+(1) write every object (:meth:`Store.write_object`, fsynced, renamed), (2) fsync the object
+directories they touched, (3) commit the manifest (:meth:`Store.commit_manifest`, written last).
+Deleting a checkpoint removes its manifest first; :meth:`Store.gc` then removes objects that no
+manifest names.
+
+Thread safety: a Store holds no mutable state besides paths; its methods may be called from any
+thread. Two writers must not write the same job's *manifest* for the same step at once (the daemon
+serializes commits per job); object writes may race freely (same name => same bytes).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ckptd.codec import HEADER, read_header
+from ckptd.errors import (
+    CorruptCheckpointError,
+    InvalidNameError,
+    ManifestError,
+    NotFoundError,
+    StorePermissionError,
+)
+from ckptd.fsutil import Buffer, durable_write, ensure_dir, fsync_dir, os_error
+from ckptd.hashing import check_hash_name
+from ckptd.manifest import Manifest, check_step, manifest_name, parse_manifest, step_from_name
+
+MAX_JOB_NAME = 128
+STALE_TMP_S = 3600.0
+"""A tmp file this old is a dead writer's leftover (swept when a writer opens the job)."""
+_JOB_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def validate_job_name(name: object) -> str:
+    """Return ``name`` if it is an allowed job name, else raise :class:`InvalidNameError`.
+
+    Allowed: 1-128 characters from ``A-Z a-z 0-9 . _ -``, starting with a letter or digit, without
+    ``..``. This keeps a job name a single, harmless path component.
+    """
+    if not isinstance(name, str):
+        raise InvalidNameError(f"job name must be a string, got {type(name).__name__}")
+    if not name or len(name) > MAX_JOB_NAME:
+        raise InvalidNameError(
+            f"job name must be 1 to {MAX_JOB_NAME} characters long, got {len(name)}"
+        )
+    if not _JOB_RE.fullmatch(name) or ".." in name:
+        raise InvalidNameError(
+            f"invalid job name {name!r}: use letters, digits, '.', '_' and '-', starting with a "
+            "letter or digit, with no '/', '..' or NUL"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class GcResult:
+    """What :meth:`Store.gc` removed (or would remove, with ``dry_run``)."""
+
+    objects: int
+    bytes: int
+    tmp_files: int
+
+
+class Store:
+    """A checkpoint root directory. Creating a Store touches nothing on disk."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root).expanduser().absolute()
+
+    # ---- paths -------------------------------------------------------------------------------
+
+    def job_dir(self, job: str) -> Path:
+        return self.root / validate_job_name(job)
+
+    def manifest_path(self, job: str, step: int) -> Path:
+        return self.job_dir(job) / "manifests" / manifest_name(check_step(step))
+
+    def object_path(self, job: str, digest: str) -> Path:
+        check_hash_name(digest)
+        return self.job_dir(job) / "objects" / digest[:2] / digest
+
+    def tmp_dir(self, job: str) -> Path:
+        return self.job_dir(job) / "tmp"
+
+    # ---- setup -------------------------------------------------------------------------------
+
+    def open_job(self, job: str) -> Path:
+        """Create the job's directories if needed (writers call this first); return the job dir.
+
+        Refuses a job directory that is a symlink, so a replaced directory is never written into.
+        """
+        ensure_dir(self.root)
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise StorePermissionError(
+                f"cannot write to checkpoint root {self.root}: permission denied for uid "
+                f"{os.getuid()}; fix its owner or mode, or choose another root with --root / "
+                "CKPTD_ROOT"
+            )
+        job_dir = self.job_dir(job)
+        if job_dir.is_symlink():
+            raise StorePermissionError(
+                f"job directory {job_dir} is a symlink; ckptd never writes through symlinks. "
+                "Remove it or use another job name"
+            )
+        created = ensure_dir(job_dir)
+        for sub in ("objects", "manifests", "tmp"):
+            created |= ensure_dir(job_dir / sub)
+        if created:
+            fsync_dir(job_dir)
+            fsync_dir(self.root)
+        else:
+            # Leftovers of a writer that died; old enough that no live write can own them.
+            self.sweep_tmp(job, min_age_s=STALE_TMP_S)
+        return job_dir
+
+    # ---- listing -----------------------------------------------------------------------------
+
+    def jobs(self) -> list[str]:
+        """Names of the jobs under the root that have a manifests directory, sorted."""
+        try:
+            entries = sorted(self.root.iterdir())
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise os_error(exc, "list", self.root) from exc
+        out = []
+        for p in entries:
+            try:
+                validate_job_name(p.name)
+            except InvalidNameError:
+                continue
+            if not p.is_symlink() and (p / "manifests").is_dir():
+                out.append(p.name)
+        return out
+
+    def steps(self, job: str) -> list[int]:
+        """The committed steps of ``job``, ascending. Empty if the job does not exist."""
+        try:
+            names = os.listdir(self.job_dir(job) / "manifests")
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise os_error(exc, "list", self.job_dir(job) / "manifests") from exc
+        return sorted(s for s in map(step_from_name, names) if s is not None)
+
+    def require_steps(self, job: str) -> list[int]:
+        """Like :meth:`steps` but raise :class:`NotFoundError` when there is no checkpoint."""
+        steps = self.steps(job)
+        if not steps:
+            known = ", ".join(self.jobs()) or "none"
+            raise NotFoundError(
+                f"job {job!r} has no checkpoints under {self.root} (jobs there: {known})"
+            )
+        return steps
+
+    def resolve_step(self, job: str, step: int | str) -> int:
+        """Turn ``"latest"`` or a step number into an existing step, or raise NotFoundError."""
+        steps = self.require_steps(job)
+        if step == "latest":
+            return steps[-1]
+        if isinstance(step, str):
+            if not step.isdigit():
+                raise NotFoundError(f"step must be a number or 'latest', got {step!r}")
+            step = int(step)
+        if step not in steps:
+            raise NotFoundError(
+                f"job {job!r} has no checkpoint at step {step}; steps that exist: "
+                f"{_format_steps(steps)}"
+            )
+        return step
+
+    def read_manifest(self, job: str, step: int) -> Manifest:
+        path = self.manifest_path(job, step)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise NotFoundError(
+                f"job {job!r} has no checkpoint at step {step}; steps that exist: "
+                f"{_format_steps(self.steps(job))}"
+            ) from None
+        except OSError as exc:
+            raise os_error(exc, "read", path) from exc
+        manifest = parse_manifest(data, where=str(path))
+        if manifest.job != job or manifest.step != step:
+            raise ManifestError(
+                f"{path}: manifest says job {manifest.job!r} step {manifest.step}, "
+                f"but its file name says job {job!r} step {step}"
+            )
+        return manifest
+
+    # ---- objects -----------------------------------------------------------------------------
+
+    def has_object(self, job: str, digest: str) -> bool:
+        return self.object_path(job, digest).is_file()
+
+    def object_header(self, job: str, digest: str) -> tuple[int, int, int, int]:
+        """``(codec, elem_size, raw_len, stored_len)`` of an existing object."""
+        path = self.object_path(job, digest)
+        try:
+            with path.open("rb") as f:
+                head = f.read(HEADER.size)
+                stored = os.fstat(f.fileno()).st_size
+        except OSError as exc:
+            raise os_error(exc, "read", path) from exc
+        codec, elem_size, raw_len = read_header(head, where=str(path))
+        return codec, elem_size, raw_len, stored
+
+    def write_object(self, job: str, digest: str, parts: Iterable[Buffer]) -> tuple[int, bool]:
+        """Durably write object ``digest`` (its directory fsync is left to :meth:`sync_objects`).
+
+        Returns ``(stored_bytes, new_shard)``; ``new_shard`` tells that the ``objects/ab``
+        directory was created, so ``objects/`` itself needs an fsync too.
+        """
+        path = self.object_path(job, digest)
+        new_shard = ensure_dir(path.parent)
+        size = durable_write(path, parts, tmp_dir=self.tmp_dir(job), sync_dir=False)
+        return size, new_shard
+
+    def sync_objects(self, job: str, shards: Iterable[str], objects_dir_changed: bool) -> None:
+        """fsync the object shard directories (``"ab"``) that received new objects."""
+        base = self.job_dir(job) / "objects"
+        for shard in sorted(set(shards)):
+            fsync_dir(base / shard)
+        if objects_dir_changed:
+            fsync_dir(base)
+
+    def read_object(self, job: str, digest: str) -> bytes:
+        path = self.object_path(job, digest)
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            if isinstance(exc, FileNotFoundError):
+                raise CorruptCheckpointError(f"missing object {path}") from exc
+            raise os_error(exc, "read", path) from exc
+
+    # ---- commit and delete ---------------------------------------------------------------------
+
+    def commit_manifest(self, manifest: Manifest) -> Path:
+        """Make ``manifest`` visible: the last step of every checkpoint write.
+
+        The caller must have made every object durable first (write_object + sync_objects).
+        """
+        path = self.manifest_path(manifest.job, manifest.step)
+        durable_write(path, [manifest.to_json()], tmp_dir=self.tmp_dir(manifest.job))
+        return path
+
+    def delete_checkpoint(self, job: str, step: int) -> None:
+        """Remove a checkpoint's manifest (atomically, durably); objects stay until :meth:`gc`."""
+        path = self.manifest_path(job, step)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            raise NotFoundError(
+                f"job {job!r} has no checkpoint at step {step}; steps that exist: "
+                f"{_format_steps(self.steps(job))}"
+            ) from None
+        except OSError as exc:
+            raise os_error(exc, "delete", path) from exc
+        fsync_dir(path.parent)
+
+    def referenced_objects(self, job: str) -> set[str]:
+        """Every object named by a manifest of ``job``. Unreadable manifests raise."""
+        refs: set[str] = set()
+        for step in self.steps(job):
+            refs.update(self.read_manifest(job, step).objects)
+        return refs
+
+    def gc(self, job: str, *, dry_run: bool = False, min_age_s: float = 0.0) -> GcResult:
+        """Remove objects of ``job`` that no manifest references, and stale tmp files.
+
+        ``min_age_s`` spares objects modified more recently than that, so GC running beside a
+        writer does not delete an object the writer just wrote or deduped against before the
+        writer's manifest lands. A manifest that cannot be parsed stops GC (nothing is deleted):
+        its objects might still be needed once it is repaired.
+        """
+        refs = self.referenced_objects(job)
+        base = self.job_dir(job) / "objects"
+        now = time.time()
+        count = size = 0
+        touched: set[Path] = set()
+        for shard in sorted(base.glob("??")):
+            for obj in sorted(shard.iterdir()):
+                if obj.name in refs:
+                    continue
+                try:
+                    st = obj.stat()
+                except FileNotFoundError:
+                    continue
+                if now - st.st_mtime < min_age_s:
+                    continue
+                count += 1
+                size += st.st_size
+                if not dry_run:
+                    try:
+                        obj.unlink()
+                    except FileNotFoundError:
+                        continue
+                    except OSError as exc:
+                        raise os_error(exc, "delete", obj) from exc
+                    touched.add(shard)
+        for shard in touched:
+            fsync_dir(shard)
+        tmp_files = self.sweep_tmp(job, dry_run=dry_run, min_age_s=min_age_s)
+        return GcResult(count, size, tmp_files)
+
+    def sweep_tmp(self, job: str, *, dry_run: bool = False, min_age_s: float = 0.0) -> int:
+        """Remove leftovers in the job's tmp directory; return how many there were.
+
+        Only safe when no writer is active on the job (daemon start), or with a ``min_age_s``
+        longer than any write takes.
+        """
+        tmp = self.tmp_dir(job)
+        if not tmp.is_dir() or tmp.is_symlink():
+            return 0
+        now = time.time()
+        count = 0
+        for entry in tmp.iterdir():
+            try:
+                if now - entry.lstat().st_mtime < min_age_s:
+                    continue
+                count += 1
+                if dry_run:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise os_error(exc, "delete", entry) from exc
+        return count
+
+
+def _format_steps(steps: list[int]) -> str:
+    if not steps:
+        return "none"
+    if len(steps) > 12:
+        head = ", ".join(map(str, steps[:5]))
+        tail = ", ".join(map(str, steps[-5:]))
+        return f"{head}, ... ({len(steps) - 10} more) ..., {tail}"
+    return ", ".join(map(str, steps))

@@ -1,0 +1,122 @@
+"""Save, load, restore and list checkpoints in-process (no daemon involved).
+
+``save`` is the blocking path: it writes and commits the checkpoint before returning. The
+asynchronous path through the ckptd daemon (``Client.snapshot``) writes the same format.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ckptd.config import Config, load_config, resolve_root
+from ckptd.manifest import Manifest
+from ckptd.pipeline import WriteResult, tensor_source, write_checkpoint
+from ckptd.restore import MapLocation, load_checkpoint
+from ckptd.skeleton import flatten
+from ckptd.store import Store, validate_job_name
+from ckptd_client.state import Stateful, apply, collect
+
+
+def _store(root: Path | str | None, config: Config | None = None) -> Store:
+    return Store(resolve_root(root, config))
+
+
+def save(
+    job: str,
+    model: Stateful | dict[str, Any] | None = None,
+    optimizer: Stateful | dict[str, Any] | None = None,
+    *,
+    step: int,
+    scheduler: Stateful | dict[str, Any] | None = None,
+    scaler: Stateful | dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    metric: float | None = None,
+    rng: bool = True,
+    state: Any = None,
+    root: Path | str | None = None,
+    allow_pickle: bool = False,
+    config: Config | None = None,
+) -> WriteResult:
+    """Write a checkpoint of the given objects (or ``state``) and commit it before returning.
+
+    Unsupported values are refused before anything is written
+    (:class:`~ckptd.errors.UnsupportedStateError`, naming the key path and type).
+    """
+    validate_job_name(job)
+    cfg = config if config is not None else load_config()
+    flat = flatten(
+        collect(
+            model, optimizer, scheduler=scheduler, scaler=scaler, rng=rng, extra=extra, state=state
+        ),
+        allow_pickle=allow_pickle,
+    )
+    sources = [tensor_source(p, t) for p, t in zip(flat.paths, flat.tensors, strict=True)]
+    return write_checkpoint(
+        _store(root, cfg), job, step, flat.skeleton, sources, metric=metric, config=cfg.pipeline()
+    )
+
+
+def load(
+    job: str,
+    step: int | str = "latest",
+    *,
+    root: Path | str | None = None,
+    map_location: MapLocation = None,
+    fallback: bool = False,
+    allow_pickle: bool = False,
+) -> Any:
+    """Return the state exactly as it was handed over, every byte verified.
+
+    That is the ``state=`` value itself when the snapshot was taken with ``state=``, otherwise a
+    dict with the keys ``model``, ``optimizer``, ``scheduler``, ``scaler``, ``rng``, ``extra`` for
+    what was given. ``step`` is a step number or ``"latest"``; ``fallback=True`` falls back from
+    a ``latest`` that does not verify to the newest one that does (with a FallbackWarning).
+    """
+    return load_checkpoint(
+        _store(root),
+        job,
+        step,
+        map_location=map_location,
+        fallback=fallback,
+        allow_pickle=allow_pickle,
+    ).state
+
+
+def restore(
+    model: Stateful | None,
+    optimizer: Stateful | None = None,
+    *,
+    job: str,
+    step: int | str = "latest",
+    scheduler: Stateful | None = None,
+    scaler: Stateful | None = None,
+    root: Path | str | None = None,
+    map_location: MapLocation = None,
+    fallback: bool = False,
+    rng: bool = True,
+) -> dict[str, Any]:
+    """Load a checkpoint into the objects (and the RNG states, when saved); return its ``extra``.
+
+    ``extra`` also carries ``"step"`` (under the key ``"__step__"`` only if the user did not use
+    that key), so a loop can resume with ``start = restore(...)["__step__"] + 1``.
+    """
+    loaded = load_checkpoint(_store(root), job, step, map_location=map_location, fallback=fallback)
+    extra = apply(
+        loaded.state,
+        model,
+        optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        rng=rng,
+        where=f"job {job!r} step {loaded.step}",
+    )
+    extra.setdefault("__step__", loaded.step)
+    return extra
+
+
+def list_checkpoints(job: str | None = None, *, root: Path | str | None = None) -> list[Manifest]:
+    """Manifests of every checkpoint (of ``job``, or of all jobs), oldest step first per job."""
+    store = _store(root)
+    jobs = [validate_job_name(job)] if job is not None else store.jobs()
+    return [store.read_manifest(j, s) for j in jobs for s in store.steps(j)]
