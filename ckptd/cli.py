@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,7 +38,8 @@ from ckptd.store import Store, validate_job_name
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-out = Console(highlight=False, soft_wrap=True)
+# Not a terminal (a pipe, CI): wide enough that tables are not truncated.
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -316,6 +318,109 @@ def gc_cmd(job: str | None, dry_run: bool, root: str | None, config: str | None)
             out.print(f"{j}: {verb} {what}", markup=False)
     if not total_objects and not total_tmp:
         raise NothingToDoError("nothing to collect: every object is referenced")
+
+
+@cli.command("start")
+@click.option("--config", "config", metavar="FILE", default=None, help="Config file.")
+@click.option("--root", "root", metavar="DIR", default=None, help="Checkpoint root.")
+@click.option("--socket", "socket_path", metavar="PATH", default=None, help="Socket to serve.")
+@click.option("--user", is_flag=True, help="Per-user daemon: user socket, 0700/0600 modes.")
+@click.option(
+    "--idle-exit",
+    "idle_exit_s",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    metavar="SECONDS",
+    help="Exit after this long with no client and no work (0: never). Spawned daemons use it.",
+)
+def start_cmd(
+    config: str | None, root: str | None, socket_path: str | None, user: bool, idle_exit_s: float
+) -> None:
+    """Run the daemon in the foreground (systemd runs exactly this)."""
+    from ckptd.config import SYSTEM_SOCKET, user_socket
+    from ckptd.daemon import run_daemon
+
+    cfg = load_config(config)
+    if socket_path is None:
+        env = os.environ.get("CKPTD_SOCKET")
+        default = user_socket() if user else SYSTEM_SOCKET
+        socket_path = env or str(cfg.daemon.socket or default)
+    code = run_daemon(
+        cfg,
+        root=resolve_root(root, cfg).absolute(),
+        socket_path=Path(socket_path),
+        user=user,
+        idle_exit_s=idle_exit_s,
+    )
+    sys.exit(code)
+
+
+def _ask(socket_path: str | None, op: str) -> dict[str, Any]:
+    from ckptd.config import resolve_socket
+    from ckptd.protocol import recv_message, send_message
+
+    path = resolve_socket(socket_path)
+    import socket as _socket
+
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+    sock.settimeout(10)
+    try:
+        sock.connect(str(path))
+        send_message(sock, {"op": op})
+        reply, _fds = recv_message(sock)
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        from ckptd.errors import DaemonUnavailableError
+
+        raise DaemonUnavailableError(
+            f"no ckptd daemon answers on {path} ({exc.strerror}); start one with `ckptd start` "
+            "(or `systemctl start ckptd`)"
+        ) from exc
+    finally:
+        sock.close()
+    if reply is None or reply.get("op") == "error":
+        from ckptd.errors import ProtocolError
+
+        raise ProtocolError(f"daemon on {path} answered {reply!r}")
+    return reply
+
+
+@cli.command("status")
+@click.option("--socket", "socket_path", metavar="PATH", default=None, help="Daemon socket.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def status_cmd(socket_path: str | None, as_json: bool) -> None:
+    """Show the daemon's state: clients, queue, last commits, errors."""
+    st = _ask(socket_path, "status")
+    st.pop("op", None)
+    if as_json:
+        out.print_json(json.dumps(st))
+        return
+    rate = st.get("throughput_bytes_per_s")
+    lines = [
+        f"ckptd {st['version']} pid {st['pid']} ({st['mode']} mode), up {st['uptime_s']:.0f} s"
+        + (" [draining]" if st["stopping"] else ""),
+        f"socket {st['socket']}   root {st['root']}",
+        f"clients {len(st['clients'])}   queue {st['queue']}   in flight "
+        f"{human_bytes(st['inflight_bytes'])}   writing "
+        f"{st['writing']['job'] + '@' + str(st['writing']['step']) if st['writing'] else '-'}",
+        f"commits {st['commits']}   failures {sum(st['failures'].values())} {st['failures'] or ''}"
+        f"   skipped {st['skipped']}   throughput "
+        f"{human_bytes(rate) + '/s' if rate else '-'}",
+    ]
+    for c in st["last_commit"][:10]:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c["at"]))
+        lines.append(f"  last commit {c['job']} step {c['step']} at {when} ({c['root']})")
+    for e in st["recent_errors"][-5:]:
+        lines.append(f"  error: {e}")
+    for line in lines:
+        out.print(line, markup=False)
+
+
+@cli.command("stop")
+@click.option("--socket", "socket_path", metavar="PATH", default=None, help="Daemon socket.")
+def stop_cmd(socket_path: str | None) -> None:
+    """Ask the daemon to drain its queue and exit (like SIGTERM)."""
+    _ask(socket_path, "stop")
+    out.print("ckptd is draining and will exit when every accepted snapshot is committed")
 
 
 def main(argv: list[str] | None = None) -> None:

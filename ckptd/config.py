@@ -57,11 +57,31 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class DaemonConfig:
+    """``[daemon]``: the socket, who may connect, and limits."""
+
+    socket: Path | None = None
+    allowed_groups: tuple[str, ...] = ()
+    max_queue: int = 64
+    idle_exit_s: float = 0.0
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """``[metrics]``: the Prometheus endpoint, off unless ``listen = "host:port"``."""
+
+    listen: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; ``source`` is the file it came from (None: defaults)."""
 
     store: StoreConfig = field(default_factory=StoreConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: Path | None = None
 
     def pipeline(self) -> PipelineConfig:
@@ -103,8 +123,8 @@ def _size(value: object, key: str, minimum: int, minimum_text: str) -> int:
 
 def config_from_dict(doc: dict[str, Any], source: Path | None = None) -> Config:
     """Validate a parsed TOML document into a :class:`Config`."""
-    _take(doc, "<top level>", {"store", "codec"})
-    for name in ("store", "codec"):
+    _take(doc, "<top level>", {"store", "codec", "daemon", "metrics"})
+    for name in ("store", "codec", "daemon", "metrics"):
         if not isinstance(doc.get(name, {}), dict):
             raise ConfigError(f"{name}: expected a table [{name}], got {doc[name]!r}")
     s = _take(doc.get("store", {}), "store", set(StoreConfig.__dataclass_fields__))
@@ -130,7 +150,75 @@ def config_from_dict(doc: dict[str, Any], source: Path | None = None) -> Config:
     if codec_name not in ("auto", "zstd", "raw"):
         raise ConfigError(f'codec.codec: expected "auto", "zstd" or "raw", got {codec_name!r}')
     codec = CodecConfig(codec=codec_name, level=_int(c.get("level", 1), "codec.level", -7, 22))
-    return Config(store=store, codec=codec, source=source)
+    return Config(
+        store=store,
+        codec=codec,
+        daemon=_daemon(doc.get("daemon", {})),
+        metrics=_metrics(doc.get("metrics", {})),
+        source=source,
+    )
+
+
+def _daemon(d: dict[str, Any]) -> DaemonConfig:
+    _take(d, "daemon", set(DaemonConfig.__dataclass_fields__))
+    sock = d.get("socket")
+    if sock is not None and (not isinstance(sock, str) or not sock.startswith("/")):
+        raise ConfigError(f"daemon.socket: expected an absolute path, got {sock!r}")
+    groups = d.get("allowed_groups", [])
+    if not isinstance(groups, list) or not all(isinstance(g, str) and g for g in groups):
+        raise ConfigError(f"daemon.allowed_groups: expected a list of group names, got {groups!r}")
+    idle = d.get("idle_exit_s", 0.0)
+    if not isinstance(idle, int | float) or isinstance(idle, bool) or idle < 0:
+        raise ConfigError(f"daemon.idle_exit_s: expected seconds >= 0 (0: never), got {idle!r}")
+    level = d.get("log_level", "info")
+    if level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(
+            f"daemon.log_level: expected one of debug, info, warning, error, got {level!r}"
+        )
+    return DaemonConfig(
+        socket=Path(sock) if sock else None,
+        allowed_groups=tuple(groups),
+        max_queue=_int(d.get("max_queue", 64), "daemon.max_queue", 1, 100_000),
+        idle_exit_s=float(idle),
+        log_level=level,
+    )
+
+
+def _metrics(d: dict[str, Any]) -> MetricsConfig:
+    _take(d, "metrics", {"listen"})
+    listen = d.get("listen", "")
+    if not isinstance(listen, str) or (listen and not re.fullmatch(r"[^\s:]+:\d{1,5}", listen)):
+        raise ConfigError(
+            f'metrics.listen: expected "host:port" (e.g. "127.0.0.1:9464") or "" for off, '
+            f"got {listen!r}"
+        )
+    return MetricsConfig(listen=listen)
+
+
+SYSTEM_SOCKET = Path("/run/ckptd/ckptd.sock")
+
+
+def user_socket() -> Path:
+    """The per-user socket: ``$XDG_RUNTIME_DIR/ckptd/ckptd.sock``, else ``/tmp/ckptd-<uid>/``."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) / "ckptd" if runtime else Path(f"/tmp/ckptd-{os.getuid()}")
+    return base / "ckptd.sock"
+
+
+def resolve_socket(explicit: Path | str | None, config: Config | None = None) -> Path:
+    """The socket a client connects to: explicit, ``CKPTD_SOCKET``, ``daemon.socket``, the system
+    socket if it exists, else the per-user socket (where an embedded daemon is spawned)."""
+    if explicit is not None:
+        return Path(explicit)
+    env = os.environ.get("CKPTD_SOCKET")
+    if env:
+        return Path(env)
+    cfg = config if config is not None else load_config()
+    if cfg.daemon.socket is not None:
+        return cfg.daemon.socket
+    if SYSTEM_SOCKET.exists():
+        return SYSTEM_SOCKET
+    return user_socket()
 
 
 def config_path(explicit: Path | str | None = None) -> Path | None:

@@ -99,6 +99,12 @@ class SnapshotFailedError(CkptdError):
     exit_code = 15
 
 
+class SnapshotSkippedError(CkptdError):
+    """A snapshot was dropped because every shared-memory slot was busy (``on_full="skip"``)."""
+
+    exit_code = 16
+
+
 EXIT_CODES: dict[str, int] = {
     cls.__name__: cls.exit_code
     for cls in (
@@ -116,6 +122,7 @@ EXIT_CODES: dict[str, int] = {
         ProtocolError,
         DaemonUnavailableError,
         SnapshotFailedError,
+        SnapshotSkippedError,
     )
 }
 """Exit code of each error type, as the CLI uses them (documented in the README)."""

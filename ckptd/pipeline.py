@@ -14,6 +14,7 @@ already written stay as unreferenced garbage for :meth:`Store.gc`, and tmp files
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import defaultdict
@@ -147,25 +148,27 @@ def write_checkpoint(
     :class:`~ckptd.errors.StoreIOError` when the store cannot be written; nothing is committed then.
     """
     config = config or PipelineConfig()
-    validate_job_name(job)
-    check_step(step)
-    for t in tensors:
-        itemsize = dtype_from_name(t.dtype).itemsize
-        expected = itemsize
-        for d in t.shape:
-            expected *= d
-        if len(t.data) != expected:
-            raise ValueError(f"{t.path}: {len(t.data)} bytes given for {t.dtype}{list(t.shape)}")
     started = time.perf_counter()
-    store.open_job(job)
-    chunks = plan_chunks(tensors, config)
-    own_pool = executor is None
-    pool = executor or ThreadPoolExecutor(max(1, config.threads), thread_name_prefix="ckptd-write")
     try:
-        results = _run_chunks(store, job, tensors, chunks, config, pool)
+        validate_job_name(job)
+        check_step(step)
+        sizes = [len(t.data) for t in tensors]  # read now: on_read_done may release the views
+        for t, size in zip(tensors, sizes, strict=True):
+            expected = dtype_from_name(t.dtype).itemsize * math.prod(t.shape)
+            if size != expected:
+                raise ValueError(f"{t.path}: {size} bytes given for {t.dtype}{list(t.shape)}")
+        store.open_job(job)
+        chunks = plan_chunks(tensors, config)
+        own_pool = executor is None
+        pool = executor or ThreadPoolExecutor(
+            max(1, config.threads), thread_name_prefix="ckptd-write"
+        )
+        try:
+            results = _run_chunks(store, job, tensors, chunks, config, pool)
+        finally:
+            if own_pool:
+                pool.shutdown(wait=True, cancel_futures=True)
     finally:
-        if own_pool:
-            pool.shutdown(wait=True, cancel_futures=True)
         if on_read_done is not None:
             on_read_done()
 
@@ -188,7 +191,7 @@ def write_checkpoint(
     store.sync_objects(job, shards, new_shard)
 
     entries = tuple(
-        TensorEntry(t.path, t.dtype, t.shape, len(t.data), tuple(by_tensor.get(i, ())))
+        TensorEntry(t.path, t.dtype, t.shape, sizes[i], tuple(by_tensor.get(i, ())))
         for i, t in enumerate(tensors)
     )
     manifest = Manifest(

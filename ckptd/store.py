@@ -20,6 +20,7 @@ serializes commits per job); object writes may race freely (same name => same by
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -126,6 +127,30 @@ class Store:
             # Leftovers of a writer that died; old enough that no live write can own them.
             self.sweep_tmp(job, min_age_s=STALE_TMP_S)
         return job_dir
+
+    def job_owner(self, job: str) -> int | None:
+        """The uid a job belongs to: recorded in ``job.json`` by the daemon, else the owner of the
+        job directory (made by an in-process writer); None when the job does not exist."""
+        job_dir = self.job_dir(job)
+        try:
+            doc = json.loads((job_dir / "job.json").read_bytes())
+            owner = doc["owner_uid"]
+            if isinstance(owner, int) and not isinstance(owner, bool):
+                return owner
+            raise ValueError(owner)
+        except FileNotFoundError:
+            try:
+                return job_dir.stat().st_uid
+            except FileNotFoundError:
+                return None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ManifestError(f"{job_dir / 'job.json'}: damaged ({exc!r})") from exc
+
+    def claim_job(self, job: str, uid: int) -> None:
+        """Create ``job`` if needed and record ``uid`` as its owner (the daemon calls this)."""
+        job_dir = self.open_job(job)
+        body = json.dumps({"owner_uid": uid}).encode() + b"\n"
+        durable_write(job_dir / "job.json", [body], tmp_dir=job_dir / "tmp")
 
     # ---- listing -----------------------------------------------------------------------------
 

@@ -1,9 +1,11 @@
-"""ckptd demo: train, checkpoint every few steps, get SIGKILLed, resume, and compare.
+"""ckptd demo: train, snapshot every few steps, get SIGKILLed, resume, and compare.
 
 Runs three trainer processes of the same small transformer on synthetic tokens:
 
 1. a reference run, uninterrupted, that records its loss at every step;
-2. a run that checkpoints every ``--every`` steps and SIGKILLs itself at step ``--crash-at``;
+2. a run that hands a snapshot to the ckptd daemon every ``--every`` steps (the daemon is started
+   on demand, detached, and exits after a minute idle) and SIGKILLs itself at step ``--crash-at``,
+   without waiting for its last snapshot: the daemon commits it anyway;
 3. a run that restores the latest checkpoint and finishes.
 
 The resumed run's losses must equal the reference run's bit for bit (model, AdamW, LR schedule,
@@ -51,20 +53,20 @@ def train(args: argparse.Namespace) -> None:
     import ckptd_client
 
     model, opt, sched = build()
-    assert isinstance(model, torch.nn.Module)
-    assert isinstance(opt, torch.optim.Optimizer)
+    client = ckptd_client.Client(JOB, root=args.root) if args.every else None
     start = 1
     if args.resume:
-        extra = ckptd_client.restore(model, opt, job=JOB, scheduler=sched, root=args.root)
+        assert client is not None
+        extra = client.restore(model, opt, scheduler=sched)
         start = extra["__step__"] + 1
-        print(
-            f"[trainer] resumed from step {extra['__step__']} "
-            f"(losses so far: {len(extra['losses'])})"
-        )
         losses: list[float] = extra["losses"]
+        print(f"[trainer] resumed from step {extra['__step__']} ({len(losses)} losses so far)")
     else:
         torch.manual_seed(1234)
         losses = []
+    if client is not None:
+        client.prepare(model, opt, scheduler=sched, extra={"losses": [0.0] * args.steps})
+    pending = []
     for step in range(start, args.steps + 1):
         tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1))
         logits = model(tokens[:, :-1])
@@ -76,21 +78,14 @@ def train(args: argparse.Namespace) -> None:
         opt.step()
         sched.step()
         losses.append(loss.item())
-        if args.every and step % args.every == 0:
-            info = ckptd_client.save(
-                JOB,
-                model,
-                opt,
-                step=step,
-                scheduler=sched,
-                extra={"losses": losses},
-                metric=loss.item(),
-                root=args.root,
+        if client is not None and step % args.every == 0:
+            handle = client.snapshot(
+                model, opt, step=step, scheduler=sched, extra={"losses": losses}, metric=loss.item()
             )
+            pending.append(handle)
             print(
-                f"[trainer] step {step:3d} loss {loss.item():.4f}  checkpoint committed "
-                f"({info.manifest.stored_bytes / 1e6:.2f} MB stored, "
-                f"{info.written_bytes / 1e6:.2f} MB new, {info.seconds * 1000:.0f} ms)"
+                f"[trainer] step {step:3d} loss {loss.item():.4f}  snapshot handed off in "
+                f"{handle.stall_s * 1000:.1f} ms"
             )
         if step == args.crash_at:
             print(
@@ -98,6 +93,15 @@ def train(args: argparse.Namespace) -> None:
                 flush=True,
             )
             os.kill(os.getpid(), signal.SIGKILL)
+    if client is not None:
+        for handle in pending:
+            info = handle.wait()
+            print(
+                f"[trainer] step {info.step:3d} durable: {info.stored_bytes / 1e6:.2f} MB "
+                f"stored, {info.written_bytes / 1e6:.2f} MB new, "
+                f"{info.persist_s * 1000:.0f} ms after hand-off"
+            )
+        client.close()
     Path(args.losses).write_text(json.dumps(losses))
 
 
@@ -113,7 +117,7 @@ def main() -> int:
     p.add_argument("--root", type=Path, default=Path("checkpoints"))
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--every", type=int, default=5)
-    p.add_argument("--crash-at", type=int, default=17)
+    p.add_argument("--crash-at", type=int, default=16)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--losses", default="", help=argparse.SUPPRESS)

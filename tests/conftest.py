@@ -54,7 +54,7 @@ def trained(
     for _ in range(steps):
         loss = model(torch.randn(6, 4, 10)).square().mean()
         opt.zero_grad()
-        loss.backward()  # type: ignore[no-untyped-call]
+        loss.backward()
         opt.step()
         sched.step()
     return model, opt, sched

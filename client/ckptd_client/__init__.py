@@ -13,26 +13,36 @@ from __future__ import annotations
 from ckptd.errors import (
     CkptdError,
     CorruptCheckpointError,
+    DaemonUnavailableError,
     DiskFullError,
     FormatVersionError,
     InvalidNameError,
     ManifestError,
     NotFoundError,
+    SnapshotFailedError,
+    SnapshotSkippedError,
     UnsupportedStateError,
 )
 from ckptd.restore import FallbackWarning
 from ckptd_client.api import list_checkpoints, load, restore, save
+from ckptd_client.client import CheckpointInfo, Client, PendingSnapshot
 from ckptd_client.state import collect, rng_state, set_rng_state
 
 __all__ = [
+    "CheckpointInfo",
     "CkptdError",
+    "Client",
     "CorruptCheckpointError",
+    "DaemonUnavailableError",
     "DiskFullError",
     "FallbackWarning",
     "FormatVersionError",
     "InvalidNameError",
     "ManifestError",
     "NotFoundError",
+    "PendingSnapshot",
+    "SnapshotFailedError",
+    "SnapshotSkippedError",
     "UnsupportedStateError",
     "collect",
     "list_checkpoints",

@@ -1,0 +1,447 @@
+"""The ckptd daemon: startup -> serve -> drain/shutdown.
+
+* **startup**: load config, sweep tmp files left by a crash in the root, remove a stale socket,
+  bind, then ``READY=1``.
+* **serve**: an asyncio loop accepts clients (:mod:`ckptd.server`), admits snapshots into one FIFO
+  queue, and a single writer task feeds them, one at a time, to the write pipeline, which runs on a
+  bounded thread pool (hashing, zstd and file I/O release the GIL). The writer reports ``released``
+  as soon as a slot has been read and ``committed`` / ``failed`` when the manifest is durable (or
+  not). Memory in flight is the pipeline's bounded budget; the slots themselves are the clients'.
+* **drain**: the first SIGTERM (or ``ckptd stop``) stops admitting, writes every accepted snapshot,
+  says ``STOPPING=1`` and exits 0. A second SIGTERM or SIGINT aborts at once (exit 1); the next
+  start sweeps what was left in tmp.
+
+Threads: the loop thread owns every :class:`Connection`, the queue and the stats; the writer thread
+only runs :func:`write_checkpoint` and hands results back with ``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ckptd import __version__
+from ckptd.config import Config
+from ckptd.errors import CkptdError, DaemonUnavailableError, StorePermissionError
+from ckptd.metrics import Metrics
+from ckptd.pipeline import TensorSource, WriteResult, write_checkpoint
+from ckptd.server import (
+    Connection,
+    Peer,
+    WriteRequest,
+    allowed_gids,
+    bind_socket,
+    peer_allowed,
+    peer_of,
+)
+from ckptd.store import Store
+from ckptd.systemd import notify, watchdog_interval_s
+
+log = logging.getLogger("ckptd.daemon")
+
+
+@dataclass
+class Stats:
+    """Counters and recent history for ``ckptd status`` (loop thread only)."""
+
+    started: float = field(default_factory=time.time)
+    commits: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+    refused: int = 0
+    skipped: int = 0
+    raw_bytes: int = 0
+    written_bytes: int = 0
+    persist_s: float = 0.0
+    last_commit: dict[str, dict[str, Any]] = field(default_factory=dict)
+    recent_errors: deque[str] = field(default_factory=lambda: deque(maxlen=20))
+
+    def record_error(self, text: str) -> None:
+        self.recent_errors.append(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}")
+
+
+class Daemon:
+    """One daemon process. ``run()`` drives the three phases; tests may call
+    :meth:`request_stop` instead of sending signals."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        root: Path,
+        socket_path: Path,
+        user: bool,
+        idle_exit_s: float = 0.0,
+    ) -> None:
+        self.config = config
+        self.root = root.absolute()
+        self.socket_path = socket_path
+        self.user = user
+        self.idle_exit_s = idle_exit_s or config.daemon.idle_exit_s
+        self.version = __version__
+        self.stats = Stats()
+        self.metrics = Metrics(config.metrics.listen)
+        self.stores: dict[Path, Store] = {}
+        self.opened_jobs: set[tuple[Path, str]] = set()
+        self.connections: set[Connection] = set()
+        self.queue: deque[WriteRequest] = deque()
+        self.writing: WriteRequest | None = None
+        self.stopping = False
+        self.exit_code = 0
+        self._gids = allowed_gids(config.daemon.allowed_groups)
+        self._wakeup = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._idle_since = time.monotonic()
+        self._signals = 0
+        self.chunk_pool = ThreadPoolExecutor(
+            max(1, config.store.threads), thread_name_prefix="ckptd-chunk"
+        )
+        self.commit_pool = ThreadPoolExecutor(1, thread_name_prefix="ckptd-commit")
+        self.loop: asyncio.AbstractEventLoop  # set by run()
+        self._listener: socket.socket | None = None
+        self._lock_fd: int | None = None
+
+    # ---- phases --------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        self.loop = asyncio.get_running_loop()
+        await self.startup()
+        try:
+            await self.serve()
+        finally:
+            await self.shutdown()
+        return self.exit_code
+
+    async def startup(self) -> None:
+        store = self.store_for(str(self.root), None)
+        swept = 0
+        for job in store.jobs():
+            swept += store.sweep_tmp(job)
+            self.opened_jobs.add((store.root, job))
+        if swept:
+            log.info("swept %d tmp file(s) left by an earlier run under %s", swept, self.root)
+        self._listener, self._lock_fd = bind_socket(self.socket_path, user=self.user)
+        self.loop.add_reader(self._listener.fileno(), self._accept)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self._on_signal, sig)
+        log.info(
+            "ckptd %s ready: socket %s, root %s, pid %d",
+            self.version,
+            self.socket_path,
+            self.root,
+            os.getpid(),
+        )
+        notify("READY=1", f"STATUS=serving {self.socket_path}", f"MAINPID={os.getpid()}")
+
+    async def serve(self) -> None:
+        writer = asyncio.create_task(self._writer())
+        ticker = asyncio.create_task(self._ticker())
+        try:
+            await self._stopped.wait()
+        finally:
+            ticker.cancel()
+            self._wakeup.set()
+            await writer
+
+    async def shutdown(self) -> None:
+        notify("STOPPING=1", "STATUS=stopped")
+        if self._listener is not None:
+            self.loop.remove_reader(self._listener.fileno())
+            self._listener.close()
+            try:
+                self.socket_path.unlink()
+            except FileNotFoundError:
+                pass
+        for conn in list(self.connections):
+            conn.close()
+        self.chunk_pool.shutdown(wait=True)
+        self.commit_pool.shutdown(wait=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+        log.info("ckptd stopped (%d commits)", self.stats.commits)
+
+    def request_stop(self, reason: str) -> None:
+        """Begin a graceful drain: refuse new snapshots, finish the accepted ones, then exit."""
+        if self.stopping:
+            return
+        log.info("draining %d queued snapshot(s): %s", len(self.queue) + bool(self.writing), reason)
+        notify("STOPPING=1", f"STATUS=draining {len(self.queue)} snapshot(s)")
+        self.stopping = True
+        self._wakeup.set()
+
+    def _on_signal(self, sig: int) -> None:
+        self._signals += 1
+        if self._signals == 1 and sig == signal.SIGTERM:
+            self.request_stop(f"received {signal.Signals(sig).name}")
+            return
+        log.warning(
+            "received %s while %s: aborting; tmp files are swept at the next start",
+            signal.Signals(sig).name,
+            "draining" if self.stopping else "serving",
+        )
+        logging.shutdown()
+        os._exit(1)
+
+    # ---- connections ---------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        try:
+            sock, _ = self._listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        sock.setblocking(False)
+        peer = peer_of(sock)
+        if not peer_allowed(peer, self._gids):
+            log.warning("refused connection from uid %d (pid %d): not allowed", peer.uid, peer.pid)
+            self.stats.record_error(f"refused uid {peer.uid}")
+            sock.close()
+            return
+        conn = Connection(self, sock, peer)
+        self.connections.add(conn)
+        self.loop.add_reader(sock.fileno(), conn.on_readable)
+
+    def connection_closed(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        if conn.job is not None:
+            log.info("%s: disconnected", conn.name)
+        self._idle_since = time.monotonic()
+
+    def store_for(self, root: str, peer: Peer | None) -> Store:
+        """The store for a client's root. A user daemon writes where its client asks (same uid);
+        a system daemon only to its own root."""
+        path = Path(root)
+        if not path.is_absolute():
+            raise StorePermissionError(f"root must be an absolute path, got {root!r}")
+        if peer is not None and not self.user and path != self.root:
+            raise StorePermissionError(
+                f"this daemon writes checkpoints to {self.root}, not {path}; use root="
+                f"{str(self.root)!r} (or store.root in the shared config)"
+            )
+        store = self.stores.get(path)
+        if store is None:
+            store = self.stores[path] = Store(path)
+        return store
+
+    def open_job(self, store: Store, job: str) -> None:
+        """First use of a job in this daemon's life: sweep tmp files of a crashed writer."""
+        key = (store.root, job)
+        if key not in self.opened_jobs:
+            self.opened_jobs.add(key)
+            store.open_job(job)
+            swept = store.sweep_tmp(job)
+            if swept:
+                log.info("%s: swept %d stale tmp file(s)", job, swept)
+
+    # ---- admission and writing -------------------------------------------------------------
+
+    def admission(self, store: Store, job: str, raw_bytes: int) -> CkptdError | None:
+        """None to accept a snapshot, or the error that refuses it."""
+        if self.stopping:
+            return DaemonUnavailableError("ckptd is shutting down; the snapshot was not accepted")
+        if len(self.queue) >= self.config.daemon.max_queue:
+            return DaemonUnavailableError(
+                f"ckptd's queue is full ({len(self.queue)} snapshots waiting); the disk is slower "
+                "than the snapshot rate: snapshot less often or raise daemon.max_queue"
+            )
+        return None
+
+    def enqueue(self, request: WriteRequest) -> None:
+        self.queue.append(request)
+        self.metrics.queue_depth(len(self.queue))
+        self._wakeup.set()
+        self._status_line()
+
+    async def _writer(self) -> None:
+        while True:
+            if not self.queue:
+                if self.stopping:
+                    self._stopped.set()
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            request = self.queue.popleft()
+            self.writing = request
+            self.metrics.queue_depth(len(self.queue))
+            try:
+                result = await self.loop.run_in_executor(self.commit_pool, self._write, request)
+            except CkptdError as exc:
+                self._failed(request, exc)
+            except Exception as exc:
+                log.exception("%s step %d: unexpected error", request.job, request.step)
+                self._failed(request, exc)
+            else:
+                self._committed(request, result)
+            finally:
+                self.writing = None
+                if not request.done:  # pipeline never reached on_read_done (refused early)
+                    self._release(request)
+                self._status_line()
+
+    def _write(self, request: WriteRequest) -> WriteResult:
+        """Writer thread: run the pipeline over the slot, in place."""
+        base = memoryview(request.slot.mm)
+        views = [base[t.offset : t.offset + t.nbytes] for t in request.layout.tensors]
+        sources = [
+            TensorSource(t.path, t.dtype, t.shape, v)
+            for t, v in zip(request.layout.tensors, views, strict=True)
+        ]
+        released = False
+
+        def on_read_done() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            for v in views:
+                v.release()
+            base.release()
+            self.loop.call_soon_threadsafe(self._release, request)
+
+        try:
+            return write_checkpoint(
+                request.store,
+                request.job,
+                request.step,
+                request.layout.skeleton,
+                sources,
+                metric=request.metric,
+                config=self.config.pipeline(),
+                executor=self.chunk_pool,
+                on_read_done=on_read_done,
+            )
+        finally:
+            on_read_done()
+
+    def _release(self, request: WriteRequest) -> None:
+        if request.done:
+            return
+        request.done = True
+        request.conn.release(request)
+
+    def _committed(self, request: WriteRequest, result: WriteResult) -> None:
+        persist_s = self.loop.time() - request.accepted_at
+        s = self.stats
+        s.commits += 1
+        s.raw_bytes += request.raw_bytes
+        s.written_bytes += result.written_bytes
+        s.persist_s += persist_s
+        now = time.time()
+        s.last_commit[f"{request.store.root}:{request.job}"] = {
+            "job": request.job,
+            "step": request.step,
+            "at": now,
+            "root": str(request.store.root),
+        }
+        self.metrics.committed(request.job, request.raw_bytes, result.written_bytes, persist_s, now)
+        m = result.manifest
+        log.info(
+            "%s step %d committed: %d tensors, %.1f MB raw, %.1f MB new, %.2f s",
+            request.job,
+            request.step,
+            len(m.tensors),
+            m.raw_bytes / 1e6,
+            result.written_bytes / 1e6,
+            persist_s,
+        )
+        request.conn.send(
+            {
+                "op": "committed",
+                "seq": request.seq,
+                "step": request.step,
+                "path": str(result.path),
+                "raw_bytes": m.raw_bytes,
+                "stored_bytes": m.stored_bytes,
+                "written_bytes": result.written_bytes,
+                "persist_s": persist_s,
+            }
+        )
+
+    def _failed(self, request: WriteRequest, exc: BaseException) -> None:
+        reason = type(exc).__name__ if isinstance(exc, CkptdError) else "SnapshotFailedError"
+        message = str(exc) if isinstance(exc, CkptdError) else f"internal error: {exc!r}"
+        self.stats.failures[reason] = self.stats.failures.get(reason, 0) + 1
+        self.stats.record_error(f"{request.job} step {request.step}: {message}")
+        self.metrics.failed(request.job, reason)
+        log.error("%s step %d failed: %s", request.job, request.step, message)
+        request.conn.send({"op": "failed", "seq": request.seq, "type": reason, "message": message})
+
+    # ---- housekeeping ----------------------------------------------------------------------
+
+    async def _ticker(self) -> None:
+        """Watchdog pings from the loop that drives I/O, and the idle exit of spawned daemons."""
+        interval = watchdog_interval_s()
+        period = min(interval or 1.0, 1.0)
+        while True:
+            await asyncio.sleep(period)
+            if interval is not None:
+                notify("WATCHDOG=1")
+            busy = self.connections or self.queue or self.writing
+            if busy:
+                self._idle_since = time.monotonic()
+            elif self.idle_exit_s and time.monotonic() - self._idle_since >= self.idle_exit_s:
+                self.request_stop(f"idle for {self.idle_exit_s:.0f} s with no client")
+
+    def _status_line(self) -> None:
+        last = max(self.stats.last_commit.values(), key=lambda c: c["at"], default=None)
+        text = f"queue {len(self.queue)}, clients {len(self.connections)}"
+        if last:
+            text += f", last commit {last['job']}@{last['step']}"
+        notify(f"STATUS={text}")
+
+    def status(self) -> dict[str, Any]:
+        s = self.stats
+        inflight = sum(r.raw_bytes for r in self.queue) + (
+            self.writing.raw_bytes if self.writing else 0
+        )
+        return {
+            "pid": os.getpid(),
+            "version": self.version,
+            "socket": str(self.socket_path),
+            "root": str(self.root),
+            "mode": "user" if self.user else "system",
+            "uptime_s": round(time.time() - s.started, 3),
+            "stopping": self.stopping,
+            "clients": [
+                {"job": c.job, "pid": c.peer.pid, "uid": c.peer.uid, "slots": len(c.slots)}
+                for c in self.connections
+                if c.job is not None
+            ],
+            "queue": len(self.queue),
+            "writing": None
+            if self.writing is None
+            else {"job": self.writing.job, "step": self.writing.step},
+            "inflight_bytes": inflight,
+            "commits": s.commits,
+            "failures": dict(s.failures),
+            "skipped": s.skipped,
+            "raw_bytes": s.raw_bytes,
+            "written_bytes": s.written_bytes,
+            "throughput_bytes_per_s": round(s.raw_bytes / s.persist_s) if s.persist_s else None,
+            "last_commit": sorted(s.last_commit.values(), key=lambda c: -c["at"]),
+            "recent_errors": list(s.recent_errors),
+            "metrics_port": self.metrics.port or None,
+        }
+
+
+def run_daemon(
+    config: Config, *, root: Path, socket_path: Path, user: bool, idle_exit_s: float = 0.0
+) -> int:
+    """Run a daemon in this process until it stops; return its exit code."""
+    logging.basicConfig(
+        level=config.daemon.log_level.upper(),
+        format="%(asctime)s ckptd[%(process)d] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    daemon = Daemon(config, root=root, socket_path=socket_path, user=user, idle_exit_s=idle_exit_s)
+    return asyncio.run(daemon.run())

@@ -1,0 +1,244 @@
+"""The client <-> daemon protocol: framing, message validation, fd passing, slot layouts.
+
+Transport: a Unix ``SOCK_SEQPACKET`` socket. One message is one packet: UTF-8 JSON, an object with
+an ``"op"`` field, at most :data:`MAX_MESSAGE_BYTES`. File descriptors travel as SCM_RIGHTS
+ancillary data on the one message that needs them (``register``). Large data never goes through
+the socket: tensor bytes *and* the snapshot's layout and skeleton live in the shared-memory slot,
+and ``submit`` only says where.
+
+Conversation (client -> daemon, daemon -> client)::
+
+    hello {version, job, root, pid}           -> welcome {version, root, pid, daemon}
+    register {slot, size} + memfd             -> registered {slot}
+    submit {seq, slot, step, meta_offset,     -> accepted {seq}  |  refused {seq, type, message}
+            meta_length, metric}                 ... later, asynchronously:
+                                                 released {slot, seq}   (slot may be reused)
+                                                 committed {seq, step, path, ...}
+                                                 | failed {seq, type, message}
+    unregister {slot}                         -> unregistered {slot}
+    status {}                                 -> status {...}
+    stop {}                                   -> stopping {}
+
+Any malformed message gets ``error {type, message}`` and the connection is closed; the daemon
+keeps serving everyone else. Version mismatch is answered the same way, naming both versions.
+
+The *slot layout* (written by the client at ``meta_offset`` in the slot, JSON)::
+
+    {"skeleton": <JSON skeleton>, "tensors": [{"path", "dtype", "shape", "offset", "nbytes"}, ...]}
+
+Each tensor's C-order bytes are at ``[offset, offset + nbytes)`` of the slot; ranges do not overlap
+and lie below ``meta_offset``.
+"""
+
+from __future__ import annotations
+
+import array
+import itertools
+import json
+import math
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from ckptd.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 64 << 10
+MAX_FDS = 1
+MAX_META_BYTES = 64 << 20
+MAX_TENSORS = 1_000_000
+ALIGN = 64
+
+Message = dict[str, Any]
+
+
+def encode_message(msg: Message) -> bytes:
+    data = json.dumps(msg, separators=(",", ":"), allow_nan=False).encode()
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message {msg.get('op')!r} is {len(data)} bytes, over the limit")
+    return data
+
+
+def decode_message(data: bytes) -> Message:
+    """Parse one packet; :class:`ProtocolError` if it is not a JSON object with a string op."""
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        msg = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"message is not JSON ({exc})") from exc
+    if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
+        raise ProtocolError("message is not a JSON object with a string 'op'")
+    return msg
+
+
+def send_message(sock: socket.socket, msg: Message, fds: list[int] | None = None) -> None:
+    """Send one message (blocking socket), with ``fds`` attached when given."""
+    data = encode_message(msg)
+    if fds:
+        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    else:
+        sock.sendall(data)
+
+
+def recv_message(sock: socket.socket) -> tuple[Message | None, list[int]]:
+    """Receive one message and its fds; ``(None, [])`` on EOF. The caller owns returned fds."""
+    data, fds = recv_packet(sock)
+    if data is None:
+        return None, fds
+    try:
+        return decode_message(data), fds
+    except ProtocolError:
+        close_fds(fds)
+        raise
+
+
+def recv_packet(sock: socket.socket) -> tuple[bytes | None, list[int]]:
+    """One raw packet and the fds that came with it; None on EOF. Truncation is an error."""
+    fd_size = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+    data, ancdata, flags, _addr = sock.recvmsg(MAX_MESSAGE_BYTES + 1, fd_size)
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(payload[: len(payload) - (len(payload) % arr.itemsize)])
+            fds.extend(arr)
+    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        close_fds(fds)
+        raise ProtocolError("message or its file descriptors were truncated (too large)")
+    if not data and not fds:
+        return None, []
+    return data, fds
+
+
+def close_fds(fds: list[int]) -> None:
+    import os
+
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+# ---- field validation -----------------------------------------------------------------------
+
+
+def get_int(msg: Message, key: str, minimum: int = 0, maximum: int = 2**63 - 1) -> int:
+    value = msg.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= maximum:
+        raise ProtocolError(
+            f"{msg.get('op')}.{key}: expected an integer in [{minimum}, {maximum}], got {value!r}"
+        )
+    return value
+
+
+def get_str(msg: Message, key: str, max_len: int = 4096) -> str:
+    value = msg.get(key)
+    if not isinstance(value, str) or len(value) > max_len:
+        raise ProtocolError(f"{msg.get('op')}.{key}: expected a string, got {value!r:.80}")
+    return value
+
+
+def get_metric(msg: Message) -> float | None:
+    value = msg.get("metric")
+    if value is None:
+        return None
+    if isinstance(value, str) and value in ("nan", "inf", "-inf"):
+        return float(value)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    raise ProtocolError(f"submit.metric: expected a number or null, got {value!r:.80}")
+
+
+def metric_to_wire(metric: float | None) -> float | str | None:
+    if metric is None or math.isfinite(metric):
+        return metric
+    return str(metric)
+
+
+# ---- slot layout ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayoutEntry:
+    path: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    skeleton: Any
+    tensors: tuple[LayoutEntry, ...]
+
+
+def align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def encode_layout(skeleton: Any, tensors: list[LayoutEntry]) -> bytes:
+    doc = {
+        "skeleton": skeleton,
+        "tensors": [
+            {
+                "path": t.path,
+                "dtype": t.dtype,
+                "shape": list(t.shape),
+                "offset": t.offset,
+                "nbytes": t.nbytes,
+            }
+            for t in tensors
+        ],
+    }
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+
+
+def parse_layout(data: bytes, data_limit: int, itemsize: Any) -> Layout:
+    """Parse and validate a slot layout. ``data_limit`` bounds tensor ranges (the meta offset);
+    ``itemsize(dtype_name)`` returns the element size or raises for an unknown dtype.
+
+    Raises :class:`ProtocolError` naming the first bad field: unknown dtype, negative or
+    inconsistent shape, a range outside the slot, or two ranges that overlap.
+    """
+    try:
+        doc = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"slot layout is not JSON ({exc})") from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("tensors"), list):
+        raise ProtocolError("slot layout must be an object with a 'tensors' list")
+    raw = doc["tensors"]
+    if len(raw) > MAX_TENSORS:
+        raise ProtocolError(f"slot layout lists {len(raw)} tensors, over {MAX_TENSORS}")
+    entries = []
+    for i, t in enumerate(raw):
+        where = f"layout.tensors[{i}]"
+        if not isinstance(t, dict):
+            raise ProtocolError(f"{where}: expected an object")
+        path, dtype, shape = t.get("path"), t.get("dtype"), t.get("shape")
+        if not isinstance(path, str) or not isinstance(dtype, str) or not isinstance(shape, list):
+            raise ProtocolError(f"{where}: path, dtype (strings) and shape (list) are required")
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise ProtocolError(f"{where} ({path}): shape must be non-negative integers: {shape}")
+        try:
+            size = itemsize(dtype)
+        except Exception as exc:
+            raise ProtocolError(f"{where} ({path}): unknown dtype {dtype!r}") from exc
+        offset, nbytes = t.get("offset"), t.get("nbytes")
+        if not isinstance(offset, int) or not isinstance(nbytes, int) or offset < 0 or nbytes < 0:
+            raise ProtocolError(f"{where} ({path}): offset and nbytes must be integers >= 0")
+        if nbytes != math.prod(shape) * size:
+            raise ProtocolError(f"{where} ({path}): nbytes {nbytes} does not match {dtype}{shape}")
+        if offset + nbytes > data_limit:
+            raise ProtocolError(
+                f"{where} ({path}): bytes [{offset}, {offset + nbytes}) lie outside the slot's "
+                f"data area [0, {data_limit})"
+            )
+        entries.append(LayoutEntry(path, dtype, tuple(shape), offset, nbytes))
+    spans = sorted((e.offset, e.offset + e.nbytes, e.path) for e in entries if e.nbytes)
+    for (_s1, e1, p1), (s2, _e2, p2) in itertools.pairwise(spans):
+        if s2 < e1:
+            raise ProtocolError(f"slot layout: tensors {p1!r} and {p2!r} overlap")
+    return Layout(doc.get("skeleton"), tuple(entries))
