@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptd import __version__
-from ckptd.config import Config
+from ckptd.config import Config, load_config
 from ckptd.errors import CkptdError, DaemonUnavailableError, StorePermissionError
 from ckptd.metrics import Metrics
 from ckptd.pipeline import TensorSource, WriteResult, write_checkpoint
@@ -109,6 +109,8 @@ class Daemon:
         self.loop: asyncio.AbstractEventLoop  # set by run()
         self._listener: socket.socket | None = None
         self._lock_fd: int | None = None
+        self._observer: Any = None
+        self.config_loaded_at = time.time()
 
     # ---- phases --------------------------------------------------------------------------
 
@@ -133,6 +135,7 @@ class Daemon:
         self.loop.add_reader(self._listener.fileno(), self._accept)
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self._on_signal, sig)
+        self._watch_config()
         log.info(
             "ckptd %s ready: socket %s, root %s, pid %d",
             self.version,
@@ -154,6 +157,8 @@ class Daemon:
 
     async def shutdown(self) -> None:
         notify("STOPPING=1", "STATUS=stopped")
+        if self._observer is not None:
+            self._observer.stop()
         if self._listener is not None:
             self.loop.remove_reader(self._listener.fileno())
             self._listener.close()
@@ -376,6 +381,57 @@ class Daemon:
         log.error("%s step %d failed: %s", request.job, request.step, message)
         request.conn.send({"op": "failed", "seq": request.seq, "type": reason, "message": message})
 
+    # ---- live configuration ------------------------------------------------------------------
+
+    def _watch_config(self) -> None:
+        """Reload the config file when it changes (watchdog watches its directory, so editors
+        that save by rename are seen too)."""
+        source = self.config.source
+        if source is None:
+            return
+        from watchdog.events import FileSystemEvent, FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        target = str(source.absolute())
+        daemon = self
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event: FileSystemEvent) -> None:
+                paths = {str(event.src_path), str(getattr(event, "dest_path", "") or "")}
+                if target in paths and event.event_type in ("modified", "created", "moved"):
+                    daemon.loop.call_soon_threadsafe(daemon.reload_config)
+
+        observer = Observer()
+        observer.schedule(Handler(), str(source.absolute().parent), recursive=False)
+        observer.daemon = True
+        observer.start()
+        self._observer = observer
+
+    def reload_config(self) -> bool:
+        """Re-read the config file; on error keep the old config. True when something changed.
+
+        Store, codec, queue, group and idle settings apply from the next snapshot on; the socket,
+        root and metrics endpoint need a restart.
+        """
+        source = self.config.source
+        if source is None:
+            return False
+        try:
+            new = load_config(source)
+        except CkptdError as exc:
+            log.error("config change rejected, keeping the previous configuration: %s", exc)
+            self.stats.record_error(f"config change rejected: {exc}")
+            return False
+        if new == self.config:
+            return False
+        self.config = new
+        self.config_loaded_at = time.time()
+        self._gids = allowed_gids(new.daemon.allowed_groups)
+        self.idle_exit_s = new.daemon.idle_exit_s or self.idle_exit_s
+        logging.getLogger().setLevel(new.daemon.log_level.upper())
+        log.info("configuration reloaded from %s", source)
+        return True
+
     # ---- housekeeping ----------------------------------------------------------------------
 
     async def _ticker(self) -> None:
@@ -431,6 +487,8 @@ class Daemon:
             "last_commit": sorted(s.last_commit.values(), key=lambda c: -c["at"]),
             "recent_errors": list(s.recent_errors),
             "metrics_port": self.metrics.port or None,
+            "config": str(self.config.source) if self.config.source else None,
+            "config_loaded_at": self.config_loaded_at,
         }
 
 
