@@ -413,6 +413,9 @@ class Connection:
                 f"{slot.size}-byte slot"
             )
         metric = get_metric(msg)
+        stall = msg.get("stall_s")
+        if isinstance(stall, int | float) and not isinstance(stall, bool) and stall >= 0:
+            self.daemon.metrics.stall(self.job, float(stall))
         meta = slot.mm[meta_offset : meta_offset + meta_length]  # a private copy
         layout = parse_layout(meta, meta_offset, lambda d: dtype_from_name(d).itemsize)
         raw = sum(t.nbytes for t in layout.tensors)
