@@ -32,7 +32,9 @@ from rich.text import Text
 from ckptd.config import load_config, resolve_root
 from ckptd.errors import CkptdError, CorruptCheckpointError, NotFoundError, NothingToDoError
 from ckptd.manifest import Manifest
+from ckptd.prune import job_facts, prune
 from ckptd.restore import load_checkpoint, verify_manifest
+from ckptd.retention import decide
 from ckptd.skeleton import iter_keys
 from ckptd.store import Store, validate_job_name
 
@@ -127,26 +129,43 @@ def cli() -> None:
 @store_options
 def list_cmd(job: str | None, as_json: bool, root: str | None, config: str | None) -> None:
     """List checkpoints (of JOB, or of every job)."""
-    store = _store(root, config)
+    cfg = load_config(config)
+    store = Store(resolve_root(root, cfg))
     if job is not None:
         validate_job_name(job)
         store.require_steps(job)
     jobs = [job] if job else store.jobs()
     manifests = []
     broken = []
+    kept: dict[tuple[str, int], list[str]] = {}
     for j in jobs:
         for step in store.steps(j):
             try:
                 manifests.append(store.read_manifest(j, step))
             except CorruptCheckpointError as exc:
                 broken.append(str(exc))
+        if not broken:
+            policy = cfg.policy_for(j, store.job_info(j).get("retention"))
+            for step, why in decide(policy, job_facts(store, j)).items():
+                kept[(j, step)] = why
     if not manifests and not broken:
         raise NothingToDoError(f"no checkpoints under {store.root}")
     if as_json:
-        out.print_json(json.dumps([summary(m) for m in manifests]))
+        docs = [summary(m) | {"kept_by": kept.get((m.job, m.step), [])} for m in manifests]
+        out.print_json(json.dumps(docs))
     else:
         table = Table(title=f"checkpoints in {store.root}")
-        for col in ("job", "step", "created", "raw", "stored", "ratio", "tensors", "metric"):
+        for col in (
+            "job",
+            "step",
+            "created",
+            "raw",
+            "stored",
+            "ratio",
+            "tensors",
+            "metric",
+            "kept by",
+        ):
             table.add_column(
                 col, justify="left" if col in ("job", "created") else "right", no_wrap=True
             )
@@ -161,6 +180,7 @@ def list_cmd(job: str | None, as_json: bool, root: str | None, config: str | Non
                 f"{s['ratio']:.3f}" if s["ratio"] is not None else "-",
                 str(len(m.tensors)),
                 "-" if m.metric is None else f"{m.metric:.6g}",
+                ", ".join(kept.get((m.job, m.step), [])) or "(prunable)",
             )
         out.print(table)
     for msg in broken:
@@ -318,6 +338,61 @@ def gc_cmd(job: str | None, dry_run: bool, root: str | None, config: str | None)
             out.print(f"{j}: {verb} {what}", markup=False)
     if not total_objects and not total_tmp:
         raise NothingToDoError("nothing to collect: every object is referenced")
+
+
+@cli.command("pin")
+@click.argument("job")
+@click.argument("step")
+@store_options
+def pin_cmd(job: str, step: str, root: str | None, config: str | None) -> None:
+    """Protect checkpoint JOB STEP from retention and the disk guard."""
+    store = _store(root, config)
+    resolved = store.resolve_step(job, step)
+    store.pin(job, resolved)
+    out.print(f"pinned {job} step {resolved}", markup=False)
+
+
+@cli.command("unpin")
+@click.argument("job")
+@click.argument("step")
+@store_options
+def unpin_cmd(job: str, step: str, root: str | None, config: str | None) -> None:
+    """Release a pin; retention may delete the checkpoint again."""
+    store = _store(root, config)
+    if not step.isdigit():
+        raise NotFoundError(f"step must be a number, got {step!r}")
+    if not store.unpin(job, int(step)):
+        pinned = ", ".join(map(str, sorted(store.pinned_steps(job)))) or "none"
+        raise NothingToDoError(f"{job} step {step} is not pinned (pinned steps: {pinned})")
+    out.print(f"unpinned {job} step {step}", markup=False)
+
+
+@cli.command("prune")
+@click.argument("job", required=False)
+@click.option("--dry-run", is_flag=True, help="Show what retention would delete, delete nothing.")
+@store_options
+def prune_cmd(job: str | None, dry_run: bool, root: str | None, config: str | None) -> None:
+    """Apply retention now (of JOB, or of every job): delete what no rule keeps, then GC."""
+    cfg = load_config(config)
+    store = Store(resolve_root(root, cfg))
+    if job is not None:
+        store.require_steps(job)
+    jobs = [job] if job else store.jobs()
+    total = 0
+    for j in jobs:
+        policy = cfg.policy_for(j, store.job_info(j).get("retention"))
+        res = prune(store, j, policy, dry_run=dry_run)
+        total += len(res.deleted)
+        verb = "would delete" if dry_run else "deleted"
+        if res.deleted:
+            freed = f", freed {human_bytes(res.gc.bytes)}" if res.gc else ""
+            out.print(
+                f"{j}: {verb} steps {', '.join(map(str, res.deleted))}{freed} "
+                f"(policy: {policy.describe()})",
+                markup=False,
+            )
+    if not total:
+        raise NothingToDoError("nothing to prune: every checkpoint is kept by a retention rule")
 
 
 @cli.command("start")

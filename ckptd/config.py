@@ -22,6 +22,7 @@ from typing import Any
 from ckptd.codec import CodecConfig
 from ckptd.errors import ConfigError
 from ckptd.pipeline import PipelineConfig
+from ckptd.retention import RetentionPolicy, policy_from_dict
 
 DEFAULT_ROOT = Path("checkpoints")
 SYSTEM_CONFIG = Path("/etc/ckptd/ckptd.toml")
@@ -75,6 +76,14 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class DiskConfig:
+    """``[disk]``: the guard that refuses snapshots before the filesystem fills up."""
+
+    min_free_bytes: int = 1 << 30
+    min_free_percent: float = 0.0
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; ``source`` is the file it came from (None: defaults)."""
 
@@ -82,7 +91,22 @@ class Config:
     codec: CodecConfig = field(default_factory=CodecConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    disk: DiskConfig = field(default_factory=DiskConfig)
+    retention: RetentionPolicy = field(default_factory=RetentionPolicy)
+    jobs: dict[str, RetentionPolicy] = field(default_factory=dict)
     source: Path | None = None
+
+    def policy_for(self, job: str, recorded: dict[str, Any] | None = None) -> RetentionPolicy:
+        """A job's retention: ``[retention]``, then what its client recorded
+        (``Client(retention=...)``), then ``[jobs.NAME.retention]``, each overriding the last."""
+        policy = self.retention
+        if recorded:
+            try:
+                policy = policy.merged(policy_from_dict(recorded, f"job {job} retention"))
+            except ConfigError:
+                pass  # validated when recorded; a damaged record falls back to the config
+        override = self.jobs.get(job)
+        return policy.merged(override) if override is not None else policy
 
     def pipeline(self) -> PipelineConfig:
         s = self.store
@@ -123,8 +147,8 @@ def _size(value: object, key: str, minimum: int, minimum_text: str) -> int:
 
 def config_from_dict(doc: dict[str, Any], source: Path | None = None) -> Config:
     """Validate a parsed TOML document into a :class:`Config`."""
-    _take(doc, "<top level>", {"store", "codec", "daemon", "metrics"})
-    for name in ("store", "codec", "daemon", "metrics"):
+    _take(doc, "<top level>", {"store", "codec", "daemon", "metrics", "disk", "retention", "jobs"})
+    for name in ("store", "codec", "daemon", "metrics", "disk", "retention", "jobs"):
         if not isinstance(doc.get(name, {}), dict):
             raise ConfigError(f"{name}: expected a table [{name}], got {doc[name]!r}")
     s = _take(doc.get("store", {}), "store", set(StoreConfig.__dataclass_fields__))
@@ -155,8 +179,42 @@ def config_from_dict(doc: dict[str, Any], source: Path | None = None) -> Config:
         codec=codec,
         daemon=_daemon(doc.get("daemon", {})),
         metrics=_metrics(doc.get("metrics", {})),
+        disk=_disk(doc.get("disk", {})),
+        retention=policy_from_dict(doc.get("retention", {}), "retention"),
+        jobs=_jobs(doc.get("jobs", {})),
         source=source,
     )
+
+
+def _disk(d: dict[str, Any]) -> DiskConfig:
+    _take(d, "disk", {"min_free_bytes", "min_free_percent"})
+    pct = d.get("min_free_percent", 0.0)
+    if not isinstance(pct, int | float) or isinstance(pct, bool) or not 0 <= pct < 100:
+        raise ConfigError(f"disk.min_free_percent: expected a number in [0, 100), got {pct!r}")
+    return DiskConfig(
+        min_free_bytes=_size(d.get("min_free_bytes", 1 << 30), "disk.min_free_bytes", 0, "0"),
+        min_free_percent=float(pct),
+    )
+
+
+def _jobs(d: dict[str, Any]) -> dict[str, RetentionPolicy]:
+    from ckptd.errors import InvalidNameError
+    from ckptd.store import validate_job_name
+
+    out = {}
+    for name, table in d.items():
+        try:
+            validate_job_name(name)
+        except InvalidNameError as exc:
+            raise ConfigError(f"jobs.{name}: {exc}") from exc
+        if not isinstance(table, dict):
+            raise ConfigError(f"jobs.{name}: expected a table [jobs.{name}.retention]")
+        _take(table, f"jobs.{name}", {"retention"})
+        retention = table.get("retention", {})
+        if not isinstance(retention, dict):
+            raise ConfigError(f"jobs.{name}.retention: expected a table, got {retention!r}")
+        out[name] = policy_from_dict(retention, f"jobs.{name}.retention")
+    return out
 
 
 def _daemon(d: dict[str, Any]) -> DaemonConfig:

@@ -32,9 +32,12 @@ from typing import Any
 
 from ckptd import __version__
 from ckptd.config import Config, load_config
-from ckptd.errors import CkptdError, DaemonUnavailableError, StorePermissionError
+from ckptd.diskguard import DiskGuard
+from ckptd.errors import CkptdError, DaemonUnavailableError, DiskFullError, StorePermissionError
 from ckptd.metrics import Metrics
 from ckptd.pipeline import TensorSource, WriteResult, write_checkpoint
+from ckptd.prune import prune
+from ckptd.retention import RetentionPolicy
 from ckptd.server import (
     Connection,
     Peer,
@@ -111,6 +114,9 @@ class Daemon:
         self._lock_fd: int | None = None
         self._observer: Any = None
         self.config_loaded_at = time.time()
+        self.guard = DiskGuard(config.disk, self)
+        self.degraded: str | None = None
+        self.ratios: dict[tuple[Path, str], float] = {}
 
     # ---- phases --------------------------------------------------------------------------
 
@@ -249,7 +255,16 @@ class Daemon:
 
     # ---- admission and writing -------------------------------------------------------------
 
-    def admission(self, store: Store, job: str, raw_bytes: int) -> CkptdError | None:
+    def policy_for(self, store: Store, job: str) -> RetentionPolicy:
+        return self.config.policy_for(job, store.job_info(job).get("retention"))
+
+    def estimate(self, store: Store, job: str, raw_bytes: int) -> int:
+        """Bytes a snapshot will add on disk: raw size x the job's last stored/raw ratio
+        (1.0 until it has one), plus object headers. Dedup is ignored: an over-estimate."""
+        ratio = self.ratios.get((store.root, job), 1.0)
+        return int(raw_bytes * ratio) + (raw_bytes >> 20) * 64 + 4096
+
+    def admission(self, store: Store, job: str, raw_bytes: int, estimate: int) -> CkptdError | None:
         """None to accept a snapshot, or the error that refuses it."""
         if self.stopping:
             return DaemonUnavailableError("ckptd is shutting down; the snapshot was not accepted")
@@ -258,7 +273,22 @@ class Daemon:
                 f"ckptd's queue is full ({len(self.queue)} snapshots waiting); the disk is slower "
                 "than the snapshot rate: snapshot less often or raise daemon.max_queue"
             )
+        error = self.guard.admit(store, estimate, self._queued_estimates(store))
+        if error is not None:
+            self.degraded = str(error)
+            self.stats.refused += 1
+            self.stats.record_error(f"{job}: refused: {error}")
+            self.metrics.failed(job, type(error).__name__)
+            log.warning("%s: snapshot refused: %s", job, error)
+            return error
+        self.degraded = None
         return None
+
+    def _queued_estimates(self, store: Store) -> int:
+        """Estimated bytes of accepted snapshots not yet committed, on ``store``'s filesystem."""
+        dev = self.guard.device(store.root)
+        pending = list(self.queue) + ([self.writing] if self.writing else [])
+        return sum(r.estimate_bytes for r in pending if self.guard.device(r.store.root) == dev)
 
     def enqueue(self, request: WriteRequest) -> None:
         self.queue.append(request)
@@ -314,7 +344,9 @@ class Daemon:
             self.loop.call_soon_threadsafe(self._release, request)
 
         try:
-            return write_checkpoint(
+            if request.pin:  # before the manifest: retention must never see it unpinned
+                request.store.pin(request.job, request.step)
+            result = write_checkpoint(
                 request.store,
                 request.job,
                 request.step,
@@ -325,8 +357,28 @@ class Daemon:
                 executor=self.chunk_pool,
                 on_read_done=on_read_done,
             )
+        except DiskFullError:
+            # The write ran out of space: give back what its objects took before reporting.
+            with request.store.job_lock(request.job, exclusive=True, blocking=False) as locked:
+                if locked:
+                    request.store.gc_unlocked(request.job)
+            raise
         finally:
             on_read_done()
+        self._retain(request.store, request.job)
+        return result
+
+    def _retain(self, store: Store, job: str) -> None:
+        """Writer thread, after a commit: apply the job's retention (never fails the commit)."""
+        try:
+            res = prune(store, job, self.policy_for(store, job), gc_blocking=False)
+        except CkptdError as exc:
+            log.warning("%s: retention not applied: %s", job, exc)
+            self.loop.call_soon_threadsafe(self.stats.record_error, f"{job}: retention: {exc}")
+            return
+        if res.deleted:
+            freed = res.gc.bytes if res.gc else 0
+            log.info("%s: retention deleted steps %s (%d bytes freed)", job, res.deleted, freed)
 
     def _release(self, request: WriteRequest) -> None:
         if request.done:
@@ -350,6 +402,8 @@ class Daemon:
         }
         self.metrics.committed(request.job, request.raw_bytes, result.written_bytes, persist_s, now)
         m = result.manifest
+        if m.raw_bytes:
+            self.ratios[(request.store.root, request.job)] = m.stored_bytes / m.raw_bytes
         log.info(
             "%s step %d committed: %d tensors, %.1f MB raw, %.1f MB new, %.2f s",
             request.job,
@@ -427,6 +481,7 @@ class Daemon:
         self.config = new
         self.config_loaded_at = time.time()
         self._gids = allowed_gids(new.daemon.allowed_groups)
+        self.guard.config = new.disk
         self.idle_exit_s = new.daemon.idle_exit_s or self.idle_exit_s
         logging.getLogger().setLevel(new.daemon.log_level.upper())
         log.info("configuration reloaded from %s", source)
@@ -442,6 +497,9 @@ class Daemon:
             await asyncio.sleep(period)
             if interval is not None:
                 notify("WATCHDOG=1")
+            if self.degraded is not None and self.guard.recovered(self.stores.values()):
+                log.info("disk space is back above the guard; accepting snapshots again")
+                self.degraded = None
             busy = self.connections or self.queue or self.writing
             if busy:
                 self._idle_since = time.monotonic()
@@ -487,6 +545,7 @@ class Daemon:
             "last_commit": sorted(s.last_commit.values(), key=lambda c: -c["at"]),
             "recent_errors": list(s.recent_errors),
             "metrics_port": self.metrics.port or None,
+            "degraded": self.degraded,
             "config": str(self.config.source) if self.config.source else None,
             "config_loaded_at": self.config_loaded_at,
         }

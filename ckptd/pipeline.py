@@ -20,6 +20,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,29 +150,72 @@ def write_checkpoint(
     """
     config = config or PipelineConfig()
     started = time.perf_counter()
-    try:
-        validate_job_name(job)
-        check_step(step)
-        sizes = [len(t.data) for t in tensors]  # read now: on_read_done may release the views
-        for t, size in zip(tensors, sizes, strict=True):
-            expected = dtype_from_name(t.dtype).itemsize * math.prod(t.shape)
-            if size != expected:
-                raise ValueError(f"{t.path}: {size} bytes given for {t.dtype}{list(t.shape)}")
-        store.open_job(job)
-        chunks = plan_chunks(tensors, config)
-        own_pool = executor is None
-        pool = executor or ThreadPoolExecutor(
-            max(1, config.threads), thread_name_prefix="ckptd-write"
-        )
+    with ExitStack() as stack:
         try:
-            results = _run_chunks(store, job, tensors, chunks, config, pool)
+            validate_job_name(job)
+            check_step(step)
+            sizes = [len(t.data) for t in tensors]  # now: on_read_done may release the views
+            for t, size in zip(tensors, sizes, strict=True):
+                expected = dtype_from_name(t.dtype).itemsize * math.prod(t.shape)
+                if size != expected:
+                    raise ValueError(f"{t.path}: {size} bytes given for {t.dtype}{list(t.shape)}")
+            store.open_job(job)
+            # Shared with other writers, exclusive with GC: objects we dedup against stay put
+            # until our manifest names them.
+            stack.enter_context(store.job_lock(job, exclusive=False))
+            chunks = plan_chunks(tensors, config)
+            own_pool = executor is None
+            pool = executor or ThreadPoolExecutor(
+                max(1, config.threads), thread_name_prefix="ckptd-write"
+            )
+            try:
+                results = _run_chunks(store, job, tensors, chunks, config, pool)
+            finally:
+                if own_pool:
+                    pool.shutdown(wait=True, cancel_futures=True)
         finally:
-            if own_pool:
-                pool.shutdown(wait=True, cancel_futures=True)
-    finally:
-        if on_read_done is not None:
-            on_read_done()
+            if on_read_done is not None:
+                on_read_done()
+        manifest, written, new_objects = _commit(
+            store,
+            job,
+            step,
+            skeleton,
+            tensors,
+            sizes,
+            chunks,
+            results,
+            metric=metric,
+            created=created,
+            rank=rank,
+            world_size=world_size,
+        )
+    return WriteResult(
+        manifest,
+        store.manifest_path(job, step),
+        time.perf_counter() - started,
+        written,
+        new_objects,
+        len(manifest.objects) - new_objects,
+    )
 
+
+def _commit(
+    store: Store,
+    job: str,
+    step: int,
+    skeleton: JSON,
+    tensors: Sequence[TensorSource],
+    sizes: Sequence[int],
+    chunks: Sequence[_Chunk],
+    results: Sequence[_ChunkResult],
+    *,
+    metric: float | None,
+    created: str | None,
+    rank: int,
+    world_size: int,
+) -> tuple[Manifest, int, int]:
+    """fsync the object directories, then write the manifest: the checkpoint becomes visible."""
     by_tensor: dict[int, list[Piece]] = defaultdict(list)
     objects: dict[str, ObjectInfo] = {}
     shards: set[str] = set()
@@ -189,7 +233,6 @@ def write_checkpoint(
             shards.add(res.digest[:2])
             new_shard |= res.new_shard
     store.sync_objects(job, shards, new_shard)
-
     entries = tuple(
         TensorEntry(t.path, t.dtype, t.shape, sizes[i], tuple(by_tensor.get(i, ())))
         for i, t in enumerate(tensors)
@@ -206,15 +249,8 @@ def write_checkpoint(
         world_size=world_size,
         written_bytes=written,
     )
-    path = store.commit_manifest(manifest)
-    return WriteResult(
-        manifest,
-        path,
-        time.perf_counter() - started,
-        written,
-        new_objects,
-        len(objects) - new_objects,
-    )
+    store.commit_manifest(manifest)
+    return manifest, written, new_objects
 
 
 def _run_chunks(

@@ -23,9 +23,9 @@ import socket
 import stat
 import struct
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ckptd.errors import (
     CkptdError,
@@ -49,6 +49,7 @@ from ckptd.protocol import (
     recv_packet,
 )
 from ckptd.protocol import decode_message as _decode
+from ckptd.retention import policy_from_dict, policy_to_dict
 from ckptd.skeleton import dtype_from_name
 from ckptd.store import Store, validate_job_name
 
@@ -101,8 +102,9 @@ class WriteRequest:
     metric: float | None
     raw_bytes: int
     accepted_at: float
+    estimate_bytes: int = 0
+    pin: bool = False
     done: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def peer_of(sock: socket.socket) -> Peer:
@@ -344,6 +346,13 @@ class Connection:
                 f"job {job!r} in {root.root} belongs to uid {owner}; uid {self.peer.uid} may not "
                 "write it. Use another job name"
             )
+        retention = msg.get("retention")
+        if retention is not None:
+            if not isinstance(retention, dict):
+                raise ProtocolError("hello.retention: expected an object")
+            policy = policy_from_dict(retention, "Client(retention=...)")
+            if root.job_info(job).get("retention") != policy_to_dict(policy):
+                root.update_job_info(job, retention=policy_to_dict(policy))
         self.daemon.open_job(root, job)
         self.job, self.store = job, root
         self.name = f"{job} (pid {self.peer.pid}, uid {self.peer.uid})"
@@ -419,7 +428,11 @@ class Connection:
         meta = slot.mm[meta_offset : meta_offset + meta_length]  # a private copy
         layout = parse_layout(meta, meta_offset, lambda d: dtype_from_name(d).itemsize)
         raw = sum(t.nbytes for t in layout.tensors)
-        refusal = self.daemon.admission(self.store, self.job, raw)
+        pin = msg.get("pin", False)
+        if not isinstance(pin, bool):
+            raise ProtocolError(f"submit.pin: expected true or false, got {pin!r:.40}")
+        estimate = self.daemon.estimate(self.store, self.job, raw)
+        refusal = self.daemon.admission(self.store, self.job, raw, estimate)
         if refusal is not None:
             self.send(
                 {
@@ -432,16 +445,18 @@ class Connection:
             return
         slot.busy_seq = seq
         request = WriteRequest(
-            self,
-            seq,
-            slot,
-            self.store,
-            self.job,
-            step,
-            layout,
-            metric,
-            raw,
-            self.daemon.loop.time(),
+            conn=self,
+            seq=seq,
+            slot=slot,
+            store=self.store,
+            job=self.job,
+            step=step,
+            layout=layout,
+            metric=metric,
+            raw_bytes=raw,
+            accepted_at=self.daemon.loop.time(),
+            estimate_bytes=estimate,
+            pin=pin,
         )
         self.daemon.enqueue(request)
         self.send({"op": "accepted", "seq": seq})

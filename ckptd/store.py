@@ -20,14 +20,17 @@ serializes commits per job); object writes may race freely (same name => same by
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ckptd.codec import HEADER, read_header
 from ckptd.errors import (
@@ -43,6 +46,7 @@ from ckptd.manifest import Manifest, check_step, manifest_name, parse_manifest, 
 
 MAX_JOB_NAME = 128
 STALE_TMP_S = 3600.0
+TMP_GRACE_S = 60.0
 """A tmp file this old is a dead writer's leftover (swept when a writer opens the job)."""
 _JOB_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -128,29 +132,93 @@ class Store:
             self.sweep_tmp(job, min_age_s=STALE_TMP_S)
         return job_dir
 
+    @contextmanager
+    def job_lock(self, job: str, *, exclusive: bool, blocking: bool = True) -> Iterator[bool]:
+        """Hold the job's lock: writers take it shared from their first object to their manifest,
+        GC takes it exclusive, so GC never deletes an object a write in progress deduped against.
+        Yields False (lock not taken) only when ``blocking=False`` and someone else holds it."""
+        path = self.job_dir(job) / "lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            raise os_error(exc, "open lock", path) from exc
+        try:
+            flags = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (
+                0 if blocking else fcntl.LOCK_NB
+            )
+            try:
+                fcntl.flock(fd, flags)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
+    # ---- pins ----------------------------------------------------------------------------
+
+    def pin(self, job: str, step: int) -> None:
+        """Protect ``step`` from retention (the step need not exist yet: snapshot(pin=True))."""
+        pins = self.job_dir(job) / "pins"
+        ensure_dir(pins)
+        durable_write(pins / manifest_name(check_step(step)), [b""], tmp_dir=self.tmp_dir(job))
+
+    def unpin(self, job: str, step: int) -> bool:
+        """Remove a pin; False when ``step`` was not pinned."""
+        path = self.job_dir(job) / "pins" / manifest_name(check_step(step))
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise os_error(exc, "delete", path) from exc
+        fsync_dir(path.parent)
+        return True
+
+    def pinned_steps(self, job: str) -> set[int]:
+        try:
+            names = os.listdir(self.job_dir(job) / "pins")
+        except FileNotFoundError:
+            return set()
+        return {s for s in map(step_from_name, names) if s is not None}
+
+    # ---- job metadata --------------------------------------------------------------------
+
+    def job_info(self, job: str) -> dict[str, Any]:
+        """The job's ``job.json`` (owner uid, retention recorded for it); {} when absent."""
+        path = self.job_dir(job) / "job.json"
+        try:
+            doc = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise ManifestError(f"{path}: damaged ({exc!r}); fix or delete it") from exc
+        if not isinstance(doc, dict):
+            raise ManifestError(f"{path}: damaged (not a JSON object); fix or delete it")
+        return doc
+
+    def update_job_info(self, job: str, **values: Any) -> None:
+        """Merge ``values`` into ``job.json`` (durably)."""
+        job_dir = self.open_job(job)
+        doc = self.job_info(job) | values
+        body = json.dumps(doc, sort_keys=True).encode() + b"\n"
+        durable_write(job_dir / "job.json", [body], tmp_dir=job_dir / "tmp")
+
     def job_owner(self, job: str) -> int | None:
         """The uid a job belongs to: recorded in ``job.json`` by the daemon, else the owner of the
         job directory (made by an in-process writer); None when the job does not exist."""
         job_dir = self.job_dir(job)
+        owner = self.job_info(job).get("owner_uid")
+        if isinstance(owner, int) and not isinstance(owner, bool):
+            return owner
         try:
-            doc = json.loads((job_dir / "job.json").read_bytes())
-            owner = doc["owner_uid"]
-            if isinstance(owner, int) and not isinstance(owner, bool):
-                return owner
-            raise ValueError(owner)
+            return job_dir.stat().st_uid
         except FileNotFoundError:
-            try:
-                return job_dir.stat().st_uid
-            except FileNotFoundError:
-                return None
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ManifestError(f"{job_dir / 'job.json'}: damaged ({exc!r})") from exc
+            return None
 
     def claim_job(self, job: str, uid: int) -> None:
         """Create ``job`` if needed and record ``uid`` as its owner (the daemon calls this)."""
-        job_dir = self.open_job(job)
-        body = json.dumps({"owner_uid": uid}).encode() + b"\n"
-        durable_write(job_dir / "job.json", [body], tmp_dir=job_dir / "tmp")
+        self.update_job_info(job, owner_uid=uid)
 
     # ---- listing -----------------------------------------------------------------------------
 
@@ -312,6 +380,11 @@ class Store:
         writer's manifest lands. A manifest that cannot be parsed stops GC (nothing is deleted):
         its objects might still be needed once it is repaired.
         """
+        with self.job_lock(job, exclusive=True):
+            return self.gc_unlocked(job, dry_run=dry_run, min_age_s=min_age_s)
+
+    def gc_unlocked(self, job: str, *, dry_run: bool = False, min_age_s: float = 0.0) -> GcResult:
+        """:meth:`gc` for a caller that already holds the job lock exclusively."""
         refs = self.referenced_objects(job)
         base = self.job_dir(job) / "objects"
         now = time.time()
@@ -339,7 +412,8 @@ class Store:
                     touched.add(shard)
         for shard in touched:
             fsync_dir(shard)
-        tmp_files = self.sweep_tmp(job, dry_run=dry_run, min_age_s=min_age_s)
+        # Metadata writes (job.json, pins) do not take the job lock: spare fresh tmp files.
+        tmp_files = self.sweep_tmp(job, dry_run=dry_run, min_age_s=max(min_age_s, TMP_GRACE_S))
         return GcResult(count, size, tmp_files)
 
     def sweep_tmp(self, job: str, *, dry_run: bool = False, min_age_s: float = 0.0) -> int:

@@ -348,6 +348,7 @@ class Client:
         spawn: bool | None = None,
         strict: bool = False,
         allow_pickle: bool = False,
+        retention: dict[str, Any] | None = None,
         timeout_s: float = 60.0,
     ) -> None:
         from ckptd.store import validate_job_name
@@ -365,6 +366,11 @@ class Client:
         self.on_full = on_full
         self.strict = strict
         self.allow_pickle = allow_pickle
+        self.retention = None
+        if retention is not None:
+            from ckptd.retention import policy_from_dict, policy_to_dict
+
+            self.retention = policy_to_dict(policy_from_dict(retention, "retention"))
         self.timeout_s = timeout_s
         self.stats = {"snapshots": 0, "skipped": 0, "blocked": 0, "blocked_s": 0.0, "failed": 0}
         self._cond = threading.Condition()
@@ -401,6 +407,7 @@ class Client:
                     "job": self.job,
                     "root": str(self.root),
                     "pid": os.getpid(),
+                    "retention": self.retention,
                 }
             )
         except BaseException:
@@ -653,8 +660,11 @@ class Client:
         metric: float | None = None,
         rng: bool = True,
         state: Any = None,
+        pin: bool = False,
     ) -> PendingSnapshot:
         """Copy the state into shared memory, hand it to the daemon and return.
+
+        ``pin=True`` protects the checkpoint from retention (``ckptd unpin`` releases it).
 
         Returns once the daemon has *accepted* the snapshot: from then on it is committed even if
         this process is killed. The tensors may be mutated as soon as this returns.
@@ -716,6 +726,7 @@ class Client:
                             "meta_length": len(meta),
                             "metric": metric_to_wire(None if metric is None else float(metric)),
                             "stall_s": pending.stall_s,
+                            "pin": bool(pin),
                         }
                     )
                 except BaseException:

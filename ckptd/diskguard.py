@@ -1,0 +1,116 @@
+"""The disk guard: refuse a snapshot before it could fill the filesystem.
+
+Before accepting a snapshot the daemon estimates what it will add on disk. If the filesystem's
+free space minus that estimate (and minus the estimates of snapshots already queued for the same
+filesystem) would fall below ``disk.min_free_bytes`` / ``disk.min_free_percent``, the guard first
+deletes what retention allows, oldest checkpoint first, across every job on that filesystem, and
+collects the freed objects. If that is not enough it refuses the snapshot with
+:class:`DiskFullError`; the daemon reports itself degraded until space is back. With no retention
+policy configured nothing is deletable, so the guard only refuses.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ckptd.config import DiskConfig
+from ckptd.errors import CkptdError, DiskFullError, NotFoundError
+from ckptd.prune import delete_unprotected, job_facts
+from ckptd.retention import decide, deletable
+from ckptd.store import Store
+
+if TYPE_CHECKING:
+    from ckptd.daemon import Daemon
+
+log = logging.getLogger("ckptd.diskguard")
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+class DiskGuard:
+    """Loop-thread object; ``config`` may be replaced on reload."""
+
+    def __init__(self, config: DiskConfig, daemon: Daemon) -> None:
+        self.config = config
+        self.daemon = daemon
+        self.last_need: dict[int, int] = {}
+
+    def device(self, path: Path) -> int:
+        return _existing(path).stat().st_dev
+
+    def space(self, path: Path) -> tuple[int, int]:
+        """``(free bytes for us, bytes the guard keeps free)`` on ``path``'s filesystem."""
+        st = os.statvfs(_existing(path))
+        total = st.f_blocks * st.f_frsize
+        threshold = max(self.config.min_free_bytes, int(total * self.config.min_free_percent / 100))
+        return st.f_bavail * st.f_frsize, threshold
+
+    def admit(self, store: Store, estimate: int, queued: int) -> DiskFullError | None:
+        """None when the snapshot fits (after deleting what policy allows), else the refusal."""
+        free, threshold = self.space(store.root)
+        if free - estimate - queued >= threshold:
+            return None
+        freed = self.free_by_policy(store, estimate + queued + threshold - free)
+        free, threshold = self.space(store.root)
+        if free - estimate - queued >= threshold:
+            return None
+        self.last_need[self.device(store.root)] = estimate + queued + threshold
+        return DiskFullError(
+            f"not enough space for a snapshot under {store.root}: {free} bytes free, the "
+            f"snapshot needs about {estimate}"
+            + (f" (+{queued} queued)" if queued else "")
+            + f" and the disk guard keeps {threshold} free (disk.min_free_bytes / "
+            f"disk.min_free_percent); retention freed {freed} bytes. Free space (ckptd rm, "
+            "ckptd prune with a retention policy, ckptd gc) or lower the guard; snapshots are "
+            "accepted again as soon as space is back"
+        )
+
+    def free_by_policy(self, store: Store, need: int) -> int:
+        """Delete checkpoints no retention rule keeps, oldest first, on ``store``'s filesystem,
+        until ``need`` bytes came free. Returns the bytes freed."""
+        dev = self.device(store.root)
+        candidates: list[tuple[str, Store, str, int]] = []
+        for other in list(self.daemon.stores.values()):
+            if self.device(other.root) != dev:
+                continue
+            for job in other.jobs():
+                try:
+                    reasons = decide(self.daemon.policy_for(other, job), job_facts(other, job))
+                    for step in deletable(reasons):
+                        created = other.read_manifest(job, step).created
+                        candidates.append((created, other, job, step))
+                except CkptdError as exc:
+                    log.warning("disk guard: skipping job %s: %s", job, exc)
+        freed = 0
+        start_free, _ = self.space(store.root)
+        for _created, other, job, step in sorted(candidates, key=lambda c: (c[0], c[3])):
+            try:
+                if not delete_unprotected(other, job, step):
+                    continue
+            except NotFoundError:
+                continue
+            log.warning("disk guard: deleted %s step %d (no retention rule keeps it)", job, step)
+            with other.job_lock(job, exclusive=True, blocking=False) as locked:
+                if locked:
+                    other.gc_unlocked(job)
+            freed = self.space(store.root)[0] - start_free
+            if freed >= need:
+                break
+        return max(freed, 0)
+
+    def recovered(self, stores: Iterable[Store]) -> bool:
+        """True when every filesystem that refused a snapshot has room for it again."""
+        for store in stores:
+            need = self.last_need.get(self.device(store.root))
+            if need is not None and self.space(store.root)[0] < need:
+                return False
+        self.last_need.clear()
+        return True

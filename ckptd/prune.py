@@ -1,0 +1,89 @@
+"""Applying retention: delete what no rule keeps, then collect the freed objects.
+
+The policy (:mod:`ckptd.retention`) decides; this module only acts. Order, for every job: read the
+manifests, ask :func:`decide`, delete the manifests no rule keeps (oldest first, each removal
+atomic), then GC objects no manifest references. The newest checkpoint and pinned ones are never
+deleted (the policy always keeps them, and :func:`prune` checks again before each deletion).
+A manifest that cannot be read stops pruning of that job: what it references is unknown.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from ckptd.errors import NotFoundError
+from ckptd.retention import CheckpointFacts, RetentionPolicy, decide, deletable
+from ckptd.store import GcResult, Store
+
+log = logging.getLogger("ckptd.prune")
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """What :func:`prune` decided (``reasons``: step -> rules keeping it) and did."""
+
+    job: str
+    reasons: dict[int, list[str]]
+    deleted: list[int]
+    gc: GcResult | None
+
+
+def job_facts(store: Store, job: str) -> list[CheckpointFacts]:
+    """Retention facts of every checkpoint of ``job`` (raises if a manifest is unreadable)."""
+    pins = store.pinned_steps(job)
+    facts = []
+    for step in store.steps(job):
+        m = store.read_manifest(job, step)
+        facts.append(
+            CheckpointFacts(
+                step, m.metric, step in pins, {h: o.stored_bytes for h, o in m.objects.items()}
+            )
+        )
+    return facts
+
+
+def delete_unprotected(store: Store, job: str, step: int) -> bool:
+    """Delete checkpoint ``step`` unless it is the job's newest or pinned (checked again right
+    before deleting, whatever a policy said). False when it was protected."""
+    steps = store.steps(job)
+    if not steps or step == steps[-1] or step in store.pinned_steps(job):
+        return False
+    store.delete_checkpoint(job, step)
+    return True
+
+
+def prune(
+    store: Store,
+    job: str,
+    policy: RetentionPolicy,
+    *,
+    dry_run: bool = False,
+    limit: int | None = None,
+    gc_blocking: bool = True,
+) -> PruneResult:
+    """Delete the checkpoints of ``job`` that ``policy`` does not keep (at most ``limit`` of
+    them, oldest first), then GC. With ``gc_blocking=False`` GC is skipped when a writer holds
+    the job (it runs at the next prune)."""
+    facts = job_facts(store, job)
+    reasons = decide(policy, facts)
+    victims = deletable(reasons)
+    if limit is not None:
+        victims = victims[:limit]
+    if dry_run:
+        return PruneResult(job, reasons, victims, None)
+    deleted = []
+    for step in victims:
+        try:
+            if not delete_unprotected(store, job, step):
+                continue
+        except NotFoundError:
+            continue  # deleted meanwhile (the disk guard, an operator)
+        deleted.append(step)
+        log.info("%s: deleted step %d (no retention rule keeps it)", job, step)
+    gc = None
+    if deleted:
+        with store.job_lock(job, exclusive=True, blocking=gc_blocking) as locked:
+            if locked:
+                gc = store.gc_unlocked(job)
+    return PruneResult(job, reasons, deleted, gc)
