@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from rich import box
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -154,7 +155,7 @@ def list_cmd(job: str | None, as_json: bool, root: str | None, config: str | Non
         docs = [summary(m) | {"kept_by": kept.get((m.job, m.step), [])} for m in manifests]
         out.print_json(json.dumps(docs))
     else:
-        table = Table(title=f"checkpoints in {store.root}")
+        table = Table(title=f"checkpoints in {store.root}", box=box.HEAVY_HEAD, show_edge=False)
         for col in (
             "job",
             "step",
@@ -167,21 +168,32 @@ def list_cmd(job: str | None, as_json: bool, root: str | None, config: str | Non
             "kept by",
         ):
             table.add_column(
-                col, justify="left" if col in ("job", "created") else "right", no_wrap=True
+                col,
+                justify="left" if col in ("job", "created", "kept by") else "right",
+                no_wrap=True,
             )
+        rows = []
         for m in manifests:
             s = summary(m)
-            table.add_row(
-                m.job,
-                str(m.step),
-                m.created.replace("T", " ")[:16],
-                human_bytes(m.raw_bytes),
-                human_bytes(m.stored_bytes),
-                f"{s['ratio']:.3f}" if s["ratio"] is not None else "-",
-                str(len(m.tensors)),
-                "-" if m.metric is None else f"{m.metric:.6g}",
-                ", ".join(kept.get((m.job, m.step), [])) or "(prunable)",
+            rows.append(
+                [
+                    m.job,
+                    str(m.step),
+                    m.created.replace("T", " ")[:16],
+                    human_bytes(m.raw_bytes),
+                    human_bytes(m.stored_bytes),
+                    f"{s['ratio']:.3f}" if s["ratio"] is not None else "-",
+                    str(len(m.tensors)),
+                    "-" if m.metric is None else f"{m.metric:.6g}",
+                    ", ".join(kept.get((m.job, m.step), [])) or "(prunable)",
+                ]
             )
+        # Values never shrink (rich would blank them); job names and "kept by" fold instead.
+        for i, column in enumerate(table.columns):
+            if i in (0, len(table.columns) - 1):
+                column.overflow, column.no_wrap = "fold", False
+        for row in rows:
+            table.add_row(*(Text(cell) for cell in row))
         out.print(table)
     for msg in broken:
         say(err, "unreadable manifest:", "red", msg)
@@ -220,7 +232,7 @@ def show_cmd(job: str, step: str, as_json: bool, root: str | None, config: str |
     for col in ("path", "dtype", "shape", "bytes"):
         table.add_column(col, justify="right" if col == "bytes" else "left")
     for t in m.tensors:
-        table.add_row(t.path, t.dtype, str(list(t.shape)), human_bytes(t.nbytes))
+        table.add_row(Text(t.path), t.dtype, Text(str(list(t.shape))), human_bytes(t.nbytes))
     out.print(table)
     out.print("[bold]state keys[/]")
     for k in keys:
@@ -291,7 +303,12 @@ def restore_cmd(
 
     store = _store(root, config)
     resolved: int | str = "latest" if step == "latest" else store.resolve_step(job, step)
-    total = store.read_manifest(job, store.resolve_step(job, resolved)).raw_bytes
+    try:
+        total = store.read_manifest(job, store.resolve_step(job, resolved)).raw_bytes
+    except CorruptCheckpointError:
+        if not fallback:
+            raise
+        total = 0  # --fallback skips the damaged latest manifest below
     with progress_bar(total, f"restore {job}") as advance:
         loaded = load_checkpoint(store, job, resolved, fallback=fallback, progress=advance)
     size = export_file(loaded, Path(output), fmt)

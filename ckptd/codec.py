@@ -172,7 +172,7 @@ def read_header(data: bytes | memoryview, *, where: str) -> tuple[int, int, int]
         )
     magic, codec, elem_size, _reserved, raw_len = HEADER.unpack_from(data)
     if magic != MAGIC:
-        if magic[:3] == MAGIC[:3]:
+        if magic[:3] == MAGIC[:3] and magic[3:].isdigit() and magic[3:] > MAGIC[3:]:
             raise FormatVersionError(
                 f"{where}: object format {magic[3:]!r} is newer than this ckptd reads (1); "
                 "upgrade ckptd to read it"

@@ -288,8 +288,15 @@ def config_path(explicit: Path | str | None = None) -> Path | None:
         return Path(env)
     xdg = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     for candidate in (Path(xdg) / "ckptd" / "ckptd.toml", SYSTEM_CONFIG):
-        if candidate.is_file():
-            return candidate
+        try:
+            if candidate.is_file():
+                return candidate
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot look for a config file at {candidate}: {exc.strerror}; set "
+                "CKPTD_CONFIG or --config to a readable file, or XDG_CONFIG_HOME to a readable "
+                "directory"
+            ) from exc
     return None
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +42,19 @@ def _weights_only_safe(value: Any) -> Any:
 
 def export_file(loaded: Loaded, dest: Path, fmt: str) -> int:
     """Write ``loaded`` to ``dest`` in ``fmt`` (atomically: tmp file, then rename); return size."""
-    tmp = dest.with_name(f".{dest.name}.ckptd-tmp")
+    if fmt not in ("torch", "safetensors"):
+        raise ValueError(f"unknown export format {fmt!r}")
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.ckptd-tmp")
     try:
-        if fmt == "torch":
-            torch.save(_weights_only_safe(loaded.state), tmp)
-        elif fmt == "safetensors":
-            _save_safetensors(loaded, tmp)
-        else:
-            raise ValueError(f"unknown export format {fmt!r}")
+        # Open the file ourselves: torch and safetensors report a bad path with their own
+        # exception types, an OSError here names the path and maps to an exit code.
+        with tmp.open("xb") as f:
+            if fmt == "torch":
+                torch.save(_weights_only_safe(loaded.state), f)
+            else:
+                f.write(_safetensors_bytes(loaded))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, dest)
         return dest.stat().st_size
     except OSError as exc:
@@ -59,9 +65,9 @@ def export_file(loaded: Loaded, dest: Path, fmt: str) -> int:
         raise
 
 
-def _save_safetensors(loaded: Loaded, dest: Path) -> None:
+def _safetensors_bytes(loaded: Loaded) -> bytes:
     try:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
     except ImportError as exc:
         raise CkptdError(
             "--format safetensors needs the safetensors package: pip install 'ckptd[safetensors]'"
@@ -80,7 +86,8 @@ def _save_safetensors(loaded: Loaded, dest: Path) -> None:
         "ckptd.step": str(m.step),
         "ckptd.skeleton": json.dumps(m.skeleton, separators=(",", ":")),
     }
-    save_file(named, str(dest), metadata=metadata)
+    data: bytes = save(named, metadata=metadata)
+    return data
 
 
 def read_tensors_cached(loaded: Loaded) -> list[torch.Tensor]:

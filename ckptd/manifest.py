@@ -35,7 +35,7 @@ def step_from_name(name: str) -> int | None:
     if not (name.startswith("step-") and name.endswith(".json")):
         return None
     digits = name[5:-5]
-    if len(digits) != STEP_DIGITS or not digits.isdigit():
+    if len(digits) != STEP_DIGITS or not (digits.isascii() and digits.isdigit()):
         return None
     return int(digits)
 
@@ -195,7 +195,7 @@ def parse_manifest(data: bytes, *, where: str) -> Manifest:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ManifestError(f'{where}: not a ckptd manifest (no "format": "{FORMAT}")')
     version = doc.get("version")
-    if not isinstance(version, int) or version < 1:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise ManifestError(f"{where}: bad format version {version!r}")
     if version > FORMAT_VERSION:
         raise FormatVersionError(
@@ -204,7 +204,7 @@ def parse_manifest(data: bytes, *, where: str) -> Manifest:
         )
     try:
         return _build(doc, where)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ManifestError(f"{where}: malformed manifest ({type(exc).__name__}: {exc})") from exc
 
 
@@ -234,7 +234,11 @@ def _build(doc: dict[str, Any], where: str) -> Manifest:
             raise ValueError(f"{name}: path and dtype must be strings")
         shape = tuple(_int(d, f"{name}.shape") for d in t["shape"])
         nbytes = _int(t["nbytes"], f"{name}.nbytes")
-        expected = math.prod(shape) * dtype_from_name(dtype).itemsize
+        try:
+            itemsize = dtype_from_name(dtype).itemsize
+        except ManifestError as exc:
+            raise ManifestError(f"{where}: {name} ({path}): {exc}") from exc
+        expected = math.prod(shape) * itemsize
         if nbytes != expected:
             raise ValueError(
                 f"{name} ({path}): nbytes {nbytes} != {expected} for {dtype}{list(shape)}"

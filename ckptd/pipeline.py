@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ckptd.codec import CODEC_NAMES, CodecConfig, encode
+from ckptd.codec import CODEC_NAMES, HEADER, RAW, CodecConfig, encode
 from ckptd.errors import CorruptCheckpointError
 from ckptd.hashing import content_hash
 from ckptd.manifest import Manifest, ObjectInfo, Piece, TensorEntry, check_step, now_iso
@@ -267,12 +267,13 @@ def _run_chunks(
     )
     failed = threading.Event()
     futures: list[Future[_ChunkResult]] = []
+    claims = _Claims()
 
     def work(chunk: _Chunk) -> _ChunkResult:
         try:
             if failed.is_set():
                 raise _CancelledError
-            return _write_chunk(store, job, tensors, chunk, config.codec)
+            return _write_chunk(store, job, tensors, chunk, config.codec, claims)
         except BaseException:
             failed.set()
             raise
@@ -303,8 +304,42 @@ class _CancelledError(Exception):
     """A chunk skipped because another chunk of the same checkpoint failed first."""
 
 
+class _Claims:
+    """Chunks of one write with the same content: the first to hash one writes it, the others
+    wait for it and reuse its object (counted once)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owners: dict[str, threading.Event] = {}
+        self._infos: dict[str, ObjectInfo] = {}
+
+    def claim(self, digest: str) -> ObjectInfo | None:
+        """None when the caller must produce ``digest``; else the object another chunk made."""
+        with self._lock:
+            done = self._owners.get(digest)
+            if done is None:
+                self._owners[digest] = threading.Event()
+                return None
+        done.wait()
+        info = self._infos.get(digest)
+        if info is None:
+            raise _CancelledError  # its producer failed; the whole write fails with its error
+        return info
+
+    def settle(self, digest: str, info: ObjectInfo | None) -> None:
+        with self._lock:
+            if info is not None:
+                self._infos[digest] = info
+            self._owners[digest].set()
+
+
 def _write_chunk(
-    store: Store, job: str, tensors: Sequence[TensorSource], chunk: _Chunk, codec: CodecConfig
+    store: Store,
+    job: str,
+    tensors: Sequence[TensorSource],
+    chunk: _Chunk,
+    codec: CodecConfig,
+    claims: _Claims,
 ) -> _ChunkResult:
     if len(chunk.pieces) == 1:
         index, off, length = chunk.pieces[0]
@@ -312,18 +347,35 @@ def _write_chunk(
     else:
         raw = memoryview(b"".join(tensors[i].data[o : o + n] for i, o, n in chunk.pieces))
     digest = content_hash(raw)
+    known = claims.claim(digest)
+    if known is not None:
+        return _ChunkResult(digest, known, 0, False)
+    try:
+        result = _produce(store, job, raw, digest, chunk.dtype, codec)
+    except BaseException:
+        claims.settle(digest, None)
+        raise
+    claims.settle(digest, result.info)
+    return result
+
+
+def _produce(
+    store: Store, job: str, raw: memoryview, digest: str, dtype: str, codec: CodecConfig
+) -> _ChunkResult:
+    """Reuse the job's object ``digest`` if it is intact, else encode and write it."""
     if store.has_object(job, digest):
         try:
             codec_id, _elem, raw_len, stored = store.object_header(job, digest)
         except CorruptCheckpointError:
-            raw_len = -1  # damaged header: rewrite below
-        if raw_len == len(raw):
+            raw_len = -1
+        intact = raw_len == len(raw) and (codec_id != RAW or stored == HEADER.size + raw_len)
+        if intact:
             return _ChunkResult(
                 digest, ObjectInfo(len(raw), stored, CODEC_NAMES[codec_id]), 0, False
             )
         # A damaged object under this name: replace it (same name => these bytes).
-    component = _FLOAT_COMPONENT_BYTES.get(chunk.dtype)
-    elem_size = component or dtype_from_name(chunk.dtype).itemsize
+    component = _FLOAT_COMPONENT_BYTES.get(dtype)
+    elem_size = component or dtype_from_name(dtype).itemsize
     encoded = encode(raw, elem_size=elem_size, is_float=component is not None, config=codec)
     stored, new_shard = store.write_object(job, digest, encoded.parts)
     return _ChunkResult(digest, ObjectInfo(len(raw), stored, encoded.codec_name), stored, new_shard)

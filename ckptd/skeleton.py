@@ -87,6 +87,8 @@ def flatten(state: object, *, allow_pickle: bool = False) -> Flattened:
             t.storage_offset(),
             tuple(t.shape),
             t.stride(),
+            t.is_conj(),
+            t.is_neg(),
         )
         index = seen.get(key)
         if index is None:
@@ -99,8 +101,17 @@ def flatten(state: object, *, allow_pickle: bool = False) -> Flattened:
         if depth > _MAX_DEPTH:
             raise UnsupportedStateError(f"{path}: state nested deeper than {_MAX_DEPTH} levels")
         if isinstance(value, np.generic):  # before int/float: np.float64 subclasses float
-            return {"$np": value.dtype.str, "value": enc(value.item(), path, depth + 1)}
-        if value is None or isinstance(value, str | bool):
+            item = value.item()
+            if isinstance(item, np.generic | bytes) or value.dtype.kind in "OSUVMm":
+                raise UnsupportedStateError(
+                    f"{path or '<root>'}: numpy scalars of dtype {value.dtype} cannot be stored "
+                    "without pickle; convert it to a Python number"
+                )
+            return {"$np": value.dtype.str, "value": enc(item, path, depth + 1)}
+        if isinstance(value, str):
+            _check_utf8(value, path)
+            return value
+        if value is None or isinstance(value, bool):
             return value
         if isinstance(value, int):
             return int(value)
@@ -143,6 +154,8 @@ def flatten(state: object, *, allow_pickle: bool = False) -> Flattened:
         if type(value) is tuple:
             return {"$tuple": [enc(v, _join(path, i), depth + 1) for i, v in enumerate(value)]}
         if type(value) is dict and all(isinstance(k, str) and not k.startswith("$") for k in value):
+            for k in value:
+                _check_utf8(k, _join(path, k))
             return {k: enc(v, _join(path, k), depth + 1) for k, v in value.items()}
         if type(value) in (dict, OrderedDict):
             assert isinstance(value, dict)
@@ -257,6 +270,16 @@ def _hashable(key: Any) -> Any:
     return key
 
 
+def _check_utf8(value: str, path: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UnsupportedStateError(
+            f"{path or '<root>'}: the string {value!r:.60} is not valid Unicode ({exc.reason}); "
+            "store it as bytes"
+        ) from exc
+
+
 def _enc_float(value: float) -> JSON:
     if math.isfinite(value):
         return value
@@ -269,8 +292,11 @@ def _ndarray_to_tensor(array: np.ndarray, path: str) -> torch.Tensor:
             f"{path or '<root>'}: numpy arrays of dtype {array.dtype} cannot be stored; "
             "use a numeric dtype in native byte order"
         )
+    contiguous = np.ascontiguousarray(array).reshape(array.shape)  # keeps 0-d arrays 0-d
+    if not contiguous.flags.writeable:
+        contiguous = contiguous.copy()  # torch warns on read-only arrays
     try:
-        return torch.from_numpy(np.ascontiguousarray(array))
+        return torch.from_numpy(contiguous)
     except TypeError as exc:
         raise UnsupportedStateError(
             f"{path or '<root>'}: numpy dtype {array.dtype}: {exc}"

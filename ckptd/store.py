@@ -159,7 +159,7 @@ class Store:
 
     def pin(self, job: str, step: int) -> None:
         """Protect ``step`` from retention (the step need not exist yet: snapshot(pin=True))."""
-        pins = self.job_dir(job) / "pins"
+        pins = self.open_job(job) / "pins"
         ensure_dir(pins)
         durable_write(pins / manifest_name(check_step(step)), [b""], tmp_dir=self.tmp_dir(job))
 
