@@ -31,7 +31,14 @@ from rich.table import Table
 from rich.text import Text
 
 from ckptd.config import load_config, resolve_root
-from ckptd.errors import CkptdError, CorruptCheckpointError, NotFoundError, NothingToDoError
+from ckptd.errors import (
+    CkptdError,
+    CorruptCheckpointError,
+    DaemonUnavailableError,
+    NotFoundError,
+    NothingToDoError,
+    error_from_reply,
+)
 from ckptd.manifest import Manifest
 from ckptd.prune import job_facts, prune
 from ckptd.restore import load_checkpoint, verify_manifest
@@ -457,22 +464,26 @@ def _ask(socket_path: str | None, op: str) -> dict[str, Any]:
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
     sock.settimeout(10)
     try:
-        sock.connect(str(path))
-        send_message(sock, {"op": op})
-        reply, _fds = recv_message(sock)
-    except (FileNotFoundError, ConnectionRefusedError) as exc:
-        from ckptd.errors import DaemonUnavailableError
-
-        raise DaemonUnavailableError(
-            f"no ckptd daemon answers on {path} ({exc.strerror}); start one with `ckptd start` "
-            "(or `systemctl start ckptd`)"
-        ) from exc
+        try:
+            sock.connect(str(path))
+            try:
+                send_message(sock, {"op": op})
+            except OSError:
+                pass  # a refused peer finds the daemon's reason queued below
+            reply, _fds = recv_message(sock)
+        except OSError as exc:
+            raise DaemonUnavailableError(
+                f"no ckptd daemon answers on {path} ({exc.strerror or type(exc).__name__}); "
+                "start one with `ckptd start` (or `systemctl start ckptd`), or name its --socket"
+            ) from exc
     finally:
         sock.close()
-    if reply is None or reply.get("op") == "error":
-        from ckptd.errors import ProtocolError
-
-        raise ProtocolError(f"daemon on {path} answered {reply!r}")
+    if reply is None:
+        raise DaemonUnavailableError(
+            f"the daemon on {path} closed the connection without answering"
+        )
+    if reply.get("op") == "error":
+        raise error_from_reply(reply.get("type"), reply.get("message"))
     return reply
 
 

@@ -24,6 +24,7 @@ import signal
 import socket
 import sys
 import time
+import traceback
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -212,12 +213,18 @@ class Daemon:
             return
         sock.setblocking(False)
         peer = peer_of(sock)
+        conn = Connection(self, sock, peer)
         if not peer_allowed(peer, self._gids):
             log.warning("refused connection from uid %d (pid %d): not allowed", peer.uid, peer.pid)
             self.stats.record_error(f"refused uid {peer.uid}")
-            sock.close()
-            return
-        conn = Connection(self, sock, peer)
+            groups = ", ".join(self.config.daemon.allowed_groups) or "none configured"
+            # Answer its first message with the reason (closing before reading it would reset
+            # the connection and lose the reply), or drop it after a few seconds of silence.
+            conn.refused = (
+                f"uid {peer.uid} may not use the ckptd daemon on {self.socket_path}: it admits "
+                f"uid {os.getuid()}, root and members of daemon.allowed_groups ({groups})"
+            )
+            self.loop.call_later(5.0, conn.close)
         self.connections.add(conn)
         self.loop.add_reader(sock.fileno(), conn.on_readable)
 
@@ -343,9 +350,12 @@ class Daemon:
             base.release()
             self.loop.call_soon_threadsafe(self._release, request)
 
+        added_pin = False
         try:
-            if request.pin:  # before the manifest: retention must never see it unpinned
+            if request.pin and request.step not in request.store.pinned_steps(request.job):
+                # Before the manifest: retention must never see it unpinned.
                 request.store.pin(request.job, request.step)
+                added_pin = True
             result = write_checkpoint(
                 request.store,
                 request.job,
@@ -357,11 +367,17 @@ class Daemon:
                 executor=self.chunk_pool,
                 on_read_done=on_read_done,
             )
-        except DiskFullError:
-            # The write ran out of space: give back what its objects took before reporting.
-            with request.store.job_lock(request.job, exclusive=True, blocking=False) as locked:
-                if locked:
-                    request.store.gc_unlocked(request.job)
+        except BaseException as exc:
+            # Tracebacks hold the pipeline's frames, whose locals view the slot: drop them so
+            # the slot can be unmapped.
+            _clear_frames(exc)
+            if added_pin:
+                request.store.unpin(request.job, request.step)
+            if isinstance(exc, DiskFullError):
+                # The write ran out of space: give back what its objects took.
+                with request.store.job_lock(request.job, exclusive=True, blocking=False) as ok:
+                    if ok:
+                        request.store.gc_unlocked(request.job)
             raise
         finally:
             on_read_done()
@@ -549,6 +565,14 @@ class Daemon:
             "config": str(self.config.source) if self.config.source else None,
             "config_loaded_at": self.config_loaded_at,
         }
+
+
+def _clear_frames(exc: BaseException | None) -> None:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
 
 
 def run_daemon(

@@ -78,22 +78,25 @@ class DiskGuard:
         until ``need`` bytes came free. Returns the bytes freed."""
         dev = self.device(store.root)
         candidates: list[tuple[str, Store, str, int]] = []
+        newest: dict[tuple[Path, str], int] = {}
         for other in list(self.daemon.stores.values()):
             if self.device(other.root) != dev:
                 continue
             for job in other.jobs():
                 try:
-                    reasons = decide(self.daemon.policy_for(other, job), job_facts(other, job))
+                    facts = job_facts(other, job)
+                    reasons = decide(self.daemon.policy_for(other, job), facts)
+                    created = {f.step: f.created for f in facts}
+                    newest[(other.root, job)] = max(facts, key=lambda f: (f.created, f.step)).step
                     for step in deletable(reasons):
-                        created = other.read_manifest(job, step).created
-                        candidates.append((created, other, job, step))
+                        candidates.append((created[step], other, job, step))
                 except CkptdError as exc:
                     log.warning("disk guard: skipping job %s: %s", job, exc)
         freed = 0
         start_free, _ = self.space(store.root)
         for _created, other, job, step in sorted(candidates, key=lambda c: (c[0], c[3])):
             try:
-                if not delete_unprotected(other, job, step):
+                if not delete_unprotected(other, job, step, newest.get((other.root, job))):
                     continue
             except NotFoundError:
                 continue

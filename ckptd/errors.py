@@ -105,6 +105,14 @@ class SnapshotSkippedError(CkptdError):
     exit_code = 16
 
 
+def error_from_reply(type_name: object, message: object) -> CkptdError:
+    """The exception a daemon reply (``error`` / ``failed`` / ``refused``) stands for."""
+    cls = globals().get(str(type_name))
+    if not (isinstance(cls, type) and issubclass(cls, CkptdError)):
+        cls = SnapshotFailedError
+    return cls(str(message) if message is not None else "the daemon gave no reason")
+
+
 EXIT_CODES: dict[str, int] = {
     cls.__name__: cls.exit_code
     for cls in (

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,6 +22,32 @@ from pathlib import Path
 from ckptd.errors import CkptdError, DiskFullError, StoreIOError, StorePermissionError
 
 Buffer = bytes | bytearray | memoryview
+
+WRITER_TAG = f"w{os.getpid()}@{socket.gethostname().replace('.', '_')[:64]}"
+"""Part of every tmp file name: who writes it (pid@host), so a sweep spares live writers."""
+
+
+def tmp_writer(name: str) -> tuple[int, str] | None:
+    """``(pid, host)`` of the writer of a tmp file named by :func:`durable_write`, else None."""
+    for part in name.split("."):
+        if part.startswith("w") and "@" in part:
+            pid, _, host = part[1:].partition("@")
+            if pid.isascii() and pid.isdigit():
+                return int(pid), host
+    return None
+
+
+def writer_alive(pid: int, host: str) -> bool:
+    """True when ``pid`` on ``host`` may still be writing (other hosts: assume so)."""
+    if host != WRITER_TAG.partition("@")[2]:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def os_error(exc: OSError, action: str, path: Path | str) -> CkptdError:
@@ -70,7 +97,7 @@ def durable_write(
     promises to :func:`fsync_dir` ``dest.parent`` before relying on the file (batching many
     object writes into one directory fsync).
     """
-    tmp = tmp_dir / f"{dest.name}.{uuid.uuid4().hex[:12]}.tmp"
+    tmp = tmp_dir / f"{dest.name}.{WRITER_TAG}.{uuid.uuid4().hex[:12]}.tmp"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     except OSError as exc:

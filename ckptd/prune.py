@@ -37,17 +37,22 @@ def job_facts(store: Store, job: str) -> list[CheckpointFacts]:
         m = store.read_manifest(job, step)
         facts.append(
             CheckpointFacts(
-                step, m.metric, step in pins, {h: o.stored_bytes for h, o in m.objects.items()}
+                step,
+                m.metric,
+                step in pins,
+                {h: o.stored_bytes for h, o in m.objects.items()},
+                m.created,
             )
         )
     return facts
 
 
-def delete_unprotected(store: Store, job: str, step: int) -> bool:
-    """Delete checkpoint ``step`` unless it is the job's newest or pinned (checked again right
-    before deleting, whatever a policy said). False when it was protected."""
+def delete_unprotected(store: Store, job: str, step: int, newest: int | None = None) -> bool:
+    """Delete checkpoint ``step`` unless it is the job's highest step, its most recently
+    committed one (``newest``, as retention saw it) or pinned; checked again right before
+    deleting, whatever a policy said. False when it was protected."""
     steps = store.steps(job)
-    if not steps or step == steps[-1] or step in store.pinned_steps(job):
+    if not steps or step in (steps[-1], newest) or step in store.pinned_steps(job):
         return False
     store.delete_checkpoint(job, step)
     return True
@@ -67,6 +72,7 @@ def prune(
     the job (it runs at the next prune)."""
     facts = job_facts(store, job)
     reasons = decide(policy, facts)
+    newest = max(facts, key=lambda f: (f.created, f.step)).step if facts else None
     victims = deletable(reasons)
     if limit is not None:
         victims = victims[:limit]
@@ -75,7 +81,7 @@ def prune(
     deleted = []
     for step in victims:
         try:
-            if not delete_unprotected(store, job, step):
+            if not delete_unprotected(store, job, step, newest):
                 continue
         except NotFoundError:
             continue  # deleted meanwhile (the disk guard, an operator)

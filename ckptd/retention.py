@@ -5,9 +5,10 @@ A checkpoint is kept if *any* rule keeps it:
 =================  =================================================================
 rule               keeps
 =================  =================================================================
-``newest``         the newest committed checkpoint, always, whatever the policy says
+``newest``         the most recently committed checkpoint, always, whatever the policy says
+``latest step``    the highest step (what ``step="latest"`` restores), always
 ``pinned``         checkpoints pinned with ``ckptd pin`` or ``snapshot(pin=True)``
-``keep_last``      the N newest
+``keep_last``      the N most recently committed
 ``keep_every``     steps divisible by K, forever
 ``keep_best``      the N best by the snapshot's ``metric`` (``mode`` "min" or "max"); checkpoints
                    without a finite metric never count as best
@@ -115,15 +116,22 @@ class CheckpointFacts:
     pinned: bool = False
     objects: Mapping[str, int] = field(default_factory=dict)
     """object hash -> stored bytes"""
+    created: str = ""
+    """commit time (ISO 8601 UTC, sorts as text); "" when unknown (then steps order)"""
 
 
 def decide(policy: RetentionPolicy, checkpoints: Sequence[CheckpointFacts]) -> dict[int, list[str]]:
     """For each step, the rules that keep it (in a fixed order); an empty list may be deleted."""
-    ordered = sorted(checkpoints, key=lambda c: c.step, reverse=True)  # newest first
+    # Newest first by commit time: a run resumed from an older step commits steps below the
+    # highest one, and those are its newest checkpoints.
+    ordered = sorted(checkpoints, key=lambda c: (c.created, c.step), reverse=True)
     reasons: dict[int, list[str]] = {c.step: [] for c in ordered}
     if not ordered:
         return reasons
     reasons[ordered[0].step].append("newest")
+    latest = max(c.step for c in ordered)
+    if latest != ordered[0].step:
+        reasons[latest].append("latest step")
     for c in ordered:
         if c.pinned:
             reasons[c.step].append("pinned")

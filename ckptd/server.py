@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import gc
 import grp
 import logging
 import mmap
@@ -83,7 +84,16 @@ class Slot:
 
     def close(self) -> None:
         try:
-            self.mm.close()
+            try:
+                self.mm.close()
+            except BufferError:
+                # A view of the mapping is still referenced (e.g. by a traceback cycle):
+                # collect cycles and retry; if it is still pinned, let the mmap die with it.
+                gc.collect()
+                try:
+                    self.mm.close()
+                except BufferError:
+                    log.warning("slot %d: mapping still referenced; it is freed later", self.id)
         finally:
             os.close(self.fd)
 
@@ -206,6 +216,7 @@ class Connection:
         self.store: Store | None = None
         self.slots: dict[int, Slot] = {}
         self.closed = False
+        self.refused: str | None = None
         self._out: deque[bytes] = deque()
         self._writing = False
         self.name = f"pid {peer.pid} uid {peer.uid}"
@@ -287,17 +298,21 @@ class Connection:
         if self._writing:
             loop.remove_writer(self.sock.fileno())
         self.sock.close()
-        for slot in list(self.slots.values()):
-            if slot.busy_seq is None:
-                slot.close()
-            else:
-                slot.retired = True  # closed by the writer once read
-        self.slots.clear()
-        self.daemon.connection_closed(self)
+        try:
+            for slot in list(self.slots.values()):
+                if slot.busy_seq is None:
+                    slot.close()
+                else:
+                    slot.retired = True  # closed by the writer once read
+        finally:
+            self.slots.clear()
+            self.daemon.connection_closed(self)
 
     # ---- messages --------------------------------------------------------------------------
 
     def handle(self, msg: Message, fds: list[int]) -> None:
+        if self.refused is not None:
+            raise StorePermissionError(self.refused)
         op = msg["op"]
         if op != "register" and fds:
             raise ProtocolError(f"{op}: unexpected file descriptors")

@@ -40,7 +40,15 @@ from ckptd.errors import (
     NotFoundError,
     StorePermissionError,
 )
-from ckptd.fsutil import Buffer, durable_write, ensure_dir, fsync_dir, os_error
+from ckptd.fsutil import (
+    Buffer,
+    durable_write,
+    ensure_dir,
+    fsync_dir,
+    os_error,
+    tmp_writer,
+    writer_alive,
+)
 from ckptd.hashing import check_hash_name
 from ckptd.manifest import Manifest, check_step, manifest_name, parse_manifest, step_from_name
 
@@ -419,8 +427,9 @@ class Store:
     def sweep_tmp(self, job: str, *, dry_run: bool = False, min_age_s: float = 0.0) -> int:
         """Remove leftovers in the job's tmp directory; return how many there were.
 
-        Only safe when no writer is active on the job (daemon start), or with a ``min_age_s``
-        longer than any write takes.
+        A file whose writer (pid@host in its name) is a live process on this host, or is on
+        another host, is spared until it is :data:`STALE_TMP_S` old; so is anything younger than
+        ``min_age_s``. Files of dead writers and unrecognised files go.
         """
         tmp = self.tmp_dir(job)
         if not tmp.is_dir() or tmp.is_symlink():
@@ -429,7 +438,11 @@ class Store:
         count = 0
         for entry in tmp.iterdir():
             try:
-                if now - entry.lstat().st_mtime < min_age_s:
+                age = now - entry.lstat().st_mtime
+                if age < min_age_s:
+                    continue
+                writer = tmp_writer(entry.name)
+                if writer is not None and age < STALE_TMP_S and writer_alive(*writer):
                     continue
                 count += 1
                 if dry_run:

@@ -16,6 +16,7 @@ warnings and carried by the returned handle (``wait()`` raises them). Errors in 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import mmap
 import os
@@ -32,9 +33,14 @@ from typing import Any, Literal
 
 import torch
 
-from ckptd import errors
 from ckptd.config import SYSTEM_SOCKET, load_config, resolve_root, resolve_socket
-from ckptd.errors import CkptdError, DaemonUnavailableError, ProtocolError, SnapshotSkippedError
+from ckptd.errors import (
+    CkptdError,
+    DaemonUnavailableError,
+    ProtocolError,
+    SnapshotSkippedError,
+    error_from_reply,
+)
 from ckptd.manifest import Manifest
 from ckptd.protocol import (
     PROTOCOL_VERSION,
@@ -55,18 +61,12 @@ log = logging.getLogger("ckptd_client")
 _MADV_POPULATE_WRITE = 23
 _PAGE = mmap.PAGESIZE
 _SLOT_ROUND = 1 << 20
-_ERROR_TYPES: dict[str, type[CkptdError]] = {
-    name: cls
-    for name, cls in vars(errors).items()
-    if isinstance(cls, type) and issubclass(cls, CkptdError)
-}
 _spawned: list[subprocess.Popen[bytes]] = []
 
 
 def error_from(msg: Message) -> CkptdError:
     """The exception a daemon ``error`` / ``failed`` / ``refused`` message stands for."""
-    cls = _ERROR_TYPES.get(str(msg.get("type")), errors.SnapshotFailedError)
-    return cls(str(msg.get("message", "the daemon gave no reason")))
+    return error_from_reply(msg.get("type"), msg.get("message"))
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ class PendingSnapshot:
         if self._error is not None:
             raise self._error
         assert self._info is not None
-        return self._info
+        return dataclasses.replace(self._info, stall_s=self.stall_s)
 
     def _resolve(self, info: CheckpointInfo) -> None:
         self._info = info
@@ -227,6 +227,12 @@ class _Link:
             try:
                 send_message(self.sock, msg, fds)
             except OSError as exc:
+                try:  # the daemon may have said why before it closed the connection
+                    said = self._replies.get(timeout=1.0)
+                except Empty:
+                    said = None
+                if said is not None and said["op"] == "error":
+                    raise error_from(said) from exc
                 raise DaemonUnavailableError(
                     f"cannot send to ckptd at {self.path}: {exc.strerror or exc}"
                 ) from exc
@@ -397,8 +403,16 @@ class Client:
                     "start one (`ckptd start --user`, or `systemctl start ckptd`), or let the "
                     "client start one with Client(..., spawn=True)"
                 ) from exc
-            spawn_daemon(self.socket_path, self.root)
-            link = _Link(self.socket_path, self.timeout_s, self._on_event)
+            try:
+                spawn_daemon(self.socket_path, self.root)
+                link = _Link(self.socket_path, self.timeout_s, self._on_event)
+            except OSError as spawn_exc:
+                raise DaemonUnavailableError(
+                    f"no ckptd daemon answers on {self.socket_path} and none could be started "
+                    f"there: {spawn_exc.strerror or spawn_exc} ({spawn_exc.filename or ''}); "
+                    "start one yourself (`ckptd start --user --socket ...`) or pass another "
+                    "socket="
+                ) from spawn_exc
         try:
             welcome = link.request(
                 {
@@ -532,8 +546,10 @@ class Client:
         if fit is not None:
             return fit
         if victim is not None:  # too small: replace it with a bigger one
-            link.request({"op": "unregister", "slot": victim.id})
-            victim.close()
+            try:
+                link.request({"op": "unregister", "slot": victim.id})
+            finally:
+                victim.close()
         slot = self._new_slot(link, need, pin)
         slot.busy = True
         with self._cond:

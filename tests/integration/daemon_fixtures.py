@@ -1,0 +1,392 @@
+"""Fixtures and helpers for the daemon integration tests: real ``ckptd start`` processes on real
+Unix sockets in short ``/tmp`` directories, status queries over the wire, deterministic states
+and bit-exact comparisons.
+
+A test module registers the fixtures it uses by assigning them to module globals of the same
+name (``daemons = daemon_fixtures.daemons``).
+
+Socket paths must stay below 108 bytes (``sun_path``), so every daemon lives under a fresh
+``/tmp/ckXXXXXXXX`` directory (pytest's ``tmp_path`` is far too long). Each factory stops its
+daemons on teardown (SIGTERM, then SIGKILL) and fails the test if any process that mentions its
+directory on the command line is still alive: no daemon, spawned daemon or trainer may outlive
+its test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from ckptd.protocol import close_fds, recv_message, send_message
+
+REPO = Path(__file__).resolve().parents[2]
+CKPTD = Path(sys.executable).parent / "ckptd"
+READY_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 60.0
+
+
+# ---- environment -------------------------------------------------------------------------------
+
+
+def clean_env(base: Path, **extra: str) -> dict[str, str]:
+    """The environment for daemons, trainers and CLI runs: no CKPTD_* from outside, an empty
+    config home (so no user config leaks in), the repo importable (``tests.integration...``)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("CKPTD_", "NOTIFY_SOCKET", "WATCHDOG_", "PYTEST_"))
+    }
+    env["XDG_CONFIG_HOME"] = str(base / "xdg-config")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env["COLUMNS"] = "160"
+    env.update(extra)
+    return env
+
+
+def short_tmp() -> Path:
+    """A fresh directory directly under /tmp, traversable by every user (mode 0755)."""
+    path = Path(tempfile.mkdtemp(prefix="ck", dir="/tmp"))
+    path.chmod(0o755)
+    return path
+
+
+# ---- talking to a daemon -----------------------------------------------------------------------
+
+
+def can_connect(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def query(path: Path, op: str = "status", timeout_s: float = 10.0) -> dict[str, Any]:
+    """Send one bare ``op`` (status / stop) over a fresh connection; return the reply."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as sock:
+        sock.settimeout(timeout_s)
+        sock.connect(str(path))
+        send_message(sock, {"op": op})
+        reply, fds = recv_message(sock)
+        close_fds(fds)
+    assert reply is not None, f"daemon on {path} closed the connection on {op!r}"
+    return reply
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def run_ckptd(*args: str | Path, env: dict[str, str], timeout_s: float = 120.0) -> Any:
+    """Run the installed ``ckptd`` console script; return the CompletedProcess (text)."""
+    return subprocess.run(
+        [str(CKPTD), *map(str, args)],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def processes_mentioning(marker: str) -> list[tuple[int, str]]:
+    """Live processes (other than this one) whose command line contains ``marker``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        cmd = " ".join(a.decode(errors="replace") for a in argv if a)
+        if marker in cmd and pid_alive(int(entry.name)):
+            found.append((int(entry.name), cmd))
+    return found
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def fd_targets(pid: int) -> list[str]:
+    out = []
+    for fd in sorted(os.listdir(f"/proc/{pid}/fd"), key=int):
+        try:
+            out.append(f"{fd} -> {Path(f'/proc/{pid}/fd/{fd}').readlink()}")
+        except OSError:
+            continue
+    return out
+
+
+def memfd_maps(pid: int, name: str = "memfd:") -> list[str]:
+    """Lines of ``/proc/PID/maps`` that map a memfd (optionally of a given name prefix)."""
+    return [line for line in Path(f"/proc/{pid}/maps").read_text().splitlines() if name in line]
+
+
+# ---- daemons -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Daemon:
+    """A ``ckptd start --user`` process started by a :class:`DaemonFactory`."""
+
+    socket: Path
+    root: Path
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def status(self) -> dict[str, Any]:
+        return query(self.socket, "status")
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def idle(self) -> bool:
+        st = self.status()
+        return st["queue"] == 0 and st["writing"] is None
+
+    def wait_idle(self, commits: int | None = None, timeout_s: float = 120.0) -> dict[str, Any]:
+        """Poll status until nothing is queued or being written (and ``commits`` reached)."""
+        last: dict[str, Any] = {}
+
+        def ready() -> bool:
+            nonlocal last
+            last = self.status()
+            return (
+                last["queue"] == 0
+                and last["writing"] is None
+                and (commits is None or last["commits"] >= commits)
+            )
+
+        wait_until(ready, timeout_s, f"daemon {self.pid} to go idle (last status {last})")
+        return last
+
+
+@dataclass
+class DaemonFactory:
+    """Starts daemons under one short tmp dir; on cleanup stops them and checks for strays."""
+
+    base: Path
+    env: dict[str, str]
+    started: list[Daemon] = field(default_factory=list)
+
+    @property
+    def default_socket(self) -> Path:
+        return self.base / "run" / "d.sock"
+
+    @property
+    def default_root(self) -> Path:
+        return self.base / "root"
+
+    def start(
+        self,
+        *extra: str,
+        socket_path: Path | None = None,
+        root: Path | None = None,
+        config: str | None = None,
+    ) -> Daemon:
+        """Start a user daemon and wait (30 s) until its socket accepts a connection."""
+        sock = socket_path or self.default_socket
+        store_root = root or self.default_root
+        assert len(str(sock).encode()) < 108, f"socket path too long: {sock}"
+        args = [sys.executable, "-m", "ckptd", "start", "--user"]
+        args += ["--socket", str(sock), "--root", str(store_root), *extra]
+        if config is not None:
+            cfg = self.base / f"ckptd-{len(self.started)}.toml"
+            cfg.write_text(config)
+            args += ["--config", str(cfg)]
+        log = self.base / f"daemon-{len(self.started)}.log"
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        try:
+            proc = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, cwd=self.base, env=self.env
+            )
+        finally:
+            os.close(fd)
+        daemon = Daemon(sock, store_root, proc, log)
+        self.started.append(daemon)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not can_connect(sock):
+            if proc.poll() is not None:
+                raise AssertionError(
+                    f"ckptd exited with {proc.returncode} before serving {sock}:\n"
+                    + daemon.log_text()
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"ckptd did not accept connections on {sock} within {READY_TIMEOUT_S} s:\n"
+                    + daemon.log_text()
+                )
+            time.sleep(0.05)
+        return daemon
+
+    def stop(self, daemon: Daemon, timeout_s: float = STOP_TIMEOUT_S) -> int:
+        """SIGTERM, wait, SIGKILL if needed; return the exit code (negative: signal)."""
+        proc = daemon.proc
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        assert proc.returncode is not None
+        return proc.returncode
+
+    def cleanup(self) -> None:
+        for daemon in self.started:
+            self.stop(daemon)
+        marker = str(self.base)
+        strays = processes_mentioning(marker)
+        for pid, _cmd in strays:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        # Daemon logs (started here, or spawned by a client: <socket dir>/ckptd.log) must not
+        # show an unexpected exception, even when every assertion of the test held.
+        crashes = {
+            str(log): text[text.index("Traceback") :][:3000]
+            for log in sorted(self.base.rglob("*.log"))
+            if "Traceback" in (text := log.read_text(errors="replace"))
+        }
+        shutil.rmtree(self.base, ignore_errors=True)
+        assert not strays, f"processes left running after the test: {strays}"
+        assert not crashes, f"daemon logs show exceptions: {crashes}"
+
+
+@pytest.fixture
+def daemons() -> Iterator[DaemonFactory]:
+    """A daemon factory for one test (its own short tmp dir, cleaned up and checked)."""
+    base = short_tmp()
+    factory = DaemonFactory(base, clean_env(base))
+    try:
+        yield factory
+    finally:
+        factory.cleanup()
+
+
+@pytest.fixture
+def daemon(daemons: DaemonFactory) -> Daemon:
+    """One running user daemon: socket ``<tmp>/run/d.sock``, root ``<tmp>/root``."""
+    return daemons.start()
+
+
+@pytest.fixture(scope="module")
+def shared_daemon() -> Iterator[Daemon]:
+    """One daemon for a whole module (tests that do not stop or kill it)."""
+    base = short_tmp()
+    factory = DaemonFactory(base, clean_env(base))
+    try:
+        yield factory.start()
+    finally:
+        factory.cleanup()
+
+
+@pytest.fixture
+def ckptd_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """In-process clients must not pick up CKPTD_* or a user config from outside (use it with
+    ``pytestmark = pytest.mark.usefixtures("ckptd_env")``)."""
+    for var in ("CKPTD_ROOT", "CKPTD_CONFIG", "CKPTD_SOCKET"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
+
+
+# ---- states ------------------------------------------------------------------------------------
+
+
+def make_state(seed: int, mbytes: float) -> dict[str, Any]:
+    """A deterministic state of about ``mbytes`` MiB (mostly one float32 tensor) with several
+    dtypes and plain values; the same ``seed`` gives the same bytes in every process."""
+    g = torch.Generator().manual_seed(seed)
+    n = max(1024, math.ceil(mbytes * (1 << 20) / 4 / 1024) * 1024)
+    return {
+        "big": torch.randn(n // 1024, 1024, generator=g),
+        "half": torch.randn(3, 333, generator=g).to(torch.bfloat16),
+        "ints": torch.randint(-(2**40), 2**40, (257,), generator=g, dtype=torch.int64),
+        "mask": torch.rand(77, generator=g) > 0.5,
+        "scalar": torch.tensor(float(seed)),
+        "empty": torch.empty(0, 5),
+        "meta": {"seed": seed, "name": f"state-{seed}", "lr": [1e-3, None, True]},
+    }
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bytes of a tensor, for bit-exact comparison (NaNs and -0.0 included)."""
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    return flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
+
+
+def assert_same(got: Any, want: Any, where: str = "state") -> None:
+    """Recursively assert ``got`` equals ``want``: tensors and arrays bit for bit, with the same
+    dtype and shape; containers with the same keys/types; other values with ``==``."""
+    if isinstance(want, torch.Tensor):
+        assert isinstance(got, torch.Tensor), f"{where}: {type(got).__name__}, not a tensor"
+        assert got.dtype == want.dtype, f"{where}: dtype {got.dtype} != {want.dtype}"
+        assert got.shape == want.shape, f"{where}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+        assert torch.equal(bits(got), bits(want)), f"{where}: tensor bytes differ"
+    elif isinstance(want, np.ndarray):
+        assert isinstance(got, np.ndarray), f"{where}: {type(got).__name__}, not an ndarray"
+        assert got.dtype == want.dtype and got.shape == want.shape, f"{where}: dtype/shape"
+        assert got.tobytes() == want.tobytes(), f"{where}: array bytes differ"
+    elif isinstance(want, dict):
+        assert isinstance(got, dict), f"{where}: {type(got).__name__}, not a dict"
+        assert list(got) == list(want), f"{where}: keys {list(got)} != {list(want)}"
+        for key in want:
+            assert_same(got[key], want[key], f"{where}[{key!r}]")
+    elif isinstance(want, list | tuple):
+        assert type(got) is type(want), f"{where}: {type(got).__name__} != {type(want).__name__}"
+        assert len(got) == len(want), f"{where}: length {len(got)} != {len(want)}"
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert_same(g, w, f"{where}[{i}]")
+    elif isinstance(want, float) and math.isnan(want):
+        assert isinstance(got, float) and math.isnan(got), f"{where}: {got!r} != nan"
+    else:
+        assert type(got) is type(want) and got == want, f"{where}: {got!r} != {want!r}"
+
+
+def status_json(socket_path: Path, env: dict[str, str]) -> dict[str, Any]:
+    """``ckptd status --json --socket S`` through the real console script."""
+    proc = run_ckptd("status", "--json", "--socket", socket_path, env=env)
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    doc = json.loads(proc.stdout)
+    assert isinstance(doc, dict)
+    return doc
