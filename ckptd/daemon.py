@@ -63,6 +63,8 @@ class Stats:
     failures: dict[str, int] = field(default_factory=dict)
     refused: int = 0
     skipped: int = 0
+    blocked: int = 0
+    blocked_s: float = 0.0
     raw_bytes: int = 0
     written_bytes: int = 0
     persist_s: float = 0.0
@@ -555,6 +557,8 @@ class Daemon:
             "commits": s.commits,
             "failures": dict(s.failures),
             "skipped": s.skipped,
+            "blocked": s.blocked,
+            "blocked_s": round(s.blocked_s, 6),
             "raw_bytes": s.raw_bytes,
             "written_bytes": s.written_bytes,
             "throughput_bytes_per_s": round(s.raw_bytes / s.persist_s) if s.persist_s else None,

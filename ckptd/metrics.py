@@ -70,6 +70,18 @@ class Metrics:
                 ["job"],
                 registry=registry,
             ),
+            "blocked": prom.Counter(
+                "ckptd_blocked_snapshots_total",
+                "Snapshots that waited for a free slot (on_full=block)",
+                ["job"],
+                registry=registry,
+            ),
+            "blocked_s": prom.Counter(
+                "ckptd_blocked_seconds_total",
+                "Seconds snapshots waited for a free slot",
+                ["job"],
+                registry=registry,
+            ),
             "queue": prom.Gauge(
                 "ckptd_queue_depth",
                 "Snapshots accepted and not yet committed",
@@ -103,6 +115,11 @@ class Metrics:
     def skipped(self, job: str) -> None:
         if self.enabled:
             self._m["skipped"].labels(job).inc()
+
+    def blocked(self, job: str, seconds: float) -> None:
+        if self.enabled:
+            self._m["blocked"].labels(job).inc()
+            self._m["blocked_s"].labels(job).inc(seconds)
 
     def stall(self, job: str, seconds: float) -> None:
         if self.enabled:

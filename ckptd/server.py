@@ -440,6 +440,11 @@ class Connection:
         stall = msg.get("stall_s")
         if isinstance(stall, int | float) and not isinstance(stall, bool) and stall >= 0:
             self.daemon.metrics.stall(self.job, float(stall))
+        blocked = msg.get("blocked_s")
+        if isinstance(blocked, int | float) and not isinstance(blocked, bool) and blocked > 0:
+            self.daemon.stats.blocked += 1
+            self.daemon.stats.blocked_s += float(blocked)
+            self.daemon.metrics.blocked(self.job, float(blocked))
         meta = slot.mm[meta_offset : meta_offset + meta_length]  # a private copy
         layout = parse_layout(meta, meta_offset, lambda d: dtype_from_name(d).itemsize)
         raw = sum(t.nbytes for t in layout.tensors)

@@ -389,6 +389,7 @@ class Client:
         self._closed = False
         self._stream: Any = None
         self._prepare_thread: threading.Thread | None = None
+        self._last_wait_s = 0.0
         self._connect()
 
     # ---- connection ----------------------------------------------------------------------
@@ -539,6 +540,7 @@ class Client:
                 started = time.perf_counter()
                 self._cond.wait(timeout=1.0)
                 waited += time.perf_counter() - started
+        self._last_wait_s = waited
         if waited:
             self.stats["blocked"] += 1
             self.stats["blocked_s"] += waited
@@ -743,6 +745,7 @@ class Client:
                             "metric": metric_to_wire(None if metric is None else float(metric)),
                             "stall_s": pending.stall_s,
                             "pin": bool(pin),
+                            "blocked_s": self._last_wait_s,
                         }
                     )
                 except BaseException:

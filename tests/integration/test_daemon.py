@@ -1023,7 +1023,9 @@ def test_full_ring_skips_or_blocks(daemon: Daemon, daemons: DaemonFactory) -> No
         assert client.stats["blocked"] == 1 and client.stats["blocked_s"] > 0
         assert second.stall_s >= client.stats["blocked_s"]
         assert [first.wait(120).step, second.wait(120).step] == [1, 2]
-    assert daemon.status()["skipped"] == 1
+    status = daemon.status()
+    assert status["skipped"] == 1
+    assert status["blocked"] == 1 and status["blocked_s"] > 0  # counted by the daemon too
 
 
 # ---- 12. status and stop ----------------------------------------------------------------------
