@@ -65,7 +65,7 @@ def _check_object(
     path = store.object_path(manifest.job, digest)
     where = f"object {path} (holding {names})"
     try:
-        data = store.read_object(manifest.job, digest)
+        data = store.read_object(manifest.job, digest, into=_scratch("file", 0))
         decode(data, out, where=where)
     except CorruptCheckpointError as exc:
         if where in str(exc):
@@ -78,6 +78,21 @@ def _check_object(
             f"job {manifest.job!r} step {manifest.step} cannot be restored bit-exactly. Restore "
             "another step (or pass fallback=True), and run `ckptd verify` on the job"
         )
+
+
+_local = threading.local()
+
+
+def _scratch(name: str, size: int) -> bytearray:
+    """A per-thread buffer reused across objects (grown to ``size``), so reading a checkpoint
+    does not pay first-touch page faults for every object."""
+    buf: bytearray | None = getattr(_local, name, None)
+    if buf is None:
+        buf = bytearray()
+        setattr(_local, name, buf)
+    if len(buf) < size:
+        buf.extend(bytes(size - len(buf)))
+    return buf
 
 
 def _uses(manifest: Manifest) -> dict[str, list[_Use]]:
@@ -112,7 +127,7 @@ def read_tensors(
             dest = views[first.tensor][first.dst_offset : first.dst_offset + first.length]
             _check_object(store, manifest, digest, info, dest, names)
         else:
-            raw = memoryview(bytearray(info.raw_bytes))
+            raw = memoryview(_scratch("raw", info.raw_bytes))[: info.raw_bytes]
             _check_object(store, manifest, digest, info, raw, names)
             for u in uses:
                 views[u.tensor][u.dst_offset : u.dst_offset + u.length] = raw[
@@ -149,14 +164,8 @@ def verify_manifest(
         digest, uses = item
         info = manifest.objects[digest]
         try:
-            _check_object(
-                store,
-                manifest,
-                digest,
-                info,
-                memoryview(bytearray(info.raw_bytes)),
-                _names(manifest, uses),
-            )
+            raw = memoryview(_scratch("raw", info.raw_bytes))[: info.raw_bytes]
+            _check_object(store, manifest, digest, info, raw, _names(manifest, uses))
         except CkptdError as exc:
             with lock:
                 failures.append(str(exc))

@@ -339,10 +339,25 @@ class Store:
         if objects_dir_changed:
             fsync_dir(base)
 
-    def read_object(self, job: str, digest: str) -> bytes:
+    def read_object(self, job: str, digest: str, into: bytearray | None = None) -> memoryview:
+        """The object file's bytes. With ``into`` (a buffer reused by the caller, grown as
+        needed) no memory is allocated per object: fresh memory costs page faults."""
         path = self.object_path(job, digest)
         try:
-            return path.read_bytes()
+            with path.open("rb", buffering=0) as f:
+                size = os.fstat(f.fileno()).st_size
+                if into is None:
+                    into = bytearray(size)
+                elif len(into) < size:
+                    into.extend(bytes(size - len(into)))
+                view = memoryview(into)[:size]
+                got = 0
+                while got < size:
+                    n = f.readinto(view[got:])
+                    if not n:
+                        break
+                    got += n
+                return view[:got]
         except OSError as exc:
             if isinstance(exc, FileNotFoundError):
                 raise CorruptCheckpointError(f"missing object {path}") from exc
