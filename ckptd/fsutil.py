@@ -119,7 +119,13 @@ def durable_write(
             raise os_error(exc, step, dest) from exc
         raise
     if sync_dir:
-        fsync_dir(dest.parent)
+        try:
+            fsync_dir(dest.parent)
+        except BaseException:
+            # The rename may not be durable: take the file back so a failed write never
+            # leaves it visible (a manifest reported failed must not appear).
+            dest.unlink(missing_ok=True)
+            raise
     return size
 
 

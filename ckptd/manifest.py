@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ckptd.errors import FormatVersionError, ManifestError
-from ckptd.hashing import check_hash_name
+from ckptd.hashing import check_hash_name, content_hash
 from ckptd.skeleton import JSON, dtype_from_name
 
 FORMAT = "ckptd.manifest"
@@ -109,6 +109,7 @@ class Manifest:
         doc: dict[str, Any] = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
+            "checksum": _PLACEHOLDER,
             "job": self.job,
             "step": self.step,
             "created": self.created,
@@ -138,7 +139,8 @@ class Manifest:
             },
             "skeleton": self.skeleton,
         }
-        return _dump(doc).encode()
+        text = _dump(doc).encode()
+        return text.replace(_field(_PLACEHOLDER), _field(content_hash(text)), 1)
 
 
 def _compact(value: JSON) -> str:
@@ -159,6 +161,36 @@ def _dump(doc: dict[str, Any]) -> str:
             text = _compact(value)
         lines.append(f" {_compact(key)}: {text}")
     return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+_PLACEHOLDER = "0" * 64
+
+
+def _field(value: str) -> bytes:
+    return f'"checksum": "{value}"'.encode()
+
+
+def sign_manifest(data: bytes) -> bytes:
+    """``data`` (manifest JSON with a ``"checksum": "<64 hex>"`` field, as :meth:`to_json`
+    writes it) with its checksum recomputed: for tools and tests that edit manifests."""
+    doc = json.loads(data)
+    old = doc.get("checksum", _PLACEHOLDER) if isinstance(doc, dict) else _PLACEHOLDER
+    blanked = data.replace(_field(str(old)), _field(_PLACEHOLDER), 1)
+    return blanked.replace(_field(_PLACEHOLDER), _field(content_hash(blanked)), 1)
+
+
+def _check_checksum(data: bytes, doc: dict[str, Any], where: str) -> None:
+    """The manifest's ``checksum`` is the BLAKE3 of its bytes with the checksum itself zeroed:
+    any damage to a manifest (a size, a metric, a value in the skeleton) is detected."""
+    checksum = doc.get("checksum")
+    if not isinstance(checksum, str) or len(checksum) != 64:
+        raise ManifestError(f'{where}: no valid "checksum" field; the manifest is damaged')
+    blanked = data.replace(_field(checksum), _field(_PLACEHOLDER), 1)
+    if blanked == data or content_hash(blanked) != checksum:
+        raise ManifestError(
+            f"{where}: checksum mismatch: the manifest was modified or damaged after it was "
+            "written; restore another step (or use fallback=True)"
+        )
 
 
 def now_iso() -> str:
@@ -202,8 +234,13 @@ def parse_manifest(data: bytes, *, where: str) -> Manifest:
             f"{where}: written in manifest format version {version}, this ckptd reads up to "
             f"{FORMAT_VERSION}; upgrade ckptd to a release that reads version {version}"
         )
+    _check_checksum(data, doc, where)
     try:
         return _build(doc, where)
+    except ManifestError as exc:
+        if where in str(exc):
+            raise
+        raise ManifestError(f"{where}: {exc}") from exc
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ManifestError(f"{where}: malformed manifest ({type(exc).__name__}: {exc})") from exc
 

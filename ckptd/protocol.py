@@ -59,14 +59,25 @@ def encode_message(msg: Message) -> bytes:
     return data
 
 
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def strict_json(data: bytes, what: str) -> Any:
+    """Parse strict JSON (no NaN / Infinity, bounded nesting); :class:`ProtocolError` if not."""
+    try:
+        return json.loads(data, parse_constant=_no_constants)
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise ProtocolError(f"{what} is not strict JSON ({exc})") from exc
+    except RecursionError as exc:
+        raise ProtocolError(f"{what} is nested too deeply") from exc
+
+
 def decode_message(data: bytes) -> Message:
     """Parse one packet; :class:`ProtocolError` if it is not a JSON object with a string op."""
     if len(data) > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
-    try:
-        msg = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"message is not JSON ({exc})") from exc
+    msg = strict_json(data, "message")
     if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
         raise ProtocolError("message is not a JSON object with a string 'op'")
     return msg
@@ -140,6 +151,14 @@ def get_str(msg: Message, key: str, max_len: int = 4096) -> str:
     return value
 
 
+def get_seconds(msg: Message, key: str, maximum: float = 1e7) -> float | None:
+    """An optional, finite, non-negative duration field (None when absent or out of range)."""
+    value = msg.get(key)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    return float(value) if math.isfinite(value) and 0 <= value <= maximum else None
+
+
 def get_metric(msg: Message) -> float | None:
     value = msg.get("metric")
     if value is None:
@@ -203,10 +222,7 @@ def parse_layout(data: bytes, data_limit: int, itemsize: Any) -> Layout:
     Raises :class:`ProtocolError` naming the first bad field: unknown dtype, negative or
     inconsistent shape, a range outside the slot, or two ranges that overlap.
     """
-    try:
-        doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"slot layout is not JSON ({exc})") from exc
+    doc = strict_json(data, "slot layout")
     if not isinstance(doc, dict) or not isinstance(doc.get("tensors"), list):
         raise ProtocolError("slot layout must be an object with a 'tensors' list")
     raw = doc["tensors"]
@@ -241,4 +257,24 @@ def parse_layout(data: bytes, data_limit: int, itemsize: Any) -> Layout:
     for (_s1, e1, p1), (s2, _e2, p2) in itertools.pairwise(spans):
         if s2 < e1:
             raise ProtocolError(f"slot layout: tensors {p1!r} and {p2!r} overlap")
-    return Layout(doc.get("skeleton"), tuple(entries))
+    skeleton = doc.get("skeleton")
+    if _depth(skeleton) > MAX_SKELETON_DEPTH:
+        raise ProtocolError(f"slot layout: skeleton nested deeper than {MAX_SKELETON_DEPTH}")
+    return Layout(skeleton, tuple(entries))
+
+
+MAX_SKELETON_DEPTH = 256
+
+
+def _depth(node: Any) -> int:
+    """Nesting depth of a JSON value, without recursion."""
+    deepest = 0
+    stack = [(node, 1)]
+    while stack:
+        value, d = stack.pop()
+        deepest = max(deepest, d)
+        if isinstance(value, dict):
+            stack.extend((v, d + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, d + 1) for v in value)
+    return deepest

@@ -66,6 +66,12 @@ def _check_object(
     where = f"object {path} (holding {names})"
     try:
         data = store.read_object(manifest.job, digest, into=_scratch("file", 0))
+        if len(data) != info.stored_bytes:
+            kind = "truncated object" if len(data) < info.stored_bytes else "object too long"
+            raise CorruptCheckpointError(
+                f"{where}: {kind} ({len(data)} bytes on disk, the manifest says "
+                f"{info.stored_bytes})"
+            )
         decode(data, out, where=where)
     except CorruptCheckpointError as exc:
         if where in str(exc):

@@ -45,6 +45,7 @@ from ckptd.protocol import (
     encode_message,
     get_int,
     get_metric,
+    get_seconds,
     get_str,
     parse_layout,
     recv_packet,
@@ -250,6 +251,9 @@ class Connection:
             self.send({"op": "error", "type": type(exc).__name__, "message": str(exc)})
             log.warning("%s: %s", self.name, exc)
             self.close()
+        except Exception as exc:  # a bug: keep serving everyone else
+            log.exception("%s: unexpected error handling a message", self.name)
+            self.fail(ProtocolError(f"the daemon could not handle this message ({exc!r:.200})"))
 
     def send(self, msg: Message) -> None:
         if self.closed:
@@ -402,7 +406,10 @@ class Connection:
             actual = os.fstat(fd).st_size
             if actual < size:
                 raise ProtocolError(f"register: memfd holds {actual} bytes, fewer than {size}")
-            mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+            try:
+                mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+            except (OSError, ValueError) as exc:
+                raise ProtocolError(f"register: cannot map the memfd read-only ({exc})") from exc
         except BaseException:
             os.close(fd)
             raise
@@ -437,14 +444,6 @@ class Connection:
                 f"{slot.size}-byte slot"
             )
         metric = get_metric(msg)
-        stall = msg.get("stall_s")
-        if isinstance(stall, int | float) and not isinstance(stall, bool) and stall >= 0:
-            self.daemon.metrics.stall(self.job, float(stall))
-        blocked = msg.get("blocked_s")
-        if isinstance(blocked, int | float) and not isinstance(blocked, bool) and blocked > 0:
-            self.daemon.stats.blocked += 1
-            self.daemon.stats.blocked_s += float(blocked)
-            self.daemon.metrics.blocked(self.job, float(blocked))
         meta = slot.mm[meta_offset : meta_offset + meta_length]  # a private copy
         layout = parse_layout(meta, meta_offset, lambda d: dtype_from_name(d).itemsize)
         raw = sum(t.nbytes for t in layout.tensors)
@@ -463,6 +462,14 @@ class Connection:
                 }
             )
             return
+        stall = get_seconds(msg, "stall_s")
+        if stall is not None:
+            self.daemon.metrics.stall(self.job, stall)
+        blocked = get_seconds(msg, "blocked_s")
+        if blocked:
+            self.daemon.stats.blocked += 1
+            self.daemon.stats.blocked_s += blocked
+            self.daemon.metrics.blocked(self.job, blocked)
         slot.busy_seq = seq
         request = WriteRequest(
             conn=self,

@@ -111,6 +111,17 @@ class Store:
 
     # ---- setup -------------------------------------------------------------------------------
 
+    def real_job_dir(self, job: str) -> Path:
+        """The job's directory for writing or deleting; never a symlink (it could point
+        anywhere, e.g. /etc)."""
+        job_dir = self.job_dir(job)
+        if job_dir.is_symlink():
+            raise StorePermissionError(
+                f"job directory {job_dir} is a symlink; ckptd never writes or deletes through "
+                "symlinks. Remove it or use another job name"
+            )
+        return job_dir
+
     def open_job(self, job: str) -> Path:
         """Create the job's directories if needed (writers call this first); return the job dir.
 
@@ -123,12 +134,7 @@ class Store:
                 f"{os.getuid()}; fix its owner or mode, or choose another root with --root / "
                 "CKPTD_ROOT"
             )
-        job_dir = self.job_dir(job)
-        if job_dir.is_symlink():
-            raise StorePermissionError(
-                f"job directory {job_dir} is a symlink; ckptd never writes through symlinks. "
-                "Remove it or use another job name"
-            )
+        job_dir = self.real_job_dir(job)
         created = ensure_dir(job_dir)
         for sub in ("objects", "manifests", "tmp"):
             created |= ensure_dir(job_dir / sub)
@@ -145,7 +151,7 @@ class Store:
         """Hold the job's lock: writers take it shared from their first object to their manifest,
         GC takes it exclusive, so GC never deletes an object a write in progress deduped against.
         Yields False (lock not taken) only when ``blocking=False`` and someone else holds it."""
-        path = self.job_dir(job) / "lock"
+        path = self.real_job_dir(job) / "lock"
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         except OSError as exc:
@@ -173,7 +179,7 @@ class Store:
 
     def unpin(self, job: str, step: int) -> bool:
         """Remove a pin; False when ``step`` was not pinned."""
-        path = self.job_dir(job) / "pins" / manifest_name(check_step(step))
+        path = self.real_job_dir(job) / "pins" / manifest_name(check_step(step))
         try:
             path.unlink()
         except FileNotFoundError:
@@ -376,7 +382,7 @@ class Store:
 
     def delete_checkpoint(self, job: str, step: int) -> None:
         """Remove a checkpoint's manifest (atomically, durably); objects stay until :meth:`gc`."""
-        path = self.manifest_path(job, step)
+        path = self.real_job_dir(job) / "manifests" / manifest_name(check_step(step))
         try:
             path.unlink()
         except FileNotFoundError:
@@ -409,7 +415,7 @@ class Store:
     def gc_unlocked(self, job: str, *, dry_run: bool = False, min_age_s: float = 0.0) -> GcResult:
         """:meth:`gc` for a caller that already holds the job lock exclusively."""
         refs = self.referenced_objects(job)
-        base = self.job_dir(job) / "objects"
+        base = self.real_job_dir(job) / "objects"
         now = time.time()
         count = size = 0
         touched: set[Path] = set()
@@ -446,7 +452,7 @@ class Store:
         another host, is spared until it is :data:`STALE_TMP_S` old; so is anything younger than
         ``min_age_s``. Files of dead writers and unrecognised files go.
         """
-        tmp = self.tmp_dir(job)
+        tmp = self.real_job_dir(job) / "tmp"
         if not tmp.is_dir() or tmp.is_symlink():
             return 0
         now = time.time()

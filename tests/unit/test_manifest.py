@@ -29,6 +29,7 @@ from ckptd.manifest import (
     check_step,
     manifest_name,
     parse_manifest,
+    sign_manifest,
     step_from_name,
 )
 from ckptd.pipeline import PipelineConfig, tensor_source, write_checkpoint
@@ -170,7 +171,8 @@ def _doc() -> dict[str, Any]:
 
 
 def _parse(doc: dict[str, Any]) -> Manifest:
-    return parse_manifest(json.dumps(doc).encode(), where="/r/job/manifests/step-1.json")
+    data = sign_manifest(json.dumps(doc).encode())  # edited on purpose: re-sign it
+    return parse_manifest(data, where="/r/job/manifests/step-1.json")
 
 
 def test_not_json() -> None:
