@@ -419,6 +419,34 @@ def prune_cmd(job: str | None, dry_run: bool, root: str | None, config: str | No
         raise NothingToDoError("nothing to prune: every checkpoint is kept by a retention rule")
 
 
+@cli.command("bench")
+@click.option(
+    "--size",
+    default="1GiB",
+    show_default=True,
+    metavar="SIZE",
+    help="Bytes to copy, compress (at most 256MiB), write and save, e.g. 256MiB.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object for scripts.")
+@store_options
+def bench_cmd(size: str, as_json: bool, root: str | None, config: str | None) -> None:
+    """Measure this machine (memory copy, codec, disk, ckptd save) and suggest config values.
+
+    Writes SIZE bytes under the checkpoint root (then deletes them) and needs about 3x SIZE of
+    memory.
+    """
+    from ckptd.benchmark import render, run_bench
+    from ckptd.config import parse_size
+
+    size_bytes = parse_size(size, "--size")
+    result = run_bench(size_bytes, resolve_root(root, load_config(config)))
+    if as_json:
+        out.print_json(json.dumps(result))
+    else:
+        for line in render(result):
+            out.print(Text(line))
+
+
 @cli.command("start")
 @click.option("--config", "config", metavar="FILE", default=None, help="Config file.")
 @click.option("--root", "root", metavar="DIR", default=None, help="Checkpoint root.")

@@ -1,0 +1,648 @@
+"""Goodput benchmark: how much training throughput each checkpointing method costs.
+
+A small causal transformer LM (token embedding, learned positions, pre-norm
+``nn.TransformerEncoderLayer``s with a causal mask, final LayerNorm, untied output head) trains
+with AdamW on synthetic uniform-random tokens on the CPU. Default size: vocab 24576, width 256,
+4 layers, batch 2 x 48: 15.8M parameters, 189 MB of model + AdamW state, roughly 0.1-0.4 s per
+step on the 2-core machine. The loop runs ``--steps`` steps (default 60) once without checkpoints
+and once with each method, checkpointing every ``--every`` steps (default 10; the last checkpoint
+is taken at the last step):
+
+* ``none``: no checkpoints (the reference);
+* ``ckptd``: ``Client.snapshot(model, opt, step=...)`` to a daemon this script starts
+  (``python -m ckptd start --user --socket S --root R``, default config, socket in a short /tmp
+  directory); ``prepare()`` runs once before the first run; 2 slots, ``on_full="block"``;
+* ``torch.save+fsync``: ``torch.save({"model": ..., "optimizer": ...}, file)`` then ``fsync``
+  (blocking);
+* ``dcp.async_save``: ``torch.distributed.checkpoint.async_save`` with the thread executor and a
+  ``DefaultStager`` reused for the whole run (no pinned / shared memory); before each save the
+  previous save's future is waited for (that wait counts as stall);
+* ``dcp.save``: ``torch.distributed.checkpoint.save`` (blocking; fsyncs its files).
+
+The dcp methods run in a one-member gloo process group. Each method saves once, untimed, before
+its first run (dcp's first call sets up its planner and the stager's buffers, like ckptd's
+``prepare()``). Every run continues training the same model, so each checkpoint holds new data.
+
+Measured per run: the loop's wall time (first step to the return of the last step's checkpoint
+call), the total seconds spent inside checkpoint calls (``stall``), and ``tail``: from the loop's
+end until the last checkpoint is durable (0 for the blocking methods). ``% of none`` is the run's
+steps/s over the steps/s of the ``none`` run of the same rep; the methods run in an order that
+rotates each rep (``--reps``, default 3); the table shows median [min-max] over the reps.
+``slowdown beyond stall`` = loop s - stall s - loop s of ``none`` (same rep): the time the loop lost
+to background work competing for the CPUs.
+
+Run: ``.venv/bin/python -m bench.goodput_bench [--steps 60] [--every 10] [--reps 3] [--quick]``;
+results go to ``bench/results/goodput_bench.jsonl`` (``goodput_bench-quick.jsonl`` for --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `bench` and `ckptd` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import psutil
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.checkpoint.state_dict_saver import (
+    AsyncCheckpointerType,
+    AsyncSaveResponse,
+    async_save,
+    save,
+)
+
+from bench._common import (
+    MB,
+    CpuWatch,
+    JsonLines,
+    Spread,
+    default_out,
+    log,
+    markdown_table,
+    rotated,
+    run_info,
+    show_cpu,
+)
+from ckptd_client import Client, PendingSnapshot
+
+REPO = Path(__file__).resolve().parents[1]
+
+NONE = "none"
+CKPTD = "ckptd"
+TORCH = "torch.save"
+DCP_ASYNC = "dcp.async"
+DCP_SAVE = "dcp.save"
+LABELS = {
+    NONE: "no checkpoints",
+    CKPTD: "ckptd Client.snapshot",
+    TORCH: "torch.save+fsync",
+    DCP_ASYNC: "dcp.async_save (thread, reused stager)",
+    DCP_SAVE: "dcp.save",
+}
+METHODS = list(LABELS)
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    vocab: int
+    dim: int
+    layers: int
+    batch: int
+    seq: int
+
+
+DEFAULT_SIZE = ModelSize(vocab=24576, dim=256, layers=4, batch=2, seq=48)
+QUICK_SIZE = ModelSize(vocab=512, dim=64, layers=2, batch=2, seq=16)
+
+
+# ---- the training loop ----------------------------------------------------------------------
+
+
+class TinyLM(torch.nn.Module):
+    """A causal transformer LM: embedding + positions, pre-norm encoder layers, untied head."""
+
+    mask: torch.Tensor
+
+    def __init__(self, size: ModelSize) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(size.vocab, size.dim)
+        self.pos = torch.nn.Parameter(torch.randn(size.seq, size.dim) * 0.02)
+        self.layers = torch.nn.ModuleList(
+            torch.nn.TransformerEncoderLayer(
+                size.dim,
+                max(1, size.dim // 64),
+                4 * size.dim,
+                dropout=0.0,
+                batch_first=True,
+                norm_first=True,
+            )
+            for _ in range(size.layers)
+        )
+        self.norm = torch.nn.LayerNorm(size.dim)
+        self.head = torch.nn.Linear(size.dim, size.vocab, bias=False)
+        self.register_buffer(
+            "mask", torch.nn.Transformer.generate_square_subsequent_mask(size.seq), persistent=False
+        )
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        n = tokens.shape[1]
+        h = self.embed(tokens) + self.pos[:n]
+        mask = self.mask[:n, :n]
+        for layer in self.layers:
+            h = layer(h, src_mask=mask, is_causal=True)
+        out: torch.Tensor = self.head(self.norm(h))
+        return out
+
+
+class Trainer:
+    """The model, its AdamW, and a generator of synthetic token batches."""
+
+    def __init__(self, size: ModelSize) -> None:
+        torch.manual_seed(0)
+        self.size = size
+        self.model = TinyLM(size)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.01)
+        self.gen = torch.Generator().manual_seed(1)
+        self.steps_done = 0
+        self.loss = float("nan")
+        self.step()  # AdamW's moments exist from here on: the state has its final shape
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+        self.state_bytes = sum(t.nbytes for t in tensors_of(self.state()))
+
+    def step(self) -> None:
+        s = self.size
+        tokens = torch.randint(0, s.vocab, (s.batch, s.seq + 1), generator=self.gen)
+        logits = self.model(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, s.vocab), tokens[:, 1:].reshape(-1)
+        )
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        self.opt.step()
+        self.steps_done += 1
+        self.loss = float(loss.detach())
+
+    def state(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict()}
+
+
+def tensors_of(obj: object) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from tensors_of(v)
+    elif isinstance(obj, list | tuple):
+        for v in obj:
+            yield from tensors_of(v)
+
+
+# ---- the daemon ---------------------------------------------------------------------------------
+
+
+class Daemon:
+    """A ckptd daemon started by this script (``python -m ckptd start --user``)."""
+
+    def __init__(self, sock: Path, root: Path) -> None:
+        self.socket = sock
+        self.root = root
+        self.log = sock.parent / "ckptd.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CKPTD_", "NOTIFY_"))}
+        cmd = [sys.executable, "-m", "ckptd", "start", "--user", "--socket", str(sock)]
+        cmd += ["--root", str(root)]
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out
+            )
+        self.pid = self.proc.pid
+        deadline = time.monotonic() + 60
+        while True:
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                probe.connect(str(sock))
+                break
+            except OSError:
+                pass
+            finally:
+                probe.close()
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = " | ".join(self.log.read_text(errors="replace").splitlines()[-5:])
+                self.stop()
+                raise RuntimeError(f"the ckptd daemon did not start: {tail}")
+            time.sleep(0.05)
+        self._ps = psutil.Process(self.pid)
+
+    def cpu_s(self) -> float:
+        """CPU seconds the daemon has used so far (0 once it is gone)."""
+        try:
+            t = self._ps.cpu_times()
+        except psutil.Error:
+            return 0.0
+        return float(t.user + t.system)
+
+    def stop(self) -> bool:
+        """``ckptd stop`` (drain and exit), then SIGTERM / SIGKILL to this pid if it lingers."""
+        if self.proc.poll() is None:
+            subprocess.run(
+                [sys.executable, "-m", "ckptd", "stop", "--socket", str(self.socket)],
+                cwd=REPO,
+                capture_output=True,
+                timeout=120,
+                check=False,
+            )
+        for sig in (None, signal.SIGTERM, signal.SIGKILL):
+            if sig is not None and self.proc.poll() is None:
+                self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=30)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        return self.proc.poll() is not None
+
+
+# ---- the checkpointing methods ------------------------------------------------------------------
+
+
+class Saver:
+    """One checkpointing method: ``save(step)`` is what the loop calls (its wall time is the
+    stall); ``finish()`` waits until every checkpoint is durable and returns that moment
+    (``time.perf_counter()``); ``cleanup()`` deletes what the run wrote."""
+
+    def save(self, step: int) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> float:
+        return time.perf_counter()
+
+    def cleanup(self) -> None:
+        pass
+
+    def extra(self) -> dict[str, float]:
+        return {}
+
+
+class CkptdSaver(Saver):
+    def __init__(self, trainer: Trainer, client: Client) -> None:
+        self.trainer = trainer
+        self.client = client
+        self.pending: list[PendingSnapshot] = []
+
+    def save(self, step: int) -> None:
+        self.pending.append(self.client.snapshot(self.trainer.model, self.trainer.opt, step=step))
+
+    def finish(self) -> float:
+        for p in self.pending:
+            p.wait(timeout=600)
+        return time.perf_counter()
+
+    def extra(self) -> dict[str, float]:
+        infos = [p.wait(timeout=600) for p in self.pending]
+        return {
+            "skipped": float(sum(p.skipped for p in self.pending)),
+            "client_stall_s": sum(i.stall_s for i in infos),
+            "persist_s_median": statistics.median(i.persist_s for i in infos) if infos else 0.0,
+            "stored_bytes_median": statistics.median(i.stored_bytes for i in infos)
+            if infos
+            else 0.0,
+        }
+
+
+class TorchSaver(Saver):
+    def __init__(self, trainer: Trainer, files: Path) -> None:
+        self.trainer = trainer
+        self.files = files
+
+    def save(self, step: int) -> None:
+        path = self.files / f"torch-{step}.pt"
+        with path.open("wb") as f:
+            torch.save(self.trainer.state(), f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def cleanup(self) -> None:
+        for p in self.files.glob("torch-*.pt"):
+            p.unlink()
+
+
+class DcpSaver(Saver):
+    """``dcp.save`` (blocking) or ``dcp.async_save`` (thread executor, reused stager)."""
+
+    def __init__(self, trainer: Trainer, files: Path, stager: DefaultStager | None) -> None:
+        self.trainer = trainer
+        self.files = files
+        self.stager = stager
+        self.previous: Future[Any] | None = None
+
+    def save(self, step: int) -> None:
+        where = self.files / f"dcp-{step}"
+        if self.stager is None:
+            save(self.trainer.state(), checkpoint_id=where)
+            return
+        if self.previous is not None:
+            self.previous.result(timeout=600)
+        res = async_save(
+            self.trainer.state(),
+            checkpoint_id=where,
+            async_checkpointer_type=AsyncCheckpointerType.THREAD,
+            async_stager=self.stager,
+        )
+        self.previous = res.upload_completion if isinstance(res, AsyncSaveResponse) else res
+
+    def finish(self) -> float:
+        if self.previous is not None:
+            self.previous.result(timeout=600)
+            self.previous = None
+        return time.perf_counter()
+
+    def cleanup(self) -> None:
+        for p in self.files.glob("dcp-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+# ---- one run ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    method: str
+    rep: int
+    steps: int
+    loop_s: float
+    stall_s: float
+    checkpoints: int
+    tail_s: float
+    foreign: float | None
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def steps_per_s(self) -> float:
+        return self.steps / self.loop_s
+
+
+class Bench:
+    def __init__(self, size: ModelSize, root: Path, sock_dir: Path) -> None:
+        self.root = root
+        self.sock_dir = sock_dir
+        started = time.perf_counter()
+        self.trainer = Trainer(size)
+        log(
+            f"model: {self.trainer.n_params / 1e6:.1f}M params, state "
+            f"{self.trainer.state_bytes / MB:.0f} MB, built in {time.perf_counter() - started:.1f}s"
+        )
+        self.files = root / "files"
+        self.files.mkdir()
+        self.daemon: Daemon | None = None
+        self.client: Client | None = None
+        self.stager: DefaultStager | None = None
+        self.ckpt_step = 0  # unique step numbers for every checkpoint of the whole bench
+
+    def start(self) -> None:
+        self.daemon = Daemon(self.sock_dir / "d.sock", self.root / "ckptd")
+        log(f"daemon pid {self.daemon.pid}")
+        self.client = Client(
+            "goodput",
+            socket=self.daemon.socket,
+            root=self.daemon.root,
+            slots=2,
+            spawn=False,
+            strict=True,
+        )
+        self.client.prepare(self.trainer.model, self.trainer.opt, background=False)
+        pg = f"file://{self.sock_dir / 'pg'}"
+        dist.init_process_group("gloo", init_method=pg, rank=0, world_size=1)
+        self.stager = DefaultStager(StagingOptions(False, False, False, False))
+        for name in METHODS[1:]:  # one untimed save each (set-up costs, first-call imports)
+            saver = self.saver(name)
+            assert saver is not None
+            saver.save(self.next_step())
+            saver.finish()
+            saver.cleanup()
+        settle()
+
+    def close(self) -> bool:
+        stopped = True
+        if self.client is not None:
+            self.client.close(timeout=600)
+            self.client = None
+        if self.stager is not None:
+            self.stager.close()
+            self.stager = None
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        if self.daemon is not None:
+            stopped = self.daemon.stop()
+            self.daemon = None
+        return stopped
+
+    def next_step(self) -> int:
+        self.ckpt_step += 1
+        return self.ckpt_step
+
+    def saver(self, name: str) -> Saver | None:
+        if name == NONE:
+            return None
+        if name == CKPTD:
+            assert self.client is not None
+            return CkptdSaver(self.trainer, self.client)
+        if name == TORCH:
+            return TorchSaver(self.trainer, self.files)
+        return DcpSaver(self.trainer, self.files, self.stager if name == DCP_ASYNC else None)
+
+    def run(self, name: str, rep: int, steps: int, every: int) -> Run:
+        saver = self.saver(name)
+        for _ in range(2):  # untimed: settle the caches after the previous method
+            self.trainer.step()
+        daemon_cpu0 = self.daemon.cpu_s() if self.daemon is not None else 0.0
+        watch = CpuWatch()
+        stall = 0.0
+        checkpoints = 0
+        t0 = time.perf_counter()
+        for i in range(1, steps + 1):
+            self.trainer.step()
+            if saver is not None and i % every == 0:
+                s0 = time.perf_counter()
+                saver.save(self.next_step())
+                stall += time.perf_counter() - s0
+                checkpoints += 1
+        t_end = time.perf_counter()
+        done = saver.finish() if saver is not None else t_end
+        foreign = watch.foreign()
+        wall = time.perf_counter() - t0
+        if foreign is not None and self.daemon is not None:  # the daemon is ours, not "other"
+            daemon_cpu = self.daemon.cpu_s() - daemon_cpu0
+            foreign = max(0.0, foreign - daemon_cpu / (wall * (os.cpu_count() or 1)))
+        extra = saver.extra() if saver is not None else {}
+        if saver is not None:
+            saver.cleanup()
+        settle()
+        run = Run(name, rep, steps, t_end - t0, stall, checkpoints, done - t_end, foreign, extra)
+        log(
+            f"  rep {rep + 1} {name:10s} loop {run.loop_s:6.2f}s ({run.steps_per_s:5.2f} steps/s)"
+            f" stall {stall:6.2f}s tail {run.tail_s:5.2f}s others' CPU {show_cpu(foreign)}"
+        )
+        return run
+
+
+def settle() -> None:
+    """Between runs: collect garbage and flush the filesystem, so that no method pays for the
+    previous one's writes or deletes."""
+    gc.collect()
+    os.sync()
+
+
+# ---- report -------------------------------------------------------------------------------------
+
+
+def report(runs: list[Run], reps: int) -> tuple[str, list[dict[str, Any]]]:
+    by_rep: dict[int, dict[str, Run]] = {}
+    for r in runs:
+        by_rep.setdefault(r.rep, {})[r.method] = r
+    rows: list[list[str]] = []
+    records: list[dict[str, Any]] = []
+    for name in METHODS:
+        got = [by_rep[k][name] for k in sorted(by_rep) if name in by_rep[k]]
+        if not got:
+            continue
+        pct = Spread.of([100 * r.steps_per_s / by_rep[r.rep][NONE].steps_per_s for r in got])
+        sps = Spread.of([r.steps_per_s for r in got])
+        stall = Spread.of([r.stall_s for r in got])
+        tail = Spread.of([r.tail_s for r in got])
+        loop = Spread.of([r.loop_s for r in got])
+        beyond = Spread.of([r.loop_s - r.stall_s - by_rep[r.rep][NONE].loop_s for r in got])
+        per_ckpt = Spread.of([r.stall_s / r.checkpoints for r in got if r.checkpoints] or [0.0])
+        is_ref = name == NONE
+        rows.append(
+            [
+                LABELS[name],
+                sps.text(2),
+                "100 (ref)" if is_ref else pct.text(1),
+                "—" if is_ref else stall.text(2),
+                "—" if is_ref else per_ckpt.text(3),
+                "—" if is_ref else beyond.text(2),
+                "—" if is_ref else tail.text(2),
+            ]
+        )
+        extra_keys = sorted({k for r in got for k in r.extra})
+        records.append(
+            {
+                "kind": "goodput",
+                "method": name,
+                "label": LABELS[name],
+                "steps": got[0].steps,
+                "checkpoints": got[0].checkpoints,
+                "steps_per_s": sps.as_json(),
+                "pct_of_none": pct.as_json(),
+                "loop_s": loop.as_json(),
+                "stall_s": stall.as_json(),
+                "stall_per_checkpoint_s": per_ckpt.as_json(),
+                "slowdown_beyond_stall_s": beyond.as_json(),
+                "tail_s": tail.as_json(),
+                "foreign_cpu": [r.foreign for r in got],
+                "extra": {
+                    k: Spread.of([r.extra[k] for r in got if k in r.extra]).as_json()
+                    for k in extra_keys
+                },
+            }
+        )
+    table = markdown_table(
+        [
+            "method",
+            "steps/s",
+            "% of none",
+            "stall s (total)",
+            "stall s / ckpt",
+            "slowdown beyond stall s",
+            "end → last durable s",
+        ],
+        rows,
+    )
+    notes = []
+    for rec in records:
+        ex = rec["extra"]
+        if rec["method"] == CKPTD and ex:
+            notes.append(
+                f"- ckptd: persist_s (daemon, per checkpoint) median "
+                f"{ex['persist_s_median']['median']:.2f} s; stored "
+                f"{ex['stored_bytes_median']['median'] / MB:.0f} MB per checkpoint; "
+                f"snapshots skipped: {ex['skipped']['max']:.0f}"
+            )
+    return "\n".join([table, *notes]), records
+
+
+# ---- main ---------------------------------------------------------------------------------------
+
+
+@contextmanager
+def scratch(parent: Path, prefix: str) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--steps", type=int, default=None, help="training steps per run (default 60)")
+    ap.add_argument("--every", type=int, default=None, help="checkpoint interval (default 10)")
+    ap.add_argument("--reps", type=int, default=None, help="repetitions (default 3; quick 1)")
+    ap.add_argument("--quick", action="store_true", help="a tiny model, 6 steps, 1 rep (smoke)")
+    ap.add_argument(
+        "--root",
+        type=Path,
+        default=None,
+        help="where checkpoints are written (a fresh subdirectory is made and removed); "
+        "default $TMPDIR (/tmp)",
+    )
+    ap.add_argument("--out", type=Path, default=None, help="JSON lines file")
+    args = ap.parse_args(argv)
+    steps = args.steps if args.steps is not None else (6 if args.quick else 60)
+    every = args.every if args.every is not None else (2 if args.quick else 10)
+    reps = args.reps if args.reps is not None else (1 if args.quick else 3)
+    if steps < 1 or every < 1 or reps < 1:
+        ap.error("--steps, --every and --reps must be >= 1")
+    size = QUICK_SIZE if args.quick else DEFAULT_SIZE
+    out_path = args.out or default_out("goodput_bench", args.quick)
+    for var in ("CKPTD_ROOT", "CKPTD_CONFIG", "CKPTD_SOCKET"):
+        os.environ.pop(var, None)
+    parent = (args.root or Path(tempfile.gettempdir())).absolute()
+    parent.mkdir(parents=True, exist_ok=True)
+    info = run_info("goodput_bench", args.quick)
+    info.update(steps=steps, every=every, reps=reps, model=size.__dict__)
+
+    runs: list[Run] = []
+    with scratch(parent, "ckptd-goodput-") as root, scratch(Path("/tmp"), "ckg-") as sd:
+        bench = Bench(size, root, sd)
+        info.update(
+            root=str(root),
+            params=bench.trainer.n_params,
+            state_bytes=bench.trainer.state_bytes,
+        )
+        try:
+            bench.start()
+            for rep in range(reps):
+                for name in rotated(METHODS, rep):
+                    runs.append(bench.run(name, rep, steps, every))
+        finally:
+            stopped = bench.close()
+    text, records = report(runs, reps)
+    out = JsonLines(out_path)
+    info.update(loadavg_end=list(os.getloadavg()), daemon_stopped=stopped)
+    for rec in records:
+        out.write({**info, **rec})
+    out.close()
+    foreign = [r.foreign for r in runs]
+    print(
+        f"\n### Goodput: {bench.trainer.n_params / 1e6:.1f}M-param LM, "
+        f"{bench.trainer.state_bytes / MB:.0f} MB state (model + AdamW), {steps} steps, "
+        f"a checkpoint every {every} steps, median [min-max] of {reps} rep(s)\n\n"
+        f"root: {info['root']}; % of none = steps/s over the no-checkpoint run of the same rep; "
+        "end → last durable = from the last step's return to the last checkpoint being durable; "
+        f"other processes' CPU use per run: {', '.join(show_cpu(f) for f in foreign)}\n"
+    )
+    print(text)
+    print(f"\ndaemon stopped: {'yes' if stopped else 'NO'}; results: {out_path}")
+    return 0 if stopped else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
