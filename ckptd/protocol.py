@@ -68,7 +68,7 @@ def strict_json(data: bytes, what: str) -> Any:
     try:
         return json.loads(data, parse_constant=_no_constants)
     except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
-        raise ProtocolError(f"{what} is not strict JSON ({exc})") from exc
+        raise ProtocolError(f"{what} is not JSON ({exc})") from exc
     except RecursionError as exc:
         raise ProtocolError(f"{what} is nested too deeply") from exc
 
