@@ -1,0 +1,998 @@
+"""Snapshot benchmark: how long ckptd blocks a training loop, and how soon a checkpoint is durable.
+
+The state is a transformer-like model (fp32) plus its AdamW state after one real optimizer step with
+nonzero random gradients: ``model.state_dict()`` + ``optimizer.state_dict()``, about ``--size``
+bytes of tensors (for ``--size 1GiB``: 5 encoder layers of width 768 and a large embedding, 89M
+parameters, 252 tensors, like the 0.98 GiB state of shared/BASELINES.md).
+
+The script starts its own daemon (``python -m ckptd start --user --socket S --root R``, default
+configuration) and stops it at the end. Every repetition first perturbs every parameter and every
+Adam moment in place (``t *= 1 + 1e-3 * noise``; steps + 1), so each rep saves new data and ckptd's
+dedup cannot make later reps free; every checkpoint a rep writes is deleted after it. Then, in an
+order that rotates with the rep, one after the other (nothing overlaps):
+
+* ``copy floor``: ``copy_`` of every state tensor into reused, pre-touched buffers (blocked only;
+  the median of three back-to-back passes);
+* ``ckptd first``: a new ``Client`` (no ``prepare()``), its first ``snapshot()``: blocked = the
+  call (it creates and page-faults the shared-memory slot), done = until ``wait()`` returns the
+  ``CheckpointInfo`` (the checkpoint is durable);
+* ``ckptd``: a ``Client`` whose ``prepare()`` ran once at setup: the steady-state snapshot;
+* ``ckptd raw``: the same through a second daemon whose config says ``[codec] codec = "raw"``
+  (diagnostic: how much of the durable latency is compression);
+* ``torch.save+fsync``: ``torch.save`` to a file then ``fsync`` (blocked = done);
+* ``dcp.save``: ``torch.distributed.checkpoint.save`` (fsyncs its files), in a one-member gloo
+  process group;
+* ``dcp.async_save`` with the thread executor and the default stager (a new staging copy per call),
+  with a reused ``DefaultStager`` (no pinned/shared memory: the best CPU configuration), and with
+  the process executor and a reused shared-memory ``DefaultStager`` (kept only if it works);
+  blocked = until ``async_save`` returns, done = until its future is done.
+
+While each ckptd snapshot is persisted, the daemon's ``/proc/PID/status`` is sampled every 20 ms:
+the report gives peak ``RssAnon`` (memory beyond the mapped slots) and peak ``VmRSS``.
+
+The machine's speed drifts, so results are ratios to references measured in the same rep (blocked /
+copy floor, done / torch.save+fsync), reported as median [min-max] over the reps after an untimed
+warm-up rep. Methods that would not fit in the available memory are skipped (and say so).
+
+Run: ``.venv/bin/python bench/snapshot_bench.py [--size 64MiB|256MiB|1GiB|4GiB] [--reps N]
+[--quick] [--root DIR]``; results go to ``bench/results/snapshot_bench-<size>.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `bench` and `ckptd` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import psutil
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.checkpoint.state_dict_saver import (
+    AsyncCheckpointerType,
+    AsyncSaveResponse,
+    async_save,
+    save,
+)
+
+from bench._common import (
+    MB,
+    JsonLines,
+    MiB,
+    Spread,
+    add_quiet_args,
+    log,
+    markdown_table,
+    quiet_of,
+    rotated,
+    run_info,
+    show_cpu,
+    wait_for_quiet,
+)
+from ckptd.store import Store
+from ckptd_client import Client
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO / "bench" / "results"
+GiB = 1 << 30
+
+# --size -> (bytes, model width, encoder layers); the embedding takes the rest of the parameters.
+SIZES: dict[str, tuple[int, int, int]] = {
+    "64MiB": (64 * MiB, 256, 4),
+    "256MiB": (256 * MiB, 512, 5),
+    "1GiB": (GiB, 768, 5),
+    "4GiB": (4 * GiB, 1024, 20),
+}
+QUICK: tuple[int, int, int] = (4 * MiB, 64, 2)
+SAMPLE_PERIOD_S = 0.02
+MEMORY_MARGIN = 3 * GiB  # left free for the OS, the page cache and whoever else runs here
+
+State = dict[str, Any]
+
+FLOOR = "floor"
+CKPTD_FIRST = "ckptd-first"
+CKPTD = "ckptd"
+CKPTD_RAW = "ckptd-raw"
+TORCH = "torch.save"
+DCP_SAVE = "dcp.save"
+DCP_DEFAULT = "dcp.async-default"
+DCP_REUSED = "dcp.async-reused"
+DCP_PROCESS = "dcp.async-process"
+
+LABELS = {
+    FLOOR: "copy_ into reused buffers (floor)",
+    CKPTD_FIRST: "ckptd snapshot, first (no prepare)",
+    CKPTD: "ckptd snapshot, prepared (steady)",
+    CKPTD_RAW: "ckptd snapshot, prepared, codec=raw",
+    TORCH: "torch.save+fsync",
+    DCP_SAVE: "dcp.save",
+    DCP_DEFAULT: "dcp.async_save, thread, default stager",
+    DCP_REUSED: "dcp.async_save, thread, reused DefaultStager",
+    DCP_PROCESS: "dcp.async_save, process, reused shm stager",
+}
+ORDER = list(LABELS)
+# Dropped first when memory is short (most memory for the least information first).
+OPTIONAL = [DCP_PROCESS, CKPTD_RAW, DCP_REUSED, DCP_DEFAULT]
+
+
+# ---- the state -------------------------------------------------------------------------------
+
+
+class TransformerLike(torch.nn.Module):
+    """An embedding, ``layers`` pre-norm encoder layers and a final norm (never run forward)."""
+
+    def __init__(self, vocab: int, dim: int, layers: int) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.layers = torch.nn.ModuleList(
+            torch.nn.TransformerEncoderLayer(
+                dim, max(1, dim // 64), 4 * dim, dropout=0.0, batch_first=True, norm_first=True
+            )
+            for _ in range(layers)
+        )
+        self.norm = torch.nn.LayerNorm(dim)
+
+
+def build(size: int, dim: int, layers: int) -> tuple[TransformerLike, torch.optim.AdamW]:
+    """The model and its AdamW after one step with nonzero random gradients."""
+    params = size // 12  # 4 bytes of weight + 8 of Adam moments per parameter
+    per_layer = 12 * dim * dim + 13 * dim
+    vocab = max(256, (params - layers * per_layer - 2 * dim) // dim)
+    torch.manual_seed(0)
+    model = TransformerLike(vocab, dim, layers)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p).mul_(1e-2)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return model, opt
+
+
+def state_of(model: torch.nn.Module, opt: torch.optim.Optimizer) -> State:
+    return {"model": model.state_dict(), "optimizer": opt.state_dict()}
+
+
+def tensors_of(obj: object) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from tensors_of(v)
+    elif isinstance(obj, list | tuple):
+        for v in obj:
+            yield from tensors_of(v)
+
+
+class Perturber:
+    """Changes every element of every state tensor in place, without allocating: weights and
+    moments are multiplied by ``1 + 1e-3 * noise`` (signs and scales stay realistic), Adam's step
+    counters go up by one."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        self.tensors = tensors
+        most = max(t.numel() for t in tensors)
+        g = torch.Generator().manual_seed(1)
+        self.noise = torch.empty(most).normal_(generator=g)
+
+    def __call__(self) -> None:
+        with torch.no_grad():
+            for t in self.tensors:
+                if t.dim() == 0:
+                    t.add_(1)
+                else:
+                    t.addcmul_(t, self.noise[: t.numel()].view_as(t), value=1e-3)
+
+
+# ---- processes and memory --------------------------------------------------------------------
+
+
+def read_status(pid: int) -> dict[str, int]:
+    """VmRSS, RssAnon, RssFile, RssShmem of ``pid`` in bytes (empty when it is gone)."""
+    out: dict[str, int] = {}
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+class MemSampler:
+    """Samples ``/proc/PID/status`` every ``period`` seconds while in the ``with`` block and keeps
+    the peaks (and the values when the block started)."""
+
+    def __init__(self, pid: int, period: float = SAMPLE_PERIOD_S) -> None:
+        self.pid = pid
+        self.period = period
+        self.start: dict[str, int] = {}
+        self.peak: dict[str, int] = {}
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mem-sampler", daemon=True)
+
+    def _sample(self) -> None:
+        now = read_status(self.pid)
+        self.samples += 1
+        for k, v in now.items():
+            self.peak[k] = max(self.peak.get(k, 0), v)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            self._sample()
+
+    def __enter__(self) -> MemSampler:
+        self.start = read_status(self.pid)
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+class OurCpu:
+    """Share of all CPUs used by *other* processes since creation: this process, its children
+    (the daemons, dcp's checkpoint process) do not count."""
+
+    def __init__(self) -> None:
+        self.wall = time.perf_counter()
+        self.busy = self._busy()
+        self.ours = self._ours()
+
+    @staticmethod
+    def _busy() -> float:
+        t = psutil.cpu_times()
+        return float(sum(t)) - t.idle - getattr(t, "iowait", 0.0)
+
+    @staticmethod
+    def _ours() -> float:
+        total = 0.0
+        me = psutil.Process()
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                c = p.cpu_times()
+            except psutil.Error:
+                continue
+            total += c.user + c.system
+        return total
+
+    def foreign(self) -> float:
+        wall = time.perf_counter() - self.wall
+        other = (self._busy() - self.busy) - (self._ours() - self.ours)
+        return max(0.0, other / (wall * (os.cpu_count() or 1)))
+
+
+class Daemon:
+    """A ckptd daemon started by this script (``python -m ckptd start --user``)."""
+
+    def __init__(self, label: str, sock: Path, root: Path, config: Path | None) -> None:
+        self.label = label
+        self.socket = sock
+        self.root = root
+        self.log = sock.parent / f"{label}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CKPTD_", "NOTIFY_"))}
+        cmd = [sys.executable, "-m", "ckptd", "start", "--user", "--socket", str(sock)]
+        cmd += ["--root", str(root)]
+        if config is not None:
+            cmd += ["--config", str(config)]
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out
+            )
+        self.pid = self.proc.pid
+        deadline = time.monotonic() + 60
+        while True:
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                probe.connect(str(sock))
+                break
+            except OSError:
+                pass
+            finally:
+                probe.close()
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = " | ".join(self.log.read_text(errors="replace").splitlines()[-5:])
+                self.stop()
+                raise RuntimeError(f"daemon {label} did not start: {tail}")
+            time.sleep(0.05)
+
+    def status(self) -> dict[str, Any]:
+        """``ckptd status --json --socket S``."""
+        proc = subprocess.run(
+            [sys.executable, "-m", "ckptd", "status", "--json", "--socket", str(self.socket)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        st: dict[str, Any] = json.loads(proc.stdout)
+        return st
+
+    def stop(self) -> bool:
+        """``ckptd stop`` (drain and exit), then SIGTERM / SIGKILL to this pid if it lingers."""
+        if self.proc.poll() is None:
+            subprocess.run(
+                [sys.executable, "-m", "ckptd", "stop", "--socket", str(self.socket)],
+                cwd=REPO,
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+        for sig in (None, signal.SIGTERM, signal.SIGKILL):
+            if sig is not None and self.proc.poll() is None:
+                self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=30)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        return self.proc.poll() is not None
+
+
+# ---- measurements -------------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    """One method in one rep: seconds blocked, seconds until durable (None: not a save)."""
+
+    blocked: float
+    done: float | None
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def settle() -> None:
+    """Between methods: collect garbage and flush the filesystem (deletes, discards), so that no
+    method pays for the previous one's clean-up."""
+    gc.collect()
+    os.sync()
+
+
+def upload_future(res: Future[Any] | AsyncSaveResponse) -> Future[Any]:
+    return res.upload_completion if isinstance(res, AsyncSaveResponse) else res
+
+
+class Bench:
+    """Everything the methods share: the state, the buffers, the daemons and clients."""
+
+    def __init__(
+        self, size: tuple[int, int, int], root: Path, sock_dir: Path, slots: int, methods: list[str]
+    ) -> None:
+        self.root = root
+        self.sock_dir = sock_dir
+        self.slots = slots
+        self.methods = methods
+        self.skipped: dict[str, str] = {}
+        self.step = 0
+        started = time.perf_counter()
+        self.model, self.opt = build(*size)
+        self.state = state_of(self.model, self.opt)
+        self.tensors = list(tensors_of(self.state))
+        self.raw_bytes = sum(t.nbytes for t in self.tensors)
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+        log(
+            f"state: {self.n_params / 1e6:.1f}M params, {len(self.tensors)} tensors, "
+            f"{self.raw_bytes / MB:.0f} MB, built in {time.perf_counter() - started:.1f}s"
+        )
+        self.perturb = Perturber(self.tensors)
+        self.buffers = [torch.empty_like(t) for t in self.tensors]
+        for b, t in zip(self.buffers, self.tensors, strict=True):
+            b.copy_(t)  # pre-touch
+        self.files = root / "files"
+        self.files.mkdir()
+        self.daemons: dict[str, Daemon] = {}
+        self.clients: dict[str, Client] = {}
+        self.stagers: dict[str, DefaultStager] = {}
+        self.idle: dict[str, dict[str, int]] = {}
+
+    # ---- setup / teardown
+
+    def start(self) -> None:
+        self.daemons["default"] = Daemon("default", self.sock_dir / "d.sock", self.root / "d", None)
+        log(f"daemon (default config) pid {self.daemons['default'].pid}")
+        if CKPTD_RAW in self.methods:
+            cfg = self.sock_dir / "raw.toml"
+            cfg.write_text('[codec]\ncodec = "raw"\n')
+            self.daemons["raw"] = Daemon("raw", self.sock_dir / "r.sock", self.root / "r", cfg)
+            log(f"daemon (codec=raw) pid {self.daemons['raw'].pid}")
+        for name, daemon, slots in (
+            (CKPTD, self.daemons["default"], self.slots),
+            (CKPTD_RAW, self.daemons.get("raw"), 1),
+        ):
+            if daemon is None or name not in self.methods:
+                continue
+            client = Client(
+                name, socket=daemon.socket, root=daemon.root, slots=slots, spawn=False, strict=True
+            )
+            thread = client.prepare(self.model, self.opt, background=True)
+            if thread is not None:
+                thread.join()
+            self.clients[name] = client
+        for name, d in self.daemons.items():
+            self.idle[name] = read_status(d.pid)
+        if {DCP_SAVE, DCP_DEFAULT, DCP_REUSED, DCP_PROCESS} & set(self.methods):
+            pg = f"file://{self.sock_dir / 'pg'}"
+            dist.init_process_group("gloo", init_method=pg, rank=0, world_size=1)
+        if DCP_REUSED in self.methods:
+            self.stagers[DCP_REUSED] = DefaultStager(StagingOptions(False, False, False, False))
+        if DCP_PROCESS in self.methods:
+            self.stagers[DCP_PROCESS] = DefaultStager(StagingOptions(False, True, False, False))
+
+    def close(self) -> dict[str, Any]:
+        """Stop everything this script started; return the daemons' last status and exit state."""
+        out: dict[str, Any] = {}
+        for client in self.clients.values():
+            client.close(timeout=600)
+        self.clients.clear()
+        for stager in self.stagers.values():
+            stager.close()
+        self.stagers.clear()
+        import torch.distributed.checkpoint._async_process_executor as ape
+
+        proc = ape._CHECKPOINT_PROCESS
+        ape._CHECKPOINT_PROCESS = None
+        if proc is not None:
+            proc.__del__()  # sends TERMINATE and joins the checkpoint process
+            del proc
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        for name, d in self.daemons.items():
+            try:
+                st = d.status()
+                out[name] = {
+                    k: st.get(k) for k in ("pid", "commits", "failures", "throughput_bytes_per_s")
+                }
+            except (subprocess.SubprocessError, json.JSONDecodeError) as exc:
+                out[name] = {"status_error": str(exc)}
+            out[name]["stopped"] = d.stop()
+        return out
+
+    # ---- the methods
+
+    def run(self, name: str, rep: int) -> Sample:
+        if name == FLOOR:
+            return self.floor()
+        if name in (CKPTD, CKPTD_FIRST, CKPTD_RAW):
+            return self.ckptd(name)
+        if name == TORCH:
+            return self.torch_save(rep)
+        return self.dcp(name, rep)
+
+    def floor(self) -> Sample:
+        """The median of three back-to-back copies (one copy alone is too noisy a reference)."""
+        times = []
+        with torch.no_grad():
+            for _ in range(3):
+                t0 = time.perf_counter()
+                for b, t in zip(self.buffers, self.tensors, strict=True):
+                    b.copy_(t)
+                times.append(time.perf_counter() - t0)
+        return Sample(statistics.median(times), None, {"min_s": min(times), "max_s": max(times)})
+
+    def ckptd(self, name: str) -> Sample:
+        self.step += 1
+        step = self.step
+        daemon = self.daemons["raw" if name == CKPTD_RAW else "default"]
+        if name == CKPTD_FIRST:
+            client = Client(
+                name, socket=daemon.socket, root=daemon.root, slots=1, spawn=False, strict=True
+            )
+        else:
+            client = self.clients[name]
+        try:
+            with MemSampler(daemon.pid) as mem:
+                t0 = time.perf_counter()
+                pending = client.snapshot(self.model, self.opt, step=step)
+                t1 = time.perf_counter()
+                info = pending.wait(timeout=3600)
+                t2 = time.perf_counter()
+        finally:
+            if name == CKPTD_FIRST:
+                client.close()
+        store = Store(daemon.root)
+        store.delete_checkpoint(name, step)
+        store.gc(name)
+        return Sample(
+            pending.stall_s,
+            t2 - t0,
+            {
+                "call_s": t1 - t0,
+                "persist_s": info.persist_s,
+                "stall_plus_persist_s": pending.stall_s + info.persist_s,
+                "stored_bytes": info.stored_bytes,
+                "written_bytes": info.written_bytes,
+                "daemon_rss_anon_peak": mem.peak.get("RssAnon", 0),
+                "daemon_rss_anon_start": mem.start.get("RssAnon", 0),
+                "daemon_vmrss_peak": mem.peak.get("VmRSS", 0),
+                "daemon_rss_shmem_peak": mem.peak.get("RssShmem", 0),
+                "mem_samples": mem.samples,
+            },
+        )
+
+    def torch_save(self, rep: int) -> Sample:
+        path = self.files / f"torch-{rep}.pt"
+        t0 = time.perf_counter()
+        with path.open("wb") as f:
+            torch.save(self.state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        t = time.perf_counter() - t0
+        path.unlink()
+        return Sample(t, t)
+
+    def dcp(self, name: str, rep: int) -> Sample:
+        where = self.files / f"{name}-{rep}"
+        try:
+            t0 = time.perf_counter()
+            if name == DCP_SAVE:
+                save(self.state, checkpoint_id=where)
+                t = time.perf_counter() - t0
+                return Sample(t, t)
+            res = async_save(
+                self.state,
+                checkpoint_id=where,
+                async_checkpointer_type=(
+                    AsyncCheckpointerType.PROCESS
+                    if name == DCP_PROCESS
+                    else AsyncCheckpointerType.THREAD
+                ),
+                async_stager=self.stagers.get(name),
+            )
+            t1 = time.perf_counter()
+            upload_future(res).result(timeout=600)
+            t2 = time.perf_counter()
+            return Sample(t1 - t0, t2 - t0)
+        finally:
+            shutil.rmtree(where, ignore_errors=True)
+
+    # ---- one rep
+
+    def one_rep(self, rep: int) -> dict[str, Sample]:
+        self.perturb()
+        settle()
+        out: dict[str, Sample] = {}
+        for name in rotated(self.methods, max(rep, 0)):
+            if name in self.skipped:
+                continue
+            try:
+                out[name] = self.run(name, rep)
+            except Exception as exc:
+                # Only the process executor is optional; anything else is a real failure.
+                if name != DCP_PROCESS or rep >= 0:
+                    raise
+                self.skipped[name] = f"failed in the warm-up rep: {type(exc).__name__}: {exc}"
+                log(f"{name}: {self.skipped[name]}")
+            settle()
+        log(
+            f"rep {rep}: "
+            + ", ".join(
+                f"{n} {s.blocked:.3f}" + (f"/{s.done:.2f}" if s.done is not None else "")
+                for n, s in out.items()
+            )
+        )
+        return out
+
+
+# ---- memory budget ------------------------------------------------------------------------------
+
+
+def memory_plan(
+    methods: list[str], state_bytes: int, slots: int, available: int
+) -> tuple[list[str], dict[str, str], int]:
+    """Drop optional methods (OPTIONAL order) until the estimated peak fits in ``available``."""
+    s = state_bytes
+
+    def peak(ms: list[str]) -> int:
+        resident = 2 * s  # the state + the floor's buffers
+        resident += (slots * s if CKPTD in ms else 0) + (s if CKPTD_RAW in ms else 0)
+        resident += (s if DCP_REUSED in ms else 0) + (s if DCP_PROCESS in ms else 0)
+        transient = s if {CKPTD_FIRST, DCP_DEFAULT} & set(ms) else 0
+        return resident + transient + s // 2  # noise buffer, daemons, interpreter
+
+    kept = list(methods)
+    skipped: dict[str, str] = {}
+    for name in OPTIONAL:
+        if peak(kept) <= available:
+            break
+        if name in kept:
+            kept.remove(name)
+            skipped[name] = (
+                f"not enough memory: the run would need ~{peak([*kept, name]) / GiB:.1f} GiB "
+                f"with it, {available / GiB:.1f} GiB available (after a "
+                f"{MEMORY_MARGIN / GiB:.0f} GiB margin)"
+            )
+    return kept, skipped, peak(kept)
+
+
+# ---- report --------------------------------------------------------------------------------------
+
+
+def ratio_spread(reps: list[dict[str, Sample]], name: str, ref: str, attr: str) -> Spread | None:
+    vals = []
+    for r in reps:
+        a, b = r.get(name), r.get(ref)
+        if a is None or b is None:
+            continue
+        num = a.blocked if attr == "blocked" else a.done
+        den = b.blocked if ref == FLOOR else b.done
+        if num is not None and den:
+            vals.append(num / den)
+    return Spread.of(vals) if vals else None
+
+
+def verdict(value: float, limit: float, *, at_most: bool) -> tuple[bool, str]:
+    met = value <= limit if at_most else value >= limit
+    if met:
+        return True, "met"
+    factor = value / limit if at_most else limit / max(value, 1e-12)
+    if factor >= 2:
+        return False, f"MISSED ({factor:.1f}x {'over' if at_most else 'short of'} the target)"
+    return False, f"MISSED by {factor - 1:.0%}"
+
+
+def report(
+    bench: Bench, reps: list[dict[str, Sample]], foreign: list[float], redone: int
+) -> tuple[str, list[dict[str, Any]]]:
+    lines: list[str] = []
+    records: list[dict[str, Any]] = []
+    rows = []
+    for name in bench.methods:
+        got = [r[name] for r in reps if name in r]
+        if not got:
+            continue
+        blocked = Spread.of([s.blocked for s in got])
+        dones = [s.done for s in got if s.done is not None]
+        done = Spread.of(dones) if dones else None
+        vs_floor = ratio_spread(reps, name, FLOOR, "blocked")
+        vs_torch = ratio_spread(reps, name, TORCH, "done") if done else None
+        rows.append(
+            [
+                LABELS[name],
+                blocked.text(3),
+                done.text(2) if done else "—",
+                vs_floor.text(2) if vs_floor else "—",
+                vs_torch.text(2) if vs_torch else "—",
+            ]
+        )
+        extra_keys = sorted({k for s in got for k in s.extra})
+        records.append(
+            {
+                "kind": "method",
+                "method": name,
+                "label": LABELS[name],
+                "blocked_s": blocked.as_json(),
+                "done_s": done.as_json() if done else None,
+                "blocked_vs_floor": vs_floor.as_json() if vs_floor else None,
+                "done_vs_torch_save": vs_torch.as_json() if vs_torch else None,
+                "extra": {
+                    k: Spread.of([s.extra[k] for s in got if k in s.extra]).as_json()
+                    for k in extra_keys
+                },
+            }
+        )
+    lines.append(
+        markdown_table(
+            [
+                "method",
+                "blocked s",
+                "done s",
+                "blocked / copy floor",
+                "done / torch.save+fsync",
+            ],
+            rows,
+        )
+    )
+    for name, why in bench.skipped.items():
+        lines.append(f"- skipped {LABELS[name]}: {why}")
+        records.append({"kind": "skipped", "method": name, "reason": why})
+
+    # ckptd details: persist_s and new bytes (proves every rep wrote new data)
+    for name in (CKPTD_FIRST, CKPTD, CKPTD_RAW):
+        got = [r[name] for r in reps if name in r]
+        if got:
+            persist = Spread.of([s.extra["persist_s"] for s in got])
+            sp = Spread.of([s.extra["stall_plus_persist_s"] for s in got])
+            written = statistics.median(s.extra["written_bytes"] for s in got)
+            stored = statistics.median(s.extra["stored_bytes"] for s in got)
+            lines.append(
+                f"- {LABELS[name]}: persist_s {persist.text(2)}, stall + persist_s "
+                f"{sp.text(2)}; new bytes written per snapshot {written / MB:.0f} MB "
+                f"(stored/raw {stored / bench.raw_bytes:.3f})"
+            )
+
+    # daemon memory
+    for label, names in (("default", (CKPTD, CKPTD_FIRST)), ("raw", (CKPTD_RAW,))):
+        # kept reps only (not the warm-up or redone ones)
+        peaks = [
+            {
+                "RssAnon": int(r[n].extra["daemon_rss_anon_peak"]),
+                "VmRSS": int(r[n].extra["daemon_vmrss_peak"]),
+                "RssShmem": int(r[n].extra["daemon_rss_shmem_peak"]),
+            }
+            for r in reps
+            for n in names
+            if n in r
+        ]
+        if not peaks:
+            continue
+        idle = bench.idle.get(label, {})
+        anon = max(p.get("RssAnon", 0) for p in peaks)
+        vmrss = max(p.get("VmRSS", 0) for p in peaks)
+        shmem = max(p.get("RssShmem", 0) for p in peaks)
+        rec = {
+            "kind": "daemon_memory",
+            "daemon": label,
+            "persists": len(peaks),
+            "idle_rss_anon": idle.get("RssAnon"),
+            "idle_vmrss": idle.get("VmRSS"),
+            "peak_rss_anon": anon,
+            "peak_vmrss": vmrss,
+            "peak_rss_shmem": shmem,
+            "peak_rss_anon_per_persist": [p.get("RssAnon", 0) for p in peaks],
+            "sample_period_s": SAMPLE_PERIOD_S,
+        }
+        records.append(rec)
+        text = (
+            f"daemon memory while persisting ({label} config, {len(peaks)} persists of a "
+            f"{bench.raw_bytes / MiB:.0f} MiB state, sampled every {SAMPLE_PERIOD_S * 1000:.0f} "
+            f"ms): peak RssAnon {anon / MiB:.0f} MiB (idle {idle.get('RssAnon', 0) / MiB:.0f} "
+            f"MiB), peak VmRSS {vmrss / MiB:.0f} MiB (idle {idle.get('VmRSS', 0) / MiB:.0f} MiB), "
+            f"peak RssShmem {shmem / MiB:.0f} MiB"
+        )
+        lines.append(f"\n{text}")
+
+    # targets
+    lines.append("\nTargets:")
+    tgt: list[tuple[str, float | None, float, bool, str]] = []
+    stall_floor = ratio_spread(reps, CKPTD, FLOOR, "blocked")
+    tgt.append(
+        (
+            "steady stall / copy floor",
+            stall_floor.median if stall_floor else None,
+            1.2,
+            True,
+            "x",
+        )
+    )
+    speedups = [r[TORCH].blocked / r[CKPTD].blocked for r in reps if CKPTD in r and TORCH in r]
+    tgt.append(
+        (
+            "torch.save+fsync / steady stall",
+            statistics.median(speedups) if speedups else None,
+            8.0,
+            False,
+            "x",
+        )
+    )
+    dcp_async = [n for n in (DCP_DEFAULT, DCP_REUSED, DCP_PROCESS) if any(n in r for r in reps)]
+    if dcp_async:
+        best = min(dcp_async, key=lambda n: statistics.median(r[n].blocked for r in reps if n in r))
+        vs_best = [r[CKPTD].blocked / r[best].blocked for r in reps if CKPTD in r and best in r]
+        tgt.append(
+            (
+                f"steady stall / best dcp.async_save stall ({LABELS[best]})",
+                statistics.median(vs_best) if vs_best else None,
+                1.0,
+                True,
+                "x",
+            )
+        )
+    durable = ratio_spread(reps, CKPTD, TORCH, "done")
+    tgt.append(
+        (
+            "durable latency / torch.save+fsync",
+            durable.median if durable else None,
+            1.5,
+            True,
+            "x",
+        )
+    )
+    anon_peaks = [
+        r[n].extra["daemon_rss_anon_peak"] for r in reps for n in (CKPTD, CKPTD_FIRST) if n in r
+    ]
+    anon_mib = max(anon_peaks) / MiB if anon_peaks else None
+    for name, value, limit, at_most, unit in tgt:
+        if value is None:
+            lines.append(f"- {name}: not measured")
+            continue
+        met, text = verdict(value, limit, at_most=at_most)
+        op = "<=" if at_most else ">="
+        lines.append(f"- {name}: {value:.2f}{unit} (target {op} {limit:g}{unit}): {text}")
+        records.append({"kind": "target", "name": name, "value": value, "limit": limit, "met": met})
+    if anon_mib is not None:
+        big = bench.raw_bytes >= 3.5 * GiB
+        met, text = verdict(anon_mib, 512, at_most=True)
+        suffix = text if big else f"{text} at this size; the target is for a 4 GiB state"
+        lines.append(
+            f"- daemon peak RssAnon while persisting: {anon_mib:.0f} MiB (<= 512): {suffix}"
+        )
+        records.append(
+            {
+                "kind": "target",
+                "name": "daemon peak RssAnon MiB",
+                "value": anon_mib,
+                "limit": 512,
+                "met": met,
+                "applies": big,
+            }
+        )
+    lines.append(
+        f"\nother processes' CPU use per rep: {', '.join(map(show_cpu, foreign))} "
+        f"({redone} rep(s) redone because of them)"
+    )
+    return "\n".join(lines), records
+
+
+# ---- main ----------------------------------------------------------------------------------------
+
+
+def mount_of(path: Path) -> str:
+    best = ("?", "/", "?")
+    real = str(path.resolve())
+    for line in Path("/proc/mounts").read_text().splitlines():
+        dev, mnt, fstype, *_ = line.split()
+        if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[1]):
+            best = (dev, mnt, fstype)
+    return f"{best[0]} on {best[1]} type {best[2]}"
+
+
+def default_parent() -> Path:
+    """/tmp unless it is a RAM filesystem, else /work: checkpoints must go to the real disk."""
+    for cand in (Path(tempfile.gettempdir()), Path("/work"), REPO):
+        if cand.is_dir() and os.access(cand, os.W_OK) and "tmpfs" not in mount_of(cand):
+            return cand
+    return REPO
+
+
+@contextmanager
+def scratch(parent: Path, prefix: str) -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def measure(
+    bench: Bench, reps: int, quiet_wait: float, max_foreign: float
+) -> tuple[list[dict[str, Sample]], list[float], int]:
+    """A warm-up rep, then ``reps`` kept reps (a rep is redone, at most 5 times in all, when
+    other processes used more than ``max_foreign`` of the CPUs during it)."""
+    kept: list[dict[str, Sample]] = []
+    foreign: list[float] = []
+    redone = 0
+    rep = -1
+    while rep < reps:
+        waited = wait_for_quiet(quiet_wait)
+        if waited > 3:
+            log(f"waited {waited:.0f}s for other processes to quieten down")
+        cpu = OurCpu()
+        result = bench.one_rep(rep)
+        busy = cpu.foreign()
+        if rep < 0:
+            log(f"warm-up rep done (other processes' CPU {busy:.0%})")
+        elif busy > max_foreign and redone < 5:
+            redone += 1
+            log(f"rep {rep + 1}: other processes used {busy:.0%} of the CPUs; doing it again")
+            continue
+        else:
+            kept.append(result)
+            foreign.append(busy)
+            log(f"rep {rep + 1}/{reps} done (other processes' CPU {busy:.0%})")
+        rep += 1
+    return kept, foreign, redone
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--size", default="1GiB", choices=list(SIZES), help="state size")
+    ap.add_argument("--reps", type=int, default=None, help="kept repetitions (default 5; quick 1)")
+    ap.add_argument("--quick", action="store_true", help="a 4 MiB state, 1 rep (smoke test)")
+    ap.add_argument(
+        "--root",
+        type=Path,
+        default=None,
+        help="directory for the checkpoints (a fresh subdirectory is made and removed); default: "
+        "$TMPDIR (/tmp) if it is on a disk, else /work",
+    )
+    ap.add_argument("--slots", type=int, default=2, help="slots of the prepared ckptd client")
+    ap.add_argument(
+        "--skip",
+        default="",
+        help=f"comma-separated methods to leave out ({', '.join(OPTIONAL)}, {DCP_SAVE})",
+    )
+    ap.add_argument("--out", type=Path, default=None, help="JSON lines file")
+    add_quiet_args(ap)
+    args = ap.parse_args(argv)
+    quiet = quiet_of(args)
+    size = QUICK if args.quick else SIZES[args.size]
+    reps = args.reps if args.reps is not None else (1 if args.quick else 5)
+    tag = "quick" if args.quick else args.size
+    out_path = args.out or RESULTS_DIR / f"snapshot_bench-{tag}.jsonl"
+    for var in ("CKPTD_ROOT", "CKPTD_CONFIG", "CKPTD_SOCKET"):
+        os.environ.pop(var, None)
+
+    parent = (args.root or default_parent()).absolute()
+    parent.mkdir(parents=True, exist_ok=True)
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    unknown = skip - set(ORDER)
+    if unknown:
+        ap.error(f"--skip: unknown method(s) {sorted(unknown)}; known: {ORDER}")
+    methods = [m for m in ORDER if m not in skip]
+    available = psutil.virtual_memory().available - MEMORY_MARGIN
+    methods, mem_skipped, need = memory_plan(methods, size[0], args.slots, available)
+    info = run_info("snapshot_bench", args.quick)
+    info.update(size=tag, state_target_bytes=size[0], reps=reps, slots=args.slots)
+
+    with scratch(parent, "ckptd-snapshot-bench-") as root, scratch(Path("/tmp"), "ckb-") as sd:
+        info.update(root=str(root), filesystem=mount_of(root))
+        log(f"root {root} ({mount_of(root)}); estimated peak memory {need / GiB:.1f} GiB")
+        bench = Bench(size, root, sd, args.slots, methods)
+        bench.skipped.update(mem_skipped)
+        for name in skip:
+            bench.skipped[name] = "left out with --skip"
+        info.update(params=bench.n_params, tensors=len(bench.tensors), state_bytes=bench.raw_bytes)
+        final: dict[str, Any] = {}
+        try:
+            bench.start()
+            info["daemon_pids"] = {k: d.pid for k, d in bench.daemons.items()}
+            kept, foreign, redone = measure(bench, reps, quiet.wait_s, quiet.max_foreign)
+        finally:
+            final = bench.close()
+        text, records = report(bench, kept, foreign, redone)
+
+    out = JsonLines(out_path)
+    info.update(loadavg_end=list(os.getloadavg()), foreign_cpu=foreign, redone_reps=redone)
+    for rec in records:
+        out.write({**info, **rec})
+    out.write({**info, "kind": "daemons", "daemons": final})
+    out.close()
+    print(
+        f"\n### Snapshot benchmark: {bench.raw_bytes / MB:.0f} MB state "
+        f"({bench.n_params / 1e6:.1f}M params + AdamW, {len(bench.tensors)} tensors), "
+        f"median [min-max] of {len(kept)} rep(s)\n\n"
+        f"root: {info['root']} ({info['filesystem']}); ratios are per rep, to the copy floor "
+        "(blocked) and to torch.save+fsync (done) measured in the same rep; ckptd done = "
+        "snapshot() call until wait() returns the CheckpointInfo\n"
+    )
+    print(text)
+    stopped = all(d.get("stopped") for d in final.values())
+    print(f"\ndaemons stopped: {'yes' if stopped else 'NO'}; results: {out_path}")
+    return 0 if stopped else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
