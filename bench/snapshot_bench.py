@@ -44,6 +44,7 @@ import argparse
 import gc
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -366,12 +367,9 @@ class Sample:
     extra: dict[str, float] = field(default_factory=dict)
 
 
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def minor_faults() -> int:
+    """Minor page faults of this process so far (all threads)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def settle() -> None:
@@ -494,13 +492,15 @@ class Bench:
     def floor(self) -> Sample:
         """The median of three back-to-back copies (one copy alone is too noisy a reference)."""
         times = []
+        f0 = minor_faults()
         with torch.no_grad():
             for _ in range(3):
                 t0 = time.perf_counter()
                 for b, t in zip(self.buffers, self.tensors, strict=True):
                     b.copy_(t)
                 times.append(time.perf_counter() - t0)
-        return Sample(statistics.median(times), None, {"min_s": min(times), "max_s": max(times)})
+        extra = {"min_s": min(times), "max_s": max(times), "minflt": (minor_faults() - f0) / 3}
+        return Sample(statistics.median(times), None, extra)
 
     def ckptd(self, name: str) -> Sample:
         self.step += 1
@@ -514,9 +514,11 @@ class Bench:
             client = self.clients[name]
         try:
             with MemSampler(daemon.pid) as mem:
+                f0 = minor_faults()
                 t0 = time.perf_counter()
                 pending = client.snapshot(self.model, self.opt, step=step)
                 t1 = time.perf_counter()
+                faults = minor_faults() - f0
                 info = pending.wait(timeout=3600)
                 t2 = time.perf_counter()
         finally:
@@ -530,6 +532,7 @@ class Bench:
             t2 - t0,
             {
                 "call_s": t1 - t0,
+                "minflt": faults,
                 "persist_s": info.persist_s,
                 "stall_plus_persist_s": pending.stall_s + info.persist_s,
                 "stored_bytes": info.stored_bytes,
@@ -727,10 +730,12 @@ def report(
             sp = Spread.of([s.extra["stall_plus_persist_s"] for s in got])
             written = statistics.median(s.extra["written_bytes"] for s in got)
             stored = statistics.median(s.extra["stored_bytes"] for s in got)
+            faults = statistics.median(s.extra["minflt"] for s in got)
             lines.append(
                 f"- {LABELS[name]}: persist_s {persist.text(2)}, stall + persist_s "
                 f"{sp.text(2)}; new bytes written per snapshot {written / MB:.0f} MB "
-                f"(stored/raw {stored / bench.raw_bytes:.3f})"
+                f"(stored/raw {stored / bench.raw_bytes:.3f}); minor page faults in the "
+                f"training process during snapshot() {faults:.0f}"
             )
 
     # daemon memory
