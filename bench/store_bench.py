@@ -3,6 +3,8 @@
 The state is a transformer language model (fp32; ~87M parameters for ``--size 1GiB``) plus its
 AdamW state after one real step: ``{"model": state_dict, "optimizer": state_dict}``, about
 ``--size`` bytes of tensors in all (4 bytes per parameter for the weights, 8 for Adam's moments).
+``--size minilm`` is the real all-MiniLM-L6-v2 with its AdamW after 30 real fine-tuning steps
+(:mod:`bench.minilm`; 22.7M parameters, 273 MB).
 
 Save methods (each writes a fresh directory, so ckptd never dedups against an earlier rep):
 
@@ -25,7 +27,8 @@ Restores run twice per rep: ``warm`` (the files are still in the page cache from
 ``cold`` (``posix_fadvise(DONTNEED)`` on every file first, so they are read from the disk; on a VM
 the host may still cache them). Methods are interleaved and their order rotates each rep.
 
-Run: ``.venv/bin/python -m bench.store_bench [--size 64MiB|256MiB|1GiB] [--reps N] [--quick]``.
+Run: ``.venv/bin/python -m bench.store_bench [--size 64MiB|256MiB|1GiB|minilm] [--reps N]
+[--quick]``.
 """
 
 from __future__ import annotations
@@ -66,9 +69,11 @@ from bench._common import (
     timer,
     touch_every_byte,
 )
+from bench.minilm import fine_tuned
 from ckptd.codec import CodecConfig
 from ckptd.config import Config, parse_size
 
+MINILM_STEPS = 30
 SIZES = {"64MiB": 64 * MiB, "256MiB": 256 * MiB, "1GiB": 1024 * MiB}
 QUICK_SIZE = 4 * MiB
 JOB = "bench"
@@ -125,6 +130,12 @@ def make_state(size: int) -> tuple[State, int]:
     loss.backward()  # type: ignore[no-untyped-call]
     opt.step()
     opt.zero_grad(set_to_none=True)
+    n_params = sum(p.numel() for p in model.parameters())
+    return {"model": model.state_dict(), "optimizer": opt.state_dict()}, n_params
+
+
+def minilm_state() -> tuple[State, int]:
+    model, opt = fine_tuned(MINILM_STEPS)
     n_params = sum(p.numel() for p in model.parameters())
     return {"model": model.state_dict(), "optimizer": opt.state_dict()}, n_params
 
@@ -410,14 +421,23 @@ def report(
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    ap.add_argument("--size", default="1GiB", help="state size: 64MiB, 256MiB, 1GiB (or any)")
+    ap.add_argument(
+        "--size",
+        default="1GiB",
+        help="state size: 64MiB, 256MiB, 1GiB (or any), or minilm (all-MiniLM-L6-v2 + AdamW)",
+    )
     ap.add_argument("--quick", action="store_true", help=f"a {QUICK_SIZE >> 20} MiB state, 1 rep")
     ap.add_argument("--reps", type=int, default=None, help="repetitions (default 5; quick 1)")
     ap.add_argument("--dir", type=Path, default=None, help="where to write (default: $TMPDIR)")
     ap.add_argument("--out", type=Path, default=None, help="JSON lines file")
     add_quiet_args(ap)
     args = ap.parse_args(argv)
-    size = QUICK_SIZE if args.quick else SIZES.get(args.size) or parse_size(args.size, "--size")
+    minilm = args.size == "minilm" and not args.quick
+    size = (
+        QUICK_SIZE
+        if args.quick or minilm
+        else SIZES.get(args.size) or parse_size(args.size, "--size")
+    )
     reps = args.reps if args.reps is not None else (1 if args.quick else 5)
     parent = args.dir or Path(tempfile.gettempdir())
     parent.mkdir(parents=True, exist_ok=True)
@@ -427,11 +447,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     info = run_info("store_bench", args.quick)
     info.update(dir=str(parent.resolve()), filesystem=mount_of(parent))
-    log(f"building a ~{size / MiB:.0f} MiB state (vocab, dim, layers = {shape_for(size)}) ...")
+    if minilm:
+        log(f"fine-tuning all-MiniLM-L6-v2 for {MINILM_STEPS} AdamW steps ...")
+    else:
+        log(f"building a ~{size / MiB:.0f} MiB state (vocab, dim, layers = {shape_for(size)}) ...")
     with timer() as t:
-        state, n_params = make_state(size)
+        state, n_params = minilm_state() if minilm else make_state(size)
     raw = state_bytes(state)
-    info.update(size=size, params=n_params, state_bytes=raw, tensors=len(list(tensors_of(state))))
+    info.update(
+        size="minilm" if minilm else size,
+        params=n_params,
+        state_bytes=raw,
+        tensors=len(list(tensors_of(state))),
+    )
     log(f"  {n_params / 1e6:.1f}M params, {raw / MB:.0f} MB of tensors, {t[0]:.1f}s")
     name = "store_bench" if args.quick else f"store_bench-{args.size}"
     out = JsonLines(args.out or default_out(name, args.quick))
