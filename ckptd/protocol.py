@@ -267,14 +267,16 @@ MAX_SKELETON_DEPTH = 256
 
 
 def _depth(node: Any) -> int:
-    """Nesting depth of a JSON value, without recursion."""
-    deepest = 0
-    stack = [(node, 1)]
-    while stack:
-        value, d = stack.pop()
-        deepest = max(deepest, d)
-        if isinstance(value, dict):
-            stack.extend((v, d + 1) for v in value.values())
-        elif isinstance(value, list):
-            stack.extend((v, d + 1) for v in value)
-    return deepest
+    """Nesting depth of a JSON value (a scalar is 1), level by level, without recursion."""
+    depth = 0
+    level = [node]
+    while level:
+        depth += 1
+        below: list[Any] = []
+        for value in level:
+            if isinstance(value, dict):
+                below.extend(value.values())
+            elif isinstance(value, list):
+                below.extend(value)
+        level = below
+    return depth

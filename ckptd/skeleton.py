@@ -100,6 +100,14 @@ def flatten(state: object, *, allow_pickle: bool = False) -> Flattened:
     def enc(value: object, path: str, depth: int) -> JSON:
         if depth > _MAX_DEPTH:
             raise UnsupportedStateError(f"{path}: state nested deeper than {_MAX_DEPTH} levels")
+        cls = type(value)  # exact types first: what state dicts are made of, without subclasses
+        if cls is str:
+            _check_utf8(value, path)  # type: ignore[arg-type]
+            return value
+        if cls is torch.Tensor or cls is torch.nn.Parameter:
+            return {"$tensor": add_tensor(value, path)}  # type: ignore[arg-type]
+        if cls is int or cls is bool or value is None:
+            return value
         if isinstance(value, np.generic):  # before int/float: np.float64 subclasses float
             item = value.item()
             if isinstance(item, np.generic | bytes) or value.dtype.kind in "OSUVMm":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import mmap
 import os
 import socket
@@ -59,6 +60,7 @@ from ckptd_client.state import Stateful, collect
 log = logging.getLogger("ckptd_client")
 
 _MADV_POPULATE_WRITE = 23
+_MAX_VIEWS = 1 << 16  # cached slot views before the cache is dropped (a layout that keeps changing)
 _PAGE = mmap.PAGESIZE
 _SLOT_ROUND = 1 << 20
 _spawned: list[subprocess.Popen[bytes]] = []
@@ -154,6 +156,21 @@ class _Slot:
         self.bytes = torch.frombuffer(self.mm, dtype=torch.uint8)
         self.busy = False
         self.pinned = False
+        # Typed views into the slot by (offset, dtype, shape): a training loop snapshots the same
+        # layout every time, so after the first snapshot no view is made again.
+        self._views: dict[tuple[int, torch.dtype, tuple[int, ...]], torch.Tensor] = {}
+
+    def view(self, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """The slot's bytes at ``offset`` as a ``dtype`` tensor of ``shape``."""
+        key = (offset, dtype, shape)
+        view = self._views.get(key)
+        if view is None:
+            if len(self._views) >= _MAX_VIEWS:
+                self._views.clear()
+            nbytes = math.prod(shape) * dtype.itemsize
+            view = self.bytes[offset : offset + nbytes].view(dtype).view(shape)
+            self._views[key] = view
+        return view
 
     def prefault(self) -> None:
         """Touch every page now so snapshots copy at memory speed, not page-fault speed."""
@@ -175,6 +192,7 @@ class _Slot:
                 self.bytes.data_ptr()
             )
             self.pinned = False
+        self._views.clear()
         del self.bytes
         self.mm.close()
         os.close(self.fd)
@@ -587,12 +605,12 @@ class Client:
             for e, t in zip(entries, tensors, strict=True):
                 if e.nbytes == 0:
                     continue
-                dst = slot.bytes[e.offset : e.offset + e.nbytes].view(t.dtype).view(t.shape)
+                dst = slot.view(e.offset, t.dtype, e.shape)
                 if t.is_cuda:
                     with torch.cuda.stream(self._stream):
-                        dst.copy_(t.detach(), non_blocking=True)
+                        dst.copy_(t, non_blocking=True)
                 else:
-                    dst.copy_(t.detach())
+                    dst.copy_(t)
         if cuda:
             self._stream.synchronize()
         slot.mm[meta_offset : meta_offset + len(meta)] = meta

@@ -194,6 +194,24 @@ def test_tensors_mutated_right_after_snapshot_returns_do_not_leak_into_the_check
     assert mutated_while_pending
 
 
+def test_one_slot_reused_for_states_whose_layout_changes(daemon: Daemon) -> None:
+    """The client caches typed views into a slot by (offset, dtype, shape): every snapshot of a
+    state whose tensors change dtype or shape at the same offsets must still come back exact."""
+    states: list[dict[str, Any]] = [
+        {"a": torch.arange(64, dtype=torch.float32), "b": torch.ones(8, 8)},
+        {"a": torch.arange(64, dtype=torch.int32), "b": torch.ones(8, 8)},  # dtype at offset 0
+        {"a": torch.arange(64, dtype=torch.float32).view(8, 8), "b": torch.ones(8, 8)},  # shape
+        {"a": torch.arange(32, dtype=torch.float64), "b": torch.full((4, 16), 2.0)},
+        {"a": torch.arange(64, dtype=torch.float32), "b": torch.ones(8, 8)},  # back to the first
+    ]
+    with connect(daemon, "relayout", slots=1, strict=True) as client:
+        for step, state in enumerate(states):
+            client.snapshot(state=state, step=step, rng=False).wait(timeout=60)
+    for step, state in enumerate(states):
+        got = ckptd_client.load("relayout", step, root=daemon.root)
+        assert_same(got, state, f"step {step}")
+
+
 # ---- 3. a trainer SIGKILLed right after snapshot() ---------------------------------------------
 
 CRASHING_TRAINER = """
