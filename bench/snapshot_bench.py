@@ -843,14 +843,28 @@ def report(
         r[n].extra["daemon_rss_anon_peak"] for r in reps for n in (CKPTD, CKPTD_FIRST) if n in r
     ]
     anon_mib = max(anon_peaks) / MiB if anon_peaks else None
+    # The stall and latency targets are set for a ~1 GiB state; other sizes report against them
+    # for reference (a fixed per-snapshot cost weighs more on a small state).
+    gib_state = 0.75 * GiB <= bench.raw_bytes <= 1.5 * GiB
     for name, value, limit, at_most, unit in tgt:
         if value is None:
             lines.append(f"- {name}: not measured")
             continue
         met, text = verdict(value, limit, at_most=at_most)
         op = "<=" if at_most else ">="
+        if not gib_state:
+            text += " at this size; the target is for a ~1 GiB state"
         lines.append(f"- {name}: {value:.2f}{unit} (target {op} {limit:g}{unit}): {text}")
-        records.append({"kind": "target", "name": name, "value": value, "limit": limit, "met": met})
+        records.append(
+            {
+                "kind": "target",
+                "name": name,
+                "value": value,
+                "limit": limit,
+                "met": met,
+                "applies": gib_state,
+            }
+        )
     if anon_mib is not None:
         big = bench.raw_bytes >= 3.5 * GiB
         met, text = verdict(anon_mib, 512, at_most=True)
