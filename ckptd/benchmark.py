@@ -169,9 +169,10 @@ def suggest(results: dict[str, Any], size: int) -> dict[str, dict[str, Any]]:
     ratio = results["codec"]["stored_over_raw"]
     out: dict[str, dict[str, Any]] = {
         "store.threads": {
-            "value": cores,
-            "reason": f"{cores} CPU core(s): one pipeline thread per core (hashing and "
-            "compression release the GIL)",
+            "value": min(2 * cores, 16),
+            "reason": f"{cores} CPU core(s): two pipeline threads per core, so that one "
+            "hashes and compresses (they release the GIL) while the other waits for its write "
+            "and fsync",
         }
     }
     if disk > 2 * comp:

@@ -146,11 +146,17 @@ def encode(raw: memoryview, *, elem_size: int, is_float: bool, config: CodecConf
 
 def _encode_bytegroup(raw: memoryview, elem_size: int, level: int) -> Encoded:
     elements = np.frombuffer(raw, dtype=np.uint8).reshape(-1, elem_size)
+    n = len(elements)
+    # All planes in one allocation of the chunk's size: the allocator hands the same block back
+    # chunk after chunk, where a fresh array per plane cost page faults (~3k per 256 MB persisted).
+    planes = np.empty(len(raw), dtype=np.uint8)
     table: list[bytes] = []
     bodies: list[bytes | memoryview] = []
     stored = 0
     for i in range(elem_size):
-        plane = np.ascontiguousarray(elements[:, i]).data
+        dst = planes[i * n : (i + 1) * n]
+        np.copyto(dst, elements[:, i])
+        plane = dst.data
         packed = _maybe_compress(plane, _LITERALS if i == elem_size - 1 else level)
         body: bytes | memoryview = plane if packed is None else packed
         table.append(PLANE.pack(RAW if packed is None else ZSTD, len(body)))

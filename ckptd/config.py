@@ -53,7 +53,7 @@ class StoreConfig:
     root: Path | None = None
     chunk_bytes: int = 8 << 20
     pack_bytes: int = 1 << 20
-    threads: int = 2
+    threads: int = 4
     max_inflight_bytes: int = 256 << 20
 
 
@@ -160,7 +160,7 @@ def config_from_dict(doc: dict[str, Any], source: Path | None = None) -> Config:
         root=Path(root).expanduser() if root else None,
         chunk_bytes=_size(s.get("chunk_bytes", 8 << 20), "store.chunk_bytes", 64 << 10, "64KiB"),
         pack_bytes=_size(s.get("pack_bytes", 1 << 20), "store.pack_bytes", 0, "0"),
-        threads=_int(s.get("threads", 2), "store.threads", 1, 256),
+        threads=_int(s.get("threads", 4), "store.threads", 1, 256),
         max_inflight_bytes=_size(
             s.get("max_inflight_bytes", 256 << 20), "store.max_inflight_bytes", 1 << 20, "1MiB"
         ),

@@ -50,7 +50,7 @@ class PipelineConfig:
 
     chunk_bytes: int = 8 << 20
     pack_bytes: int = 1 << 20
-    threads: int = 2
+    threads: int = 4
     max_inflight_bytes: int = 256 << 20
     codec: CodecConfig = field(default_factory=CodecConfig)
 

@@ -54,7 +54,7 @@ def test_defaults_without_any_file(env: Path) -> None:
     assert cfg.source is None
     assert cfg.daemon == DaemonConfig() and cfg.metrics == MetricsConfig()
     assert cfg.store == StoreConfig(
-        root=None, chunk_bytes=8 << 20, pack_bytes=1 << 20, threads=2, max_inflight_bytes=256 << 20
+        root=None, chunk_bytes=8 << 20, pack_bytes=1 << 20, threads=4, max_inflight_bytes=256 << 20
     )
     assert cfg.codec == CodecConfig(codec="auto", level=1)
     assert cfg.pipeline() == PipelineConfig()
