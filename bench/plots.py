@@ -6,6 +6,9 @@
   ``store_bench-<size>.jsonl`` (blocked = the whole save);
 * ``durable_vs_size.png``: seconds until the checkpoint is durable (``done_s`` of the snapshot
   bench; the save seconds of the store bench);
+* ``scaling.png``: the steady ckptd stall and the copy floor against the state size on linear
+  axes, with their least-squares lines, and the daemon's peak memory beyond the mapped slots
+  (``RssAnon``) against a private copy of the state (:mod:`bench.scaling`);
 * ``goodput.png``: training throughput with each checkpointing method as % of the loop without
   checkpoints (``goodput_bench.jsonl``), median with min-max bars.
 
@@ -32,6 +35,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FuncFormatter
 
+from bench.scaling import Scaling, analyse, read_points
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MB = 1_000_000
 
@@ -57,7 +62,10 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def result_files(results: Path, prefix: str) -> list[Path]:
-    return sorted(p for p in results.glob(f"{prefix}-*.jsonl") if not p.stem.endswith("-quick"))
+    """The synthetic-size results: not the smoke runs (``-quick``), not the MiniLM model."""
+    return sorted(
+        p for p in results.glob(f"{prefix}-*.jsonl") if not p.stem.endswith(("-quick", "-minilm"))
+    )
 
 
 def size_series(results: Path, metric: str) -> dict[str, Series]:
@@ -118,6 +126,52 @@ def plot_vs_size(series: dict[str, Series], title: str, ylabel: str, out: Path) 
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7.5, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def plot_scaling(s: Scaling, out: Path) -> None:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.8), dpi=110)
+    xs = [p.gb for p in s.points]
+    top = max(xs) * 1.05
+    for label, ys, line, marker in (
+        ("copy_ floor", [p.floor_s for p in s.points], s.floor, "o"),
+        ("ckptd snapshot(), steady", [p.stall_s for p in s.points], s.stall, "s"),
+    ):
+        (dots,) = left.plot(xs, [y * 1e3 for y in ys], marker, label=label)
+        left.plot(
+            [0, top],
+            [line.intercept * 1e3, (line.intercept + line.slope * top) * 1e3],
+            "-",
+            color=dots.get_color(),
+            alpha=0.6,
+            label=f"fit: {line.slope * 1e3:.0f} ms/GB {line.intercept * 1e3:+.0f} ms",
+        )
+    left.set_xlabel("state size (GB)")
+    left.set_ylabel("ms blocked (median)")
+    left.set_title(f"Stall vs size: slope ratio {s.slope_ratio:.2f}")
+    left.grid(True, alpha=0.3)
+    left.legend(fontsize=8)
+    rss = [(p.gb, p.rss_anon_peak_mib, p.rss_anon_idle_mib) for p in s.points]
+    right.plot(
+        [x for x, peak, _ in rss if peak is not None],
+        [peak for _, peak, _ in rss if peak is not None],
+        "s-",
+        label="daemon peak RssAnon while persisting",
+    )
+    right.plot(
+        [x for x, _, idle in rss if idle is not None],
+        [idle for _, _, idle in rss if idle is not None],
+        "o:",
+        label="daemon idle RssAnon",
+    )
+    right.plot([0, top], [0, top * 1e9 / (1 << 20)], "--", color="grey", label="a private copy")
+    right.set_xlabel("state size (GB)")
+    right.set_ylabel("MiB")
+    right.set_title("Daemon memory beyond the mapped slots")
+    right.grid(True, alpha=0.3)
+    right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
@@ -187,6 +241,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         plot_vs_size(series, title, ylabel, out / name)
         written.append(out / name)
+
+    points = read_points(results)
+    if len(points) < 2:
+        print(f"scaling.png: skipped: snapshot_bench results at fewer than 2 sizes in {results}")
+    else:
+        plot_scaling(analyse(points), out / "scaling.png")
+        written.append(out / "scaling.png")
 
     goodput = results / "goodput_bench.jsonl"
     if not goodput.exists():
