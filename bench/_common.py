@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: statistics, markdown tables, JSON lines, run info."""
+"""Helpers shared by the benchmark scripts: statistics, markdown tables, JSON lines, run info, and
+the ckptd daemons the snapshot and goodput benchmarks start."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import argparse
 import json
 import os
 import platform
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -15,10 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+import psutil
 import torch
 
 T = TypeVar("T")
 
+REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MB = 1_000_000
 MiB = 1 << 20
@@ -254,3 +260,83 @@ def show_cpu(fraction: float | None) -> str:
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+class BenchDaemon:
+    """A ckptd daemon started by a benchmark: ``python -m ckptd start --user --socket S --root R
+    [--config C]`` with the environment's ``CKPTD_*`` / ``NOTIFY_*`` variables removed, its output
+    in ``<socket dir>/<label>.log``. The constructor returns once the socket accepts connections."""
+
+    def __init__(self, label: str, sock: Path, root: Path, config: Path | None = None) -> None:
+        self.label = label
+        self.socket = sock
+        self.root = root
+        self.log = sock.parent / f"{label}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CKPTD_", "NOTIFY_"))}
+        cmd = [sys.executable, "-m", "ckptd", "start", "--user", "--socket", str(sock)]
+        cmd += ["--root", str(root)]
+        if config is not None:
+            cmd += ["--config", str(config)]
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out
+            )
+        self.pid = self.proc.pid
+        deadline = time.monotonic() + 60
+        while True:
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                probe.connect(str(sock))
+                break
+            except OSError:
+                pass
+            finally:
+                probe.close()
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = " | ".join(self.log.read_text(errors="replace").splitlines()[-5:])
+                self.stop()
+                raise RuntimeError(f"ckptd daemon {label} did not start: {tail}")
+            time.sleep(0.05)
+        self._ps = psutil.Process(self.pid)
+
+    def status(self) -> dict[str, Any]:
+        """``ckptd status --json --socket S``."""
+        proc = subprocess.run(
+            [sys.executable, "-m", "ckptd", "status", "--json", "--socket", str(self.socket)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        st: dict[str, Any] = json.loads(proc.stdout)
+        return st
+
+    def cpu_s(self) -> float:
+        """CPU seconds the daemon has used so far (0 once it is gone)."""
+        try:
+            t = self._ps.cpu_times()
+        except psutil.Error:
+            return 0.0
+        return float(t.user + t.system)
+
+    def stop(self) -> bool:
+        """``ckptd stop`` (drain and exit), then SIGTERM / SIGKILL if it lingers; True once the
+        process is gone."""
+        if self.proc.poll() is None:
+            subprocess.run(
+                [sys.executable, "-m", "ckptd", "stop", "--socket", str(self.socket)],
+                cwd=REPO,
+                capture_output=True,
+                timeout=120,
+                check=False,
+            )
+        for sig in (None, signal.SIGTERM, signal.SIGKILL):
+            if sig is not None and self.proc.poll() is None:
+                self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=30)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        return self.proc.poll() is not None

@@ -41,10 +41,7 @@ import argparse
 import gc
 import os
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -58,7 +55,6 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `bench` and `ckptd` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import psutil
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
@@ -71,6 +67,7 @@ from torch.distributed.checkpoint.state_dict_saver import (
 
 from bench._common import (
     MB,
+    BenchDaemon,
     CpuWatch,
     JsonLines,
     Spread,
@@ -196,67 +193,6 @@ def tensors_of(obj: object) -> Iterator[torch.Tensor]:
 
 
 # ---- the daemon ---------------------------------------------------------------------------------
-
-
-class Daemon:
-    """A ckptd daemon started by this script (``python -m ckptd start --user``)."""
-
-    def __init__(self, sock: Path, root: Path) -> None:
-        self.socket = sock
-        self.root = root
-        self.log = sock.parent / "ckptd.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("CKPTD_", "NOTIFY_"))}
-        cmd = [sys.executable, "-m", "ckptd", "start", "--user", "--socket", str(sock)]
-        cmd += ["--root", str(root)]
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out
-            )
-        self.pid = self.proc.pid
-        deadline = time.monotonic() + 60
-        while True:
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            try:
-                probe.connect(str(sock))
-                break
-            except OSError:
-                pass
-            finally:
-                probe.close()
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                tail = " | ".join(self.log.read_text(errors="replace").splitlines()[-5:])
-                self.stop()
-                raise RuntimeError(f"the ckptd daemon did not start: {tail}")
-            time.sleep(0.05)
-        self._ps = psutil.Process(self.pid)
-
-    def cpu_s(self) -> float:
-        """CPU seconds the daemon has used so far (0 once it is gone)."""
-        try:
-            t = self._ps.cpu_times()
-        except psutil.Error:
-            return 0.0
-        return float(t.user + t.system)
-
-    def stop(self) -> bool:
-        """``ckptd stop`` (drain and exit), then SIGTERM / SIGKILL to this pid if it lingers."""
-        if self.proc.poll() is None:
-            subprocess.run(
-                [sys.executable, "-m", "ckptd", "stop", "--socket", str(self.socket)],
-                cwd=REPO,
-                capture_output=True,
-                timeout=120,
-                check=False,
-            )
-        for sig in (None, signal.SIGTERM, signal.SIGKILL):
-            if sig is not None and self.proc.poll() is None:
-                self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=30)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        return self.proc.poll() is not None
 
 
 # ---- the checkpointing methods ------------------------------------------------------------------
@@ -390,13 +326,13 @@ class Bench:
         )
         self.files = root / "files"
         self.files.mkdir()
-        self.daemon: Daemon | None = None
+        self.daemon: BenchDaemon | None = None
         self.client: Client | None = None
         self.stager: DefaultStager | None = None
         self.ckpt_step = 0  # unique step numbers for every checkpoint of the whole bench
 
     def start(self) -> None:
-        self.daemon = Daemon(self.sock_dir / "d.sock", self.root / "ckptd")
+        self.daemon = BenchDaemon("ckptd", self.sock_dir / "d.sock", self.root / "ckptd")
         log(f"daemon pid {self.daemon.pid}")
         self.client = Client(
             "goodput",

@@ -48,8 +48,6 @@ import json
 import os
 import resource
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -79,6 +77,7 @@ from torch.distributed.checkpoint.state_dict_saver import (
 
 from bench._common import (
     MB,
+    BenchDaemon,
     JsonLines,
     MiB,
     Spread,
@@ -301,74 +300,6 @@ class OurCpu:
         return max(0.0, other / (wall * (os.cpu_count() or 1)))
 
 
-class Daemon:
-    """A ckptd daemon started by this script (``python -m ckptd start --user``)."""
-
-    def __init__(self, label: str, sock: Path, root: Path, config: Path | None) -> None:
-        self.label = label
-        self.socket = sock
-        self.root = root
-        self.log = sock.parent / f"{label}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("CKPTD_", "NOTIFY_"))}
-        cmd = [sys.executable, "-m", "ckptd", "start", "--user", "--socket", str(sock)]
-        cmd += ["--root", str(root)]
-        if config is not None:
-            cmd += ["--config", str(config)]
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out
-            )
-        self.pid = self.proc.pid
-        deadline = time.monotonic() + 60
-        while True:
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            try:
-                probe.connect(str(sock))
-                break
-            except OSError:
-                pass
-            finally:
-                probe.close()
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                tail = " | ".join(self.log.read_text(errors="replace").splitlines()[-5:])
-                self.stop()
-                raise RuntimeError(f"daemon {label} did not start: {tail}")
-            time.sleep(0.05)
-
-    def status(self) -> dict[str, Any]:
-        """``ckptd status --json --socket S``."""
-        proc = subprocess.run(
-            [sys.executable, "-m", "ckptd", "status", "--json", "--socket", str(self.socket)],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
-        st: dict[str, Any] = json.loads(proc.stdout)
-        return st
-
-    def stop(self) -> bool:
-        """``ckptd stop`` (drain and exit), then SIGTERM / SIGKILL to this pid if it lingers."""
-        if self.proc.poll() is None:
-            subprocess.run(
-                [sys.executable, "-m", "ckptd", "stop", "--socket", str(self.socket)],
-                cwd=REPO,
-                capture_output=True,
-                timeout=60,
-                check=False,
-            )
-        for sig in (None, signal.SIGTERM, signal.SIGKILL):
-            if sig is not None and self.proc.poll() is None:
-                self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=30)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        return self.proc.poll() is not None
-
-
 # ---- measurements -------------------------------------------------------------------------------
 
 
@@ -425,7 +356,7 @@ class Bench:
             b.copy_(t)  # pre-touch
         self.files = root / "files"
         self.files.mkdir()
-        self.daemons: dict[str, Daemon] = {}
+        self.daemons: dict[str, BenchDaemon] = {}
         self.clients: dict[str, Client] = {}
         self.stagers: dict[str, DefaultStager] = {}
         self.idle: dict[str, dict[str, int]] = {}
@@ -433,12 +364,12 @@ class Bench:
     # ---- setup / teardown
 
     def start(self) -> None:
-        self.daemons["default"] = Daemon("default", self.sock_dir / "d.sock", self.root / "d", None)
+        self.daemons["default"] = BenchDaemon("default", self.sock_dir / "d.sock", self.root / "d")
         log(f"daemon (default config) pid {self.daemons['default'].pid}")
         if CKPTD_RAW in self.methods:
             cfg = self.sock_dir / "raw.toml"
             cfg.write_text('[codec]\ncodec = "raw"\n')
-            self.daemons["raw"] = Daemon("raw", self.sock_dir / "r.sock", self.root / "r", cfg)
+            self.daemons["raw"] = BenchDaemon("raw", self.sock_dir / "r.sock", self.root / "r", cfg)
             log(f"daemon (codec=raw) pid {self.daemons['raw'].pid}")
         for name, daemon, slots in (
             (CKPTD, self.daemons["default"], self.slots),
