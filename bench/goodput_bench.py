@@ -12,6 +12,8 @@ is taken at the last step):
 * ``ckptd``: ``Client.snapshot(model, opt, step=...)`` to a daemon this script starts
   (``python -m ckptd start --user --socket S --root R``, default config, socket in a short /tmp
   directory); ``prepare()`` runs once before the first run; 2 slots, ``on_full="block"``;
+* ``ckptd-nice0``: the same through a second daemon whose write threads are not niced
+  (``[daemon] worker_nice = 0``): what the default ``worker_nice = 10`` buys;
 * ``torch.save+fsync``: ``torch.save({"model": ..., "optimizer": ...}, file)`` then ``fsync``
   (blocking);
 * ``dcp.async_save``: ``torch.distributed.checkpoint.async_save`` with the thread executor and a
@@ -84,12 +86,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 NONE = "none"
 CKPTD = "ckptd"
+CKPTD_NICE0 = "ckptd-nice0"
 TORCH = "torch.save"
 DCP_ASYNC = "dcp.async"
 DCP_SAVE = "dcp.save"
 LABELS = {
     NONE: "no checkpoints",
     CKPTD: "ckptd Client.snapshot",
+    CKPTD_NICE0: "ckptd, write threads not niced (worker_nice = 0)",
     TORCH: "torch.save+fsync",
     DCP_ASYNC: "dcp.async_save (thread, reused stager)",
     DCP_SAVE: "dcp.save",
@@ -326,23 +330,24 @@ class Bench:
         )
         self.files = root / "files"
         self.files.mkdir()
-        self.daemon: BenchDaemon | None = None
-        self.client: Client | None = None
+        self.daemons: dict[str, BenchDaemon] = {}
+        self.clients: dict[str, Client] = {}
         self.stager: DefaultStager | None = None
         self.ckpt_step = 0  # unique step numbers for every checkpoint of the whole bench
 
     def start(self) -> None:
-        self.daemon = BenchDaemon("ckptd", self.sock_dir / "d.sock", self.root / "ckptd")
-        log(f"daemon pid {self.daemon.pid}")
-        self.client = Client(
-            "goodput",
-            socket=self.daemon.socket,
-            root=self.daemon.root,
-            slots=2,
-            spawn=False,
-            strict=True,
-        )
-        self.client.prepare(self.trainer.model, self.trainer.opt, background=False)
+        nice0 = self.sock_dir / "nice0.toml"
+        nice0.write_text("[daemon]\nworker_nice = 0\n")
+        for name, config in ((CKPTD, None), (CKPTD_NICE0, nice0)):
+            sock = self.sock_dir / f"{len(self.daemons)}.sock"
+            daemon = BenchDaemon(name, sock, self.root / name, config)
+            log(f"daemon {name} pid {daemon.pid}")
+            self.daemons[name] = daemon
+            client = Client(
+                "goodput", socket=sock, root=daemon.root, slots=2, spawn=False, strict=True
+            )
+            client.prepare(self.trainer.model, self.trainer.opt, background=False)
+            self.clients[name] = client
         pg = f"file://{self.sock_dir / 'pg'}"
         dist.init_process_group("gloo", init_method=pg, rank=0, world_size=1)
         self.stager = DefaultStager(StagingOptions(False, False, False, False))
@@ -356,18 +361,21 @@ class Bench:
 
     def close(self) -> bool:
         stopped = True
-        if self.client is not None:
-            self.client.close(timeout=600)
-            self.client = None
+        for client in self.clients.values():
+            client.close(timeout=600)
+        self.clients.clear()
         if self.stager is not None:
             self.stager.close()
             self.stager = None
         if dist.is_initialized():
             dist.destroy_process_group()
-        if self.daemon is not None:
-            stopped = self.daemon.stop()
-            self.daemon = None
+        for daemon in self.daemons.values():
+            stopped = daemon.stop() and stopped
+        self.daemons.clear()
         return stopped
+
+    def daemon_cpu_s(self) -> float:
+        return sum(d.cpu_s() for d in self.daemons.values())
 
     def next_step(self) -> int:
         self.ckpt_step += 1
@@ -376,9 +384,8 @@ class Bench:
     def saver(self, name: str) -> Saver | None:
         if name == NONE:
             return None
-        if name == CKPTD:
-            assert self.client is not None
-            return CkptdSaver(self.trainer, self.client)
+        if name in self.clients:
+            return CkptdSaver(self.trainer, self.clients[name])
         if name == TORCH:
             return TorchSaver(self.trainer, self.files)
         return DcpSaver(self.trainer, self.files, self.stager if name == DCP_ASYNC else None)
@@ -387,7 +394,7 @@ class Bench:
         saver = self.saver(name)
         for _ in range(2):  # untimed: settle the caches after the previous method
             self.trainer.step()
-        daemon_cpu0 = self.daemon.cpu_s() if self.daemon is not None else 0.0
+        daemon_cpu0 = self.daemon_cpu_s()
         watch = CpuWatch()
         stall = 0.0
         checkpoints = 0
@@ -403,8 +410,8 @@ class Bench:
         done = saver.finish() if saver is not None else t_end
         foreign = watch.foreign()
         wall = time.perf_counter() - t0
-        if foreign is not None and self.daemon is not None:  # the daemon is ours, not "other"
-            daemon_cpu = self.daemon.cpu_s() - daemon_cpu0
+        if foreign is not None:  # the daemons are ours, not "other"
+            daemon_cpu = self.daemon_cpu_s() - daemon_cpu0
             foreign = max(0.0, foreign - daemon_cpu / (wall * (os.cpu_count() or 1)))
         extra = saver.extra() if saver is not None else {}
         if saver is not None:
@@ -494,9 +501,9 @@ def report(runs: list[Run], reps: int) -> tuple[str, list[dict[str, Any]]]:
     notes = []
     for rec in records:
         ex = rec["extra"]
-        if rec["method"] == CKPTD and ex:
+        if rec["method"] in (CKPTD, CKPTD_NICE0) and ex:
             notes.append(
-                f"- ckptd: persist_s (daemon, per checkpoint) median "
+                f"- {rec['method']}: persist_s (daemon, per checkpoint) median "
                 f"{ex['persist_s_median']['median']:.2f} s; stored "
                 f"{ex['stored_bytes_median']['median'] / MB:.0f} MB per checkpoint; "
                 f"snapshots skipped: {ex['skipped']['max']:.0f}"

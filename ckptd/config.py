@@ -66,6 +66,7 @@ class DaemonConfig:
     max_queue: int = 64
     idle_exit_s: float = 0.0
     log_level: str = "info"
+    worker_nice: int = 10
 
 
 @dataclass(frozen=True)
@@ -239,6 +240,7 @@ def _daemon(d: dict[str, Any]) -> DaemonConfig:
         max_queue=_int(d.get("max_queue", 64), "daemon.max_queue", 1, 100_000),
         idle_exit_s=float(idle),
         log_level=level,
+        worker_nice=_int(d.get("worker_nice", 10), "daemon.worker_nice", 0, 19),
     )
 
 

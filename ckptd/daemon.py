@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections import deque
@@ -109,7 +110,10 @@ class Daemon:
         self._idle_since = time.monotonic()
         self._signals = 0
         self.chunk_pool = ThreadPoolExecutor(
-            max(1, config.store.threads), thread_name_prefix="ckptd-chunk"
+            max(1, config.store.threads),
+            thread_name_prefix="ckptd-chunk",
+            initializer=lower_priority,
+            initargs=(config.daemon.worker_nice,),
         )
         self.commit_pool = ThreadPoolExecutor(1, thread_name_prefix="ckptd-commit")
         self.loop: asyncio.AbstractEventLoop  # set by run()
@@ -483,7 +487,7 @@ class Daemon:
         """Re-read the config file; on error keep the old config. True when something changed.
 
         Store, codec, queue, group and idle settings apply from the next snapshot on; the socket,
-        root and metrics endpoint need a restart.
+        root, metrics endpoint, ``store.threads`` and ``daemon.worker_nice`` need a restart.
         """
         source = self.config.source
         if source is None:
@@ -569,6 +573,21 @@ class Daemon:
             "config": str(self.config.source) if self.config.source else None,
             "config_loaded_at": self.config_loaded_at,
         }
+
+
+def lower_priority(nice: int) -> None:
+    """Lower the calling thread's CPU priority by ``nice`` steps (Linux keeps a nice value per
+    thread). The write pipeline's threads run this first: on a machine whose cores also train,
+    hashing and compressing a checkpoint take the CPU training leaves idle instead of slowing the
+    training down, while the control plane keeps answering at the daemon's own priority."""
+    if nice <= 0:
+        return
+    tid = threading.get_native_id()
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, current + nice))
+    except OSError as exc:  # e.g. a seccomp filter: run at normal priority
+        log.warning("could not lower the priority of a write thread by %d: %s", nice, exc)
 
 
 def _clear_frames(exc: BaseException | None) -> None:

@@ -212,6 +212,33 @@ def test_one_slot_reused_for_states_whose_layout_changes(daemon: Daemon) -> None
         assert_same(got, state, f"step {step}")
 
 
+def thread_nices(pid: int) -> dict[int, int]:
+    """tid -> nice value of every thread of ``pid`` (field 19 of /proc/PID/task/TID/stat)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except FileNotFoundError:
+            continue  # the thread ended
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+        out[int(task.name)] = int(fields[16])
+    return out
+
+
+@pytest.mark.parametrize("nice", [10, 0])
+def test_write_threads_run_below_the_control_plane(daemons: DaemonFactory, nice: int) -> None:
+    daemon = daemons.start(config=f"[daemon]\nworker_nice = {nice}\n[store]\nthreads = 3\n")
+    with connect(daemon, "nice", strict=True) as client:
+        # 40 MiB: five 8 MiB chunks, so every one of the 3 write threads gets started.
+        client.snapshot(state=make_state(1, 40), step=1, rng=False).wait(timeout=60)
+        nices = thread_nices(daemon.pid)
+    assert nices[daemon.pid] == 0  # the main thread: the control plane, accepting snapshots
+    assert sorted(nices.values()).count(nice) >= (3 if nice else len(nices))
+    if nice:
+        assert set(nices.values()) == {0, nice}
+    assert ckptd_client.load("nice", 1, root=daemon.root)["meta"]["seed"] == 1
+
+
 # ---- 3. a trainer SIGKILLed right after snapshot() ---------------------------------------------
 
 CRASHING_TRAINER = """

@@ -18,7 +18,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 90
-METHODS = {"none", "ckptd", "torch.save", "dcp.async", "dcp.save"}
+METHODS = {"none", "ckptd", "ckptd-nice0", "torch.save", "dcp.async", "dcp.save"}
 
 
 def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:

@@ -144,6 +144,14 @@ def test_shipped_example_config_loads_as_the_defaults(env: Path) -> None:
             "store.pack_bytes: must not exceed store.chunk_bytes (8388608), got 9437184",
         ),
         ("[store]\nthreads = 0", "store.threads: expected an integer >= 1 and <= 256, got 0"),
+        (
+            "[daemon]\nworker_nice = 20",
+            "daemon.worker_nice: expected an integer >= 0 and <= 19, got 20",
+        ),
+        (
+            "[daemon]\nworker_nice = -1",
+            "daemon.worker_nice: expected an integer >= 0 and <= 19, got -1",
+        ),
         ("[store]\nthreads = 257", "store.threads: expected an integer >= 1 and <= 256, got 257"),
         ('[store]\nthreads = "2"', "store.threads: expected an integer >= 1 and <= 256, got '2'"),
         ("[store]\nthreads = true", "store.threads: expected an integer >= 1 and <= 256, got True"),
