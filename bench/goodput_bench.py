@@ -27,13 +27,15 @@ its first run (dcp's first call sets up its planner and the stager's buffers, li
 
 Measured per run: the loop's wall time (first step to the return of the last step's checkpoint
 call), the total seconds spent inside checkpoint calls (``stall``), and ``tail``: from the loop's
-end until the last checkpoint is durable (0 for the blocking methods). ``% of none`` is the run's
-steps/s over the steps/s of the ``none`` run of the same rep; the methods run in an order that
-rotates each rep (``--reps``, default 3); the table shows median [min-max] over the reps.
-``slowdown beyond stall`` = loop s - stall s - loop s of ``none`` (same rep): the time the loop lost
-to background work competing for the CPUs.
+end until the last checkpoint is durable (0 for the blocking methods). The machine's speed drifts
+by tens of percent within minutes, so every method's run is paired with a ``none`` run right
+before it: ``% of none`` is the run's steps/s over its paired ``none`` run's steps/s. The methods
+run in an order that rotates each rep (``--reps``, default 3); the table shows median [min-max]
+over the reps (the ``none`` row: over all its runs). ``slowdown beyond stall`` = loop s - stall s -
+loop s of the paired ``none``: the time the loop lost to background work competing for the CPUs.
 
-Run: ``.venv/bin/python -m bench.goodput_bench [--steps 60] [--every 10] [--reps 3] [--quick]``;
+Run: ``.venv/bin/python -m bench.goodput_bench [--steps 60] [--every 10] [--reps 3] [--quick]
+[--methods ckptd,ckptd-nice0]``;
 results go to ``bench/results/goodput_bench.jsonl`` (``goodput_bench-quick.jsonl`` for --quick).
 """
 
@@ -312,6 +314,7 @@ class Run:
     tail_s: float
     foreign: float | None
     extra: dict[str, float] = field(default_factory=dict)
+    ref: Run | None = None  # the no-checkpoint run right before this one
 
     @property
     def steps_per_s(self) -> float:
@@ -436,21 +439,23 @@ def settle() -> None:
 
 
 def report(runs: list[Run], reps: int) -> tuple[str, list[dict[str, Any]]]:
-    by_rep: dict[int, dict[str, Run]] = {}
-    for r in runs:
-        by_rep.setdefault(r.rep, {})[r.method] = r
     rows: list[list[str]] = []
     records: list[dict[str, Any]] = []
     for name in METHODS:
-        got = [by_rep[k][name] for k in sorted(by_rep) if name in by_rep[k]]
+        got = [r for r in runs if r.method == name]
         if not got:
             continue
-        pct = Spread.of([100 * r.steps_per_s / by_rep[r.rep][NONE].steps_per_s for r in got])
+        refs = [r if r.ref is None else r.ref for r in got]
+        pct = Spread.of(
+            [100 * r.steps_per_s / ref.steps_per_s for r, ref in zip(got, refs, strict=True)]
+        )
         sps = Spread.of([r.steps_per_s for r in got])
         stall = Spread.of([r.stall_s for r in got])
         tail = Spread.of([r.tail_s for r in got])
         loop = Spread.of([r.loop_s for r in got])
-        beyond = Spread.of([r.loop_s - r.stall_s - by_rep[r.rep][NONE].loop_s for r in got])
+        beyond = Spread.of(
+            [r.loop_s - r.stall_s - ref.loop_s for r, ref in zip(got, refs, strict=True)]
+        )
         per_ckpt = Spread.of([r.stall_s / r.checkpoints for r in got if r.checkpoints] or [0.0])
         is_ref = name == NONE
         rows.append(
@@ -536,6 +541,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="where checkpoints are written (a fresh subdirectory is made and removed); "
         "default $TMPDIR (/tmp)",
     )
+    ap.add_argument(
+        "--methods",
+        default="",
+        help=f"comma-separated methods to measure (default all: {', '.join(METHODS[1:])}); "
+        "each is paired with a no-checkpoint run",
+    )
     ap.add_argument("--out", type=Path, default=None, help="JSON lines file")
     args = ap.parse_args(argv)
     steps = args.steps if args.steps is not None else (6 if args.quick else 60)
@@ -543,6 +554,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     reps = args.reps if args.reps is not None else (1 if args.quick else 3)
     if steps < 1 or every < 1 or reps < 1:
         ap.error("--steps, --every and --reps must be >= 1")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] or METHODS[1:]
+    unknown = set(methods) - set(METHODS[1:])
+    if unknown:
+        ap.error(f"--methods: unknown {sorted(unknown)}; known: {', '.join(METHODS[1:])}")
     size = QUICK_SIZE if args.quick else DEFAULT_SIZE
     out_path = args.out or default_out("goodput_bench", args.quick)
     for var in ("CKPTD_ROOT", "CKPTD_CONFIG", "CKPTD_SOCKET"):
@@ -563,8 +578,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             bench.start()
             for rep in range(reps):
-                for name in rotated(METHODS, rep):
-                    runs.append(bench.run(name, rep, steps, every))
+                for name in rotated(methods, rep):
+                    ref = bench.run(NONE, rep, steps, every)
+                    run = bench.run(name, rep, steps, every)
+                    run.ref = ref
+                    runs += [ref, run]
         finally:
             stopped = bench.close()
     text, records = report(runs, reps)
