@@ -35,7 +35,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FuncFormatter
 
-from bench.scaling import Scaling, analyse, read_points
+from bench.scaling import SMALL_BYTES, Scaling, analyse, read_points
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MB = 1_000_000
@@ -135,10 +135,17 @@ def plot_scaling(s: Scaling, out: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.8), dpi=110)
     xs = [p.gb for p in s.points]
     top = max(xs) * 1.05
-    for label, ys, line, marker in (
-        ("copy_ floor", [p.floor_s for p in s.points], s.floor, "o"),
-        ("ckptd snapshot(), steady", [p.stall_s for p in s.points], s.stall, "s"),
-    ):
+    # Lines through the sizes that leave memory free (when there are enough), extrapolated: the
+    # larger sizes show how far memory pressure takes them off the line.
+    small = [p for p in s.points if p.state_bytes <= SMALL_BYTES]
+    fitted = analyse(small) if 3 <= len(small) < len(s.points) else s
+    span = "<= 1.5 GB" if fitted is not s else "all sizes"
+    series = [("copy_, one pass (floor)", [p.floor_s for p in s.points], fitted.floor, "o")]
+    if fitted.warm is not None:
+        warm = [p.warm_floor_s or 0.0 for p in s.points]
+        series.append(("copy_, warm (memory bandwidth)", warm, fitted.warm, "^"))
+    series.append(("ckptd snapshot(), steady", [p.stall_s for p in s.points], fitted.stall, "s"))
+    for label, ys, line, marker in series:
         (dots,) = left.plot(xs, [y * 1e3 for y in ys], marker, label=label)
         left.plot(
             [0, top],
@@ -146,11 +153,12 @@ def plot_scaling(s: Scaling, out: Path) -> None:
             "-",
             color=dots.get_color(),
             alpha=0.6,
-            label=f"fit: {line.slope * 1e3:.0f} ms/GB {line.intercept * 1e3:+.0f} ms",
+            label=f"fit {span}: {line.slope * 1e3:.0f} ms/GB {line.intercept * 1e3:+.0f} ms",
         )
     left.set_xlabel("state size (GB)")
     left.set_ylabel("ms blocked (median)")
-    left.set_title(f"Stall vs size: slope ratio {s.slope_ratio:.2f}")
+    ref = "warm copy" if fitted.warm is not None else "copy"
+    left.set_title(f"Stall vs size: ckptd slope / {ref} slope {fitted.slope_ratio:.2f} ({span})")
     left.grid(True, alpha=0.3)
     left.legend(fontsize=8)
     rss = [(p.gb, p.rss_anon_peak_mib, p.rss_anon_idle_mib) for p in s.points]

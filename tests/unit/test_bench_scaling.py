@@ -12,7 +12,9 @@ from bench import scaling
 MiB = 1 << 20
 
 
-def write_run(results: Path, tag: str, state_bytes: int, floor_s: float, stall_s: float) -> None:
+def write_run(
+    results: Path, tag: str, state_bytes: int, floor_s: float, stall_s: float, warm: bool = False
+) -> None:
     """A minimal snapshot_bench-<tag>.jsonl: the floor, ckptd, and the default daemon's memory."""
 
     def spread(v: float) -> dict[str, object]:
@@ -20,7 +22,13 @@ def write_run(results: Path, tag: str, state_bytes: int, floor_s: float, stall_s
 
     common = {"size": tag, "state_bytes": state_bytes, "reps": 1}
     records = [
-        {**common, "kind": "method", "method": "floor", "blocked_s": spread(floor_s)},
+        {
+            **common,
+            "kind": "method",
+            "method": "floor",
+            "blocked_s": spread(floor_s),
+            "extra": {"warm_s": spread(floor_s / 2)} if warm else {},
+        },
         {
             **common,
             "kind": "method",
@@ -72,6 +80,21 @@ def test_scaling_reads_the_synthetic_sizes_and_fits_stall_against_the_copy(
     assert "stall slope / copy slope: 1.00" in capsys.readouterr().out
     kinds = [json.loads(line)["kind"] for line in out.read_text().splitlines()]
     assert kinds.count("point") == 3 and kinds.count("fit") == 3
+
+
+def test_the_warm_copy_is_the_slope_reference_when_every_size_has_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The single pass is twice the warm copy at every size; ckptd follows the single pass.
+    for tag, gb in (("64MiB", 0.067), ("256MiB", 0.268), ("1GiB", 1.07), ("4GiB", 4.3)):
+        write_run(tmp_path, tag, int(gb * 1e9), 0.15 * gb, 0.15 * gb + 0.01, warm=True)
+    s = scaling.analyse(scaling.read_points(tmp_path))
+    assert s.warm is not None and s.warm.slope == pytest.approx(0.075)
+    assert s.slope_ratio == pytest.approx(2.0)  # ckptd's slope over the warm copy's
+    assert scaling.main(["--results", str(tmp_path), "--out", str(tmp_path / "s.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert "stall slope / warm copy slope: 2.00" in out
+    assert "Up to 1.5 GB only (64MiB, 256MiB, 1GiB" in out  # 4 GiB fitted apart
 
 
 def test_scaling_with_fewer_than_two_sizes_says_what_to_run(
