@@ -1,0 +1,301 @@
+"""The README's benchmark tables, from the JSON lines in ``bench/results/``.
+
+Every table in the README's benchmark sections is printed by this script from the result files
+the benchmarks wrote, so the README can be regenerated (and checked) instead of copied by hand:
+
+* goodput (``goodput_bench.jsonl``): steps/s as % of the loop without checkpoints, stall per
+  checkpoint, time from the loop's end to the last durable checkpoint;
+* snapshot by size (``snapshot_bench-<size>.jsonl``): copy floor, ckptd's steady stall, the best
+  ``dcp.async_save`` stall, ``torch.save`` + fsync, durable latency, the daemon's peak RssAnon;
+* the whole snapshot table for one size (``--size``, default 1GiB);
+* store (``store_bench-<size>.jsonl``): saves and restores;
+* codec (``codec_bench.jsonl``);
+* the targets of the store and daemon issues, met or missed.
+
+Run: ``.venv/bin/python -m bench.summary [--results DIR] [--size 1GiB]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench._common import MB, MiB, markdown_table
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+SNAPSHOT_SIZES = ("64MiB", "256MiB", "minilm", "1GiB", "4GiB")
+DCP_ASYNC = ("dcp.async-default", "dcp.async-reused", "dcp.async-process")
+Record = dict[str, Any]
+
+
+def read(path: Path) -> list[Record]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def spread(s: Record | None, digits: int = 3) -> str:
+    if not s:
+        return "—"
+    return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}-{s['max']:.{digits}f}]"
+
+
+def med(s: Record | None) -> float | None:
+    return None if not s else float(s["median"])
+
+
+def fmt(v: float | None, digits: int = 3, suffix: str = "") -> str:
+    return "—" if v is None else f"{v:.{digits}f}{suffix}"
+
+
+def goodput(results: Path) -> str | None:
+    recs = [r for r in read(results / "goodput_bench.jsonl") if r.get("kind") == "goodput"]
+    if not recs:
+        return None
+    first = recs[0]
+    rows = [
+        [
+            r["label"],
+            "100 (reference)" if r["method"] == "none" else spread(r["pct_of_none"], 1),
+            "—" if r["method"] == "none" else spread(r["stall_per_checkpoint_s"]),
+            "—" if r["method"] == "none" else fmt(med(r["tail_s"]), 2),
+        ]
+        for r in recs
+    ]
+    shares = [f for r in recs for f in r.get("foreign_cpu") or [] if f is not None]
+    head = (
+        f"{first['params'] / 1e6:.1f}M-parameter transformer LM, "
+        f"{first['state_bytes'] / MB:.0f} MB of model + AdamW state, a checkpoint every "
+        f"{first['every']} of {first['steps']} steps, "
+        f"median [min-max] of {first['reps']} reps (--reps {first['reps']}), each method's run "
+        "paired with a no-checkpoint run right before it; other processes used at most "
+        f"{max(shares, default=0):.0%} of the CPUs in any run"
+    )
+    return (
+        head
+        + "\n\n"
+        + markdown_table(
+            ["method", "steps/s, % of no checkpoints", "stall s / checkpoint", "end → durable s"],
+            rows,
+        )
+    )
+
+
+@dataclass
+class SnapshotRun:
+    """One ``snapshot_bench-<size>.jsonl``: its method rows, the default daemon's memory record
+    and its target records."""
+
+    methods: dict[str, Record] = field(default_factory=dict)
+    memory: Record | None = None
+    targets: list[Record] = field(default_factory=list)
+
+
+def snapshot_runs(results: Path) -> dict[str, SnapshotRun]:
+    runs: dict[str, SnapshotRun] = {}
+    for tag in SNAPSHOT_SIZES:
+        recs = read(results / f"snapshot_bench-{tag}.jsonl")
+        if not recs:
+            continue
+        run = runs[tag] = SnapshotRun()
+        for r in recs:
+            if r.get("kind") == "method":
+                run.methods[r["method"]] = r
+            elif r.get("kind") == "daemon_memory" and r.get("daemon") == "default":
+                run.memory = r
+            elif r.get("kind") == "target":
+                run.targets.append(r)
+    return runs
+
+
+def best_dcp_async(run: SnapshotRun) -> Record | None:
+    present = [run.methods[m] for m in DCP_ASYNC if m in run.methods]
+    return min(present, key=lambda r: r["blocked_s"]["median"]) if present else None
+
+
+def snapshot_by_size(results: Path) -> str | None:
+    runs = snapshot_runs(results)
+    rows = []
+    for tag, run in runs.items():
+        m = run.methods
+        floor, ckptd, torch_save = m.get("floor"), m.get("ckptd"), m.get("torch.save")
+        if not (floor and ckptd and torch_save):
+            continue
+        dcp = best_dcp_async(run)
+        mem = run.memory
+        name = "MiniLM-L6 + AdamW" if tag == "minilm" else tag
+        rows.append(
+            [
+                f"{name} ({ckptd['state_bytes'] / MB:.0f} MB, {ckptd['reps']} reps)",
+                fmt(med(floor["blocked_s"])),
+                f"**{fmt(med(ckptd['blocked_s']))}** ({fmt(med(ckptd['blocked_vs_floor']), 2)}x)",
+                "—"
+                if dcp is None
+                else f"{fmt(med(dcp['blocked_s']))} ({fmt(med(dcp['blocked_vs_floor']), 2)}x)",
+                fmt(med(torch_save["blocked_s"])),
+                f"{fmt(med(ckptd['done_s']), 2)} ({fmt(med(ckptd['done_vs_torch_save']), 2)}x)",
+                "—" if mem is None else f"{mem['peak_rss_anon'] / MiB:.0f}",
+            ]
+        )
+    if not rows:
+        return None
+    return markdown_table(
+        [
+            "state",
+            "copy floor s",
+            "ckptd stall s (x floor)",
+            "best dcp.async_save stall s (x floor)",
+            "torch.save+fsync s",
+            "ckptd durable s (x torch.save)",
+            "daemon peak RssAnon MiB",
+        ],
+        rows,
+    )
+
+
+def snapshot_full(results: Path, size: str) -> str | None:
+    run = snapshot_runs(results).get(size)
+    if not run or not run.methods:
+        return None
+    rows = []
+    for r in run.methods.values():
+        rows.append(
+            [
+                r["label"],
+                spread(r["blocked_s"]),
+                fmt(med(r["blocked_vs_floor"]), 2),
+                spread(r["done_s"], 2),
+                fmt(med(r["done_vs_torch_save"]), 2),
+            ]
+        )
+    any_rec = next(iter(run.methods.values()))
+    head = (
+        f"{any_rec['params'] / 1e6:.1f}M parameters + AdamW, {any_rec['state_bytes'] / MB:.0f} MB, "
+        f"{any_rec['tensors']} tensors; median [min-max] of {any_rec['reps']} reps"
+    )
+    table = markdown_table(
+        ["method", "blocked s", "x copy floor", "durable s", "x torch.save+fsync"], rows
+    )
+    return head + "\n\n" + table
+
+
+def store(results: Path, size: str) -> str | None:
+    recs = [r for r in read(results / f"store_bench-{size}.jsonl") if r.get("kind") == "store"]
+    if not recs:
+        return None
+    rows = [
+        [
+            r["phase"],
+            r["label"],
+            spread(r["seconds"], 2),
+            fmt(med(r.get("vs_reference")), 2),
+            "" if not r.get("stored_bytes") else f"{r['stored_bytes'] / r['raw_bytes']:.3f}",
+        ]
+        for r in recs
+    ]
+    head = (
+        f"{recs[0]['params'] / 1e6:.1f}M parameters + AdamW, {recs[0]['raw_bytes'] / MB:.0f} MB; "
+        "x ref: per rep, to torch.save+fsync (saves) or torch.load (restores) of the same rep"
+    )
+    table = markdown_table(["phase", "method", "seconds", "x ref", "stored/raw"], rows)
+    return head + "\n\n" + table
+
+
+def codec(results: Path) -> str | None:
+    recs = [r for r in read(results / "codec_bench.jsonl") if r.get("kind") == "codec"]
+    if not recs:
+        return None
+    rows = [
+        [
+            r["dataset"],
+            r["method"],
+            f"{r['ratio']:.3f}",
+            spread(r["compress_mbps"], 0),
+            spread(r["decompress_mbps"], 0),
+        ]
+        for r in recs
+    ]
+    return markdown_table(
+        ["data", "method", "stored/raw", "compress MB/s", "decompress MB/s"], rows
+    )
+
+
+def targets(results: Path) -> str | None:
+    rows = []
+    runs = snapshot_runs(results)
+    for tag in ("1GiB", "4GiB"):
+        run = runs.get(tag)
+        for t in run.targets if run else []:
+            if not t.get("applies", True):
+                continue
+            unit = " MiB" if "MiB" in t["name"] else "x"
+            op = ">=" if "/ steady stall" in t["name"] else "<="
+            rows.append(
+                [
+                    f"{t['name']} ({tag})",
+                    f"{op} {t['limit']:g}{unit}",
+                    f"{t['value']:.2f}{unit}",
+                    "met" if t["met"] else "**missed**",
+                ]
+            )
+    for t in read(results / "codec_bench.jsonl"):
+        if t.get("kind") == "target":
+            ratio = t["metric"] == "stored/raw"
+            op = "<=" if ratio else ">="
+            rows.append(
+                [
+                    f"codec {t['metric']}, {t['dataset']}",
+                    f"{op} {t['goal']:g}",
+                    f"{t['value']:.3f}" if ratio else f"{t['value']:.0f}",
+                    "met" if t["met"] else "**missed**",
+                ]
+            )
+    if not rows:
+        return None
+    return markdown_table(["target", "goal", "measured", ""], rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--results", type=Path, default=RESULTS_DIR, help="where the JSON lines are")
+    ap.add_argument("--size", default="1GiB", help="size of the full snapshot and store tables")
+    args = ap.parse_args(argv)
+    results: Path = args.results
+    sections = [
+        ("Goodput (`python -m bench.goodput_bench --reps N`)", goodput(results)),
+        (
+            "Snapshot by state size (`bench/snapshot_bench.py --size SIZE`)",
+            snapshot_by_size(results),
+        ),
+        (
+            f"Snapshot, {args.size} (`bench/snapshot_bench.py --size {args.size}`)",
+            snapshot_full(results, args.size),
+        ),
+        (
+            f"Store, {args.size} (`python -m bench.store_bench --size {args.size}`)",
+            store(results, args.size),
+        ),
+        (
+            "Store, MiniLM-L6 + AdamW (`python -m bench.store_bench --size minilm`)",
+            store(results, "minilm"),
+        ),
+        ("Codec (`python -m bench.codec_bench`)", codec(results)),
+        ("Targets", targets(results)),
+    ]
+    shown = 0
+    for title, body in sections:
+        if body is None:
+            print(f"({title}: no results in {results})\n", file=sys.stderr)
+            continue
+        print(f"#### {title}\n\n{body}\n")
+        shown += 1
+    return 0 if shown else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
