@@ -232,10 +232,12 @@ def test_write_threads_run_below_the_control_plane(daemons: DaemonFactory, nice:
         # 40 MiB: five 8 MiB chunks, so every one of the 3 write threads gets started.
         client.snapshot(state=make_state(1, 40), step=1, rng=False).wait(timeout=60)
         nices = thread_nices(daemon.pid)
-    assert nices[daemon.pid] == 0  # the main thread: the control plane, accepting snapshots
-    assert sorted(nices.values()).count(nice) >= (3 if nice else len(nices))
-    if nice:
-        assert set(nices.values()) == {0, nice}
+    base = os.getpriority(os.PRIO_PROCESS, 0)  # the daemon inherits the test's nice value
+    assert nices[daemon.pid] == base  # the main thread: the control plane, accepting snapshots
+    lowered = min(19, base + nice)
+    assert sorted(nices.values()).count(lowered) >= (3 if nice else len(nices))
+    if nice and lowered != base:
+        assert set(nices.values()) == {base, lowered}
     assert ckptd_client.load("nice", 1, root=daemon.root)["meta"]["seed"] == 1
 
 
