@@ -8,7 +8,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -21,6 +20,8 @@ from typing import Any, Generic, TypeVar
 
 import psutil
 import torch
+
+from ckptd.protocol import can_connect
 
 T = TypeVar("T")
 
@@ -283,15 +284,7 @@ class BenchDaemon:
             )
         self.pid = self.proc.pid
         deadline = time.monotonic() + 60
-        while True:
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            try:
-                probe.connect(str(sock))
-                break
-            except OSError:
-                pass
-            finally:
-                probe.close()
+        while not can_connect(sock):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 tail = " | ".join(self.log.read_text(errors="replace").splitlines()[-5:])
                 self.stop()

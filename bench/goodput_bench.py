@@ -84,8 +84,6 @@ from bench._common import (
 )
 from ckptd_client import Client, PendingSnapshot
 
-REPO = Path(__file__).resolve().parents[1]
-
 NONE = "none"
 CKPTD = "ckptd"
 CKPTD_NICE0 = "ckptd-nice0"

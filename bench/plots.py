@@ -35,9 +35,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FuncFormatter
 
+from bench._common import RESULTS_DIR
 from bench.scaling import SMALL_BYTES, Scaling, analyse, read_points
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MB = 1_000_000
 
 

@@ -28,9 +28,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench._common import MB, MiB, markdown_table
+from bench._common import MB, RESULTS_DIR, MiB, markdown_table
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SIZE_TAGS = ("64MiB", "256MiB", "1GiB", "4GiB")
 GB = 1e9
 # Also fit the sizes up to this: at 4 GiB the run holds ~20 GiB (state, copy buffers, two slots)

@@ -80,6 +80,8 @@ from torch.distributed.checkpoint.state_dict_saver import (
 
 from bench._common import (
     MB,
+    REPO,
+    RESULTS_DIR,
     BenchDaemon,
     JsonLines,
     MiB,
@@ -97,8 +99,6 @@ from bench.minilm import fine_tuned
 from ckptd.store import Store
 from ckptd_client import Client
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS_DIR = REPO / "bench" / "results"
 GiB = 1 << 30
 
 # --size -> (bytes, model width, encoder layers); the embedding takes the rest of the parameters.

@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench._common import MB, MiB, markdown_table
+from bench._common import MB, RESULTS_DIR, MiB, markdown_table
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SNAPSHOT_SIZES = ("64MiB", "256MiB", "minilm", "1GiB", "4GiB")
 DCP_ASYNC = ("dcp.async-default", "dcp.async-reused", "dcp.async-process")
 Record = dict[str, Any]

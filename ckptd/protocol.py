@@ -36,6 +36,7 @@ import array
 import itertools
 import json
 import math
+import os
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -120,6 +121,18 @@ def recv_packet(sock: socket.socket) -> tuple[bytes | None, list[int]]:
     if not data and not fds:
         return None, []
     return data, fds
+
+
+def can_connect(path: str | os.PathLike[str]) -> bool:
+    """Whether something accepts SEQPACKET connections on the Unix socket ``path`` right now."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(os.fspath(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
 def close_fds(fds: list[int]) -> None:

@@ -48,6 +48,7 @@ from ckptd.protocol import (
     LayoutEntry,
     Message,
     align,
+    can_connect,
     encode_layout,
     metric_to_wire,
     recv_message,
@@ -322,14 +323,8 @@ def spawn_daemon(socket_path: Path, root: Path, timeout_s: float = 60.0) -> None
     log.info("started ckptd (pid %d) on %s, log %s", proc.pid, socket_path, log_path)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            probe.connect(str(socket_path))
+        if can_connect(socket_path):
             return
-        except OSError:
-            pass
-        finally:
-            probe.close()
         if proc.poll() is not None and proc.returncode != 0:
             tail = log_path.read_text(errors="replace").splitlines()[-5:]
             if any("already serving" in line for line in tail):

@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 import torch
 
-from ckptd.protocol import close_fds, recv_message, send_message
+from ckptd.protocol import can_connect, close_fds, recv_message, send_message
 
 REPO = Path(__file__).resolve().parents[2]
 CKPTD = Path(sys.executable).parent / "ckptd"
@@ -67,17 +67,6 @@ def short_tmp() -> Path:
 
 
 # ---- talking to a daemon -----------------------------------------------------------------------
-
-
-def can_connect(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    try:
-        probe.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
 
 
 def query(path: Path, op: str = "status", timeout_s: float = 10.0) -> dict[str, Any]:
