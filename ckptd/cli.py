@@ -482,7 +482,7 @@ def start_cmd(
     sys.exit(code)
 
 
-def _ask(socket_path: str | None, op: str) -> dict[str, Any]:
+def _ask(socket_path: str | None, op: str, **fields: Any) -> dict[str, Any]:
     from ckptd.config import resolve_socket
     from ckptd.protocol import recv_message, send_message
 
@@ -495,7 +495,7 @@ def _ask(socket_path: str | None, op: str) -> dict[str, Any]:
         try:
             sock.connect(str(path))
             try:
-                send_message(sock, {"op": op})
+                send_message(sock, {"op": op, "id": 1, **fields})
             except OSError:
                 pass  # a refused peer finds the daemon's reason queued below
             reply, _fds = recv_message(sock)
@@ -518,10 +518,12 @@ def _ask(socket_path: str | None, op: str) -> dict[str, Any]:
 @cli.command("status")
 @click.option("--socket", "socket_path", metavar="PATH", default=None, help="Daemon socket.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-def status_cmd(socket_path: str | None, as_json: bool) -> None:
+@click.option("--job", default=None, help="Only this job's clients and last commits.")
+def status_cmd(socket_path: str | None, as_json: bool, job: str | None) -> None:
     """Show the daemon's state: clients, queue, last commits, errors."""
-    st = _ask(socket_path, "status")
+    st = _ask(socket_path, "status", **({} if job is None else {"job": job}))
     st.pop("op", None)
+    st.pop("id", None)
     if as_json:
         out.print_json(json.dumps(st))
         return
@@ -530,7 +532,7 @@ def status_cmd(socket_path: str | None, as_json: bool) -> None:
         f"ckptd {st['version']} pid {st['pid']} ({st['mode']} mode), up {st['uptime_s']:.0f} s"
         + (" [draining]" if st["stopping"] else ""),
         f"socket {st['socket']}   root {st['root']}",
-        f"clients {len(st['clients'])}   queue {st['queue']}   in flight "
+        f"clients {st.get('clients_total', len(st['clients']))}   queue {st['queue']}   in flight "
         f"{human_bytes(st['inflight_bytes'])}   writing "
         f"{st['writing']['job'] + '@' + str(st['writing']['step']) if st['writing'] else '-'}",
         f"commits {st['commits']}   failures {sum(st['failures'].values())} {st['failures'] or ''}"

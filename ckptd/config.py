@@ -67,6 +67,10 @@ class DaemonConfig:
     idle_exit_s: float = 0.0
     log_level: str = "info"
     worker_nice: int = 10
+    max_clients_per_uid: int = 64
+    max_slots_per_uid: int = 256
+    max_slot_bytes: int = 0
+    """0: the machine's memory size (which also caps any configured value)."""
 
 
 @dataclass(frozen=True)
@@ -241,6 +245,13 @@ def _daemon(d: dict[str, Any]) -> DaemonConfig:
         idle_exit_s=float(idle),
         log_level=level,
         worker_nice=_int(d.get("worker_nice", 10), "daemon.worker_nice", 0, 19),
+        max_clients_per_uid=_int(
+            d.get("max_clients_per_uid", 64), "daemon.max_clients_per_uid", 1, 100_000
+        ),
+        max_slots_per_uid=_int(
+            d.get("max_slots_per_uid", 256), "daemon.max_slots_per_uid", 1, 100_000
+        ),
+        max_slot_bytes=_size(d.get("max_slot_bytes", 0), "daemon.max_slot_bytes", 0, "0"),
     )
 
 
@@ -259,10 +270,14 @@ SYSTEM_SOCKET = Path("/run/ckptd/ckptd.sock")
 
 
 def user_socket() -> Path:
-    """The per-user socket: ``$XDG_RUNTIME_DIR/ckptd/ckptd.sock``, else ``/tmp/ckptd-<uid>/``."""
+    """The per-user socket: ``$XDG_RUNTIME_DIR/ckptd/ckptd.sock``, else
+    ``<tmp>/ckptd-<uid>/ckptd.sock`` (``<tmp>``: ``$TMPDIR`` or ``/tmp``). Clients check that the
+    directory is the user's own before they use it (see ``ckptd_client.client``)."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
-    base = Path(runtime) / "ckptd" if runtime else Path(f"/tmp/ckptd-{os.getuid()}")
-    return base / "ckptd.sock"
+    if runtime:
+        return Path(runtime) / "ckptd" / "ckptd.sock"
+    tmp = os.environ.get("TMPDIR") or "/tmp"
+    return Path(tmp) / f"ckptd-{os.getuid()}" / "ckptd.sock"
 
 
 def resolve_socket(explicit: Path | str | None, config: Config | None = None) -> Path:

@@ -11,15 +11,20 @@
   says ``STOPPING=1`` and exits 0. A second SIGTERM or SIGINT aborts at once (exit 1); the next
   start sweeps what was left in tmp.
 
-Threads: the loop thread owns every :class:`Connection`, the queue and the stats; the writer thread
-only runs :func:`write_checkpoint` and hands results back with ``call_soon_threadsafe``.
+Threads: the loop thread owns every :class:`Connection`, the queue and the stats, and never
+touches the filesystem while serving. The writer thread only runs :func:`write_checkpoint` and
+hands results back with ``call_soon_threadsafe``; the control threads do the filesystem work of
+attaching a client to a job and of the disk guard; admissions in progress count against the
+space of each other.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -27,15 +32,25 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from ckptd import __version__
 from ckptd.config import Config, load_config
 from ckptd.diskguard import DiskGuard
-from ckptd.errors import CkptdError, DaemonUnavailableError, DiskFullError, StorePermissionError
+from ckptd.errors import (
+    CkptdError,
+    DaemonUnavailableError,
+    DiskFullError,
+    ProtocolError,
+    SnapshotFailedError,
+    StorePermissionError,
+)
 from ckptd.metrics import Metrics
 from ckptd.pipeline import TensorSource, WriteResult, write_checkpoint
 from ckptd.prune import prune
@@ -53,6 +68,25 @@ from ckptd.store import Store
 from ckptd.systemd import notify, watchdog_interval_s
 
 log = logging.getLogger("ckptd.daemon")
+
+MAX_STATUS_COMMITS = 50
+"""``last_commit`` entries ``status`` returns (most recent first); the daemon remembers 4x that."""
+MAX_STATUS_CLIENTS = 100
+MAX_ACCEPT_BACKOFF_S = 5.0
+CONTROL_THREADS = 4
+"""Threads for the filesystem work of the control plane: one stuck filesystem (a hung NFS
+mount) holds one of them, not every client's hello."""
+
+
+@dataclass
+class DrainWaiter:
+    """A ``drain`` request waiting until its job has nothing accepted and uncommitted."""
+
+    conn: Connection
+    rid: int | None
+    root: Path
+    job: str
+    timer: asyncio.TimerHandle | None = None
 
 
 @dataclass
@@ -116,6 +150,13 @@ class Daemon:
             initargs=(config.daemon.worker_nice,),
         )
         self.commit_pool = ThreadPoolExecutor(1, thread_name_prefix="ckptd-commit")
+        self.control_pool = ThreadPoolExecutor(CONTROL_THREADS, thread_name_prefix="ckptd-control")
+        self._job_locks: dict[tuple[Path, str], threading.Lock] = {}
+        self._job_locks_lock = threading.Lock()
+        self.drain_waiters: list[DrainWaiter] = []
+        self._admitting_bytes: dict[Path, int] = {}
+        self._accept_backoff_s = 0.0
+        self.memory_bytes = psutil.virtual_memory().total
         self.loop: asyncio.AbstractEventLoop  # set by run()
         self._listener: socket.socket | None = None
         self._lock_fd: int | None = None
@@ -144,6 +185,7 @@ class Daemon:
             self.opened_jobs.add((store.root, job))
         if swept:
             log.info("swept %d tmp file(s) left by an earlier run under %s", swept, self.root)
+        raise_fd_limit()
         self._listener, self._lock_fd = bind_socket(self.socket_path, user=self.user)
         self.loop.add_reader(self._listener.fileno(), self._accept)
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -183,6 +225,8 @@ class Daemon:
             conn.close()
         self.chunk_pool.shutdown(wait=True)
         self.commit_pool.shutdown(wait=True)
+        # A control thread stuck on a hung filesystem must not keep the daemon from exiting.
+        self.control_pool.shutdown(wait=False, cancel_futures=True)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
         log.info("ckptd stopped (%d commits)", self.stats.commits)
@@ -217,22 +261,79 @@ class Daemon:
             sock, _ = self._listener.accept()
         except (BlockingIOError, InterruptedError):
             return
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                raise
+            # Out of descriptors: stop accepting for a while instead of spinning on the error.
+            self._accept_backoff_s = min(MAX_ACCEPT_BACKOFF_S, max(0.1, self._accept_backoff_s * 2))
+            log.warning(
+                "cannot accept connections (%s); pausing %.1f s (%d connections open)",
+                exc.strerror,
+                self._accept_backoff_s,
+                len(self.connections),
+            )
+            self.stats.record_error(f"accept: {exc.strerror}")
+            self.loop.remove_reader(self._listener.fileno())
+            self.loop.call_later(self._accept_backoff_s, self._resume_accept)
+            return
+        self._accept_backoff_s = 0.0
         sock.setblocking(False)
         peer = peer_of(sock)
         conn = Connection(self, sock, peer)
-        if not peer_allowed(peer, self._gids):
-            log.warning("refused connection from uid %d (pid %d): not allowed", peer.uid, peer.pid)
+        refusal = self._refuse_peer(peer)
+        if refusal is not None:
+            log.warning("refused connection from uid %d (pid %d): %s", peer.uid, peer.pid, refusal)
             self.stats.record_error(f"refused uid {peer.uid}")
-            groups = ", ".join(self.config.daemon.allowed_groups) or "none configured"
             # Answer its first message with the reason (closing before reading it would reset
             # the connection and lose the reply), or drop it after a few seconds of silence.
-            conn.refused = (
-                f"uid {peer.uid} may not use the ckptd daemon on {self.socket_path}: it admits "
-                f"uid {os.getuid()}, root and members of daemon.allowed_groups ({groups})"
-            )
+            conn.refused = refusal
             self.loop.call_later(5.0, conn.close)
         self.connections.add(conn)
         self.loop.add_reader(sock.fileno(), conn.on_readable)
+
+    def _resume_accept(self) -> None:
+        if self._listener is not None and not self.stopping:
+            self.loop.add_reader(self._listener.fileno(), self._accept)
+
+    def _refuse_peer(self, peer: Peer) -> str | None:
+        """Why ``peer`` may not use this daemon, or None."""
+        if not peer_allowed(peer, self._gids):
+            groups = ", ".join(self.config.daemon.allowed_groups) or "none configured"
+            return (
+                f"uid {peer.uid} may not use the ckptd daemon on {self.socket_path}: it admits "
+                f"uid {os.getuid()}, root and members of daemon.allowed_groups ({groups})"
+            )
+        limit = self.config.daemon.max_clients_per_uid
+        if sum(c.peer.uid == peer.uid for c in self.connections) >= limit:
+            return (
+                f"uid {peer.uid} already has {limit} connections to the ckptd daemon on "
+                f"{self.socket_path} (daemon.max_clients_per_uid); close clients you no longer "
+                "use"
+            )
+        return None
+
+    def slot_limit(self, uid: int, size: int) -> CkptdError | None:
+        """Why a slot of ``size`` bytes may not be registered for ``uid``, or None."""
+        cfg = self.config.daemon
+        cap = min(cfg.max_slot_bytes or self.memory_bytes, self.memory_bytes)
+        if size > cap:
+            return ProtocolError(
+                f"register: a slot of {size} bytes is larger than this daemon accepts ({cap} "
+                "bytes: daemon.max_slot_bytes, at most the machine's memory)"
+            )
+        mine = [s for c in self.connections if c.peer.uid == uid for s in c.slots.values()]
+        if len(mine) >= cfg.max_slots_per_uid:
+            return ProtocolError(
+                f"register: uid {uid} already has {len(mine)} slots registered "
+                "(daemon.max_slots_per_uid); close clients you no longer use"
+            )
+        total = sum(s.size for s in mine) + size
+        if total > 2 * self.memory_bytes:
+            return ProtocolError(
+                f"register: uid {uid}'s slots would hold {total} bytes, over twice the "
+                f"machine's memory ({self.memory_bytes} bytes); use fewer or smaller slots"
+            )
+        return None
 
     def connection_closed(self, conn: Connection) -> None:
         self.connections.discard(conn)
@@ -256,15 +357,23 @@ class Daemon:
             store = self.stores[path] = Store(path)
         return store
 
-    def open_job(self, store: Store, job: str) -> None:
-        """First use of a job in this daemon's life: sweep tmp files of a crashed writer."""
+    def first_use(self, store: Store, job: str) -> bool:
+        """True the first time a job is used in this daemon's life: the caller then creates its
+        directories and sweeps tmp files of a crashed writer (on the control thread)."""
         key = (store.root, job)
-        if key not in self.opened_jobs:
-            self.opened_jobs.add(key)
-            store.open_job(job)
-            swept = store.sweep_tmp(job)
-            if swept:
-                log.info("%s: swept %d stale tmp file(s)", job, swept)
+        if key in self.opened_jobs:
+            return False
+        self.opened_jobs.add(key)
+        return True
+
+    def forget_use(self, store: Store, job: str) -> None:
+        self.opened_jobs.discard((store.root, job))
+
+    def job_mutex(self, store: Store, job: str) -> threading.Lock:
+        """A lock per job that serializes its metadata work on the control threads (two
+        clients attaching to a new job at once must not both claim it)."""
+        with self._job_locks_lock:
+            return self._job_locks.setdefault((store.root, job), threading.Lock())
 
     # ---- admission and writing -------------------------------------------------------------
 
@@ -277,31 +386,92 @@ class Daemon:
         ratio = self.ratios.get((store.root, job), 1.0)
         return int(raw_bytes * ratio) + (raw_bytes >> 20) * 64 + 4096
 
-    def admission(self, store: Store, job: str, raw_bytes: int, estimate: int) -> CkptdError | None:
-        """None to accept a snapshot, or the error that refuses it."""
-        if self.stopping:
-            return DaemonUnavailableError("ckptd is shutting down; the snapshot was not accepted")
-        if len(self.queue) >= self.config.daemon.max_queue:
-            return DaemonUnavailableError(
-                f"ckptd's queue is full ({len(self.queue)} snapshots waiting); the disk is slower "
-                "than the snapshot rate: snapshot less often or raise daemon.max_queue"
-            )
-        error = self.guard.admit(store, estimate, self._queued_estimates(store))
-        if error is not None:
-            self.degraded = str(error)
-            self.stats.refused += 1
-            self.stats.record_error(f"{job}: refused: {error}")
-            self.metrics.failed(job, type(error).__name__)
-            log.warning("%s: snapshot refused: %s", job, error)
-            return error
-        self.degraded = None
-        return None
+    def admit(
+        self,
+        request: WriteRequest,
+        rid: int | None,
+        then: Callable[[CkptdError | None], None],
+    ) -> None:
+        """Decide whether to accept ``request``; ``then(None)`` accepts, ``then(error)`` refuses.
 
-    def _queued_estimates(self, store: Store) -> int:
-        """Estimated bytes of accepted snapshots not yet committed, on ``store``'s filesystem."""
-        dev = self.guard.device(store.root)
-        pending = list(self.queue) + ([self.writing] if self.writing else [])
-        return sum(r.estimate_bytes for r in pending if self.guard.device(r.store.root) == dev)
+        Limits are checked here, on the loop; the disk guard (``statvfs``, and deleting what
+        retention allows when space is short) runs on a control thread, with the estimates of
+        every queued snapshot and every admission in progress counted against the space."""
+        store, job = request.store, request.job
+        if self.stopping:
+            then(DaemonUnavailableError("ckptd is shutting down; the snapshot was not accepted"))
+            return
+        if len(self.queue) >= self.config.daemon.max_queue:
+            then(
+                DaemonUnavailableError(
+                    f"ckptd's queue is full ({len(self.queue)} snapshots waiting); the disk is "
+                    "slower than the snapshot rate: snapshot less often or raise daemon.max_queue"
+                )
+            )
+            return
+        request.estimate_bytes = estimate = self.estimate(store, job, request.raw_bytes)
+        queued = [
+            (r.store.root, r.estimate_bytes)
+            for r in [*self.queue, *([self.writing] if self.writing else [])]
+        ] + list(self._admitting_bytes.items())
+        stores = list(self.stores.values())
+        self._admitting_bytes[store.root] = self._admitting_bytes.get(store.root, 0) + estimate
+
+        def guard() -> CkptdError | None:  # control thread; an error refuses the snapshot
+            try:
+                return self.guard.admit(store, estimate, queued, stores)
+            except CkptdError as exc:
+                return exc
+            except Exception as exc:
+                log.exception("%s: the disk guard failed", job)
+                return SnapshotFailedError(f"the disk guard failed: {exc!r:.200}")
+
+        def decided(error: CkptdError | None) -> None:
+            self._admitting_bytes[store.root] -= estimate
+            if error is not None:
+                self.degraded = str(error)
+                self.stats.refused += 1
+                self.stats.record_error(f"{job}: refused: {error}")
+                self.metrics.failed(job, type(error).__name__)
+                log.warning("%s: snapshot refused: %s", job, error)
+            elif self.stopping:
+                error = DaemonUnavailableError(
+                    "ckptd is shutting down; the snapshot was not accepted"
+                )
+            else:
+                self.degraded = None
+            then(error)
+
+        request.conn.blocking(rid, guard, decided)
+
+    def drain(
+        self, conn: Connection, rid: int | None, store: Store, job: str, timeout_s: float
+    ) -> None:
+        """Answer ``drained`` once ``job`` has no accepted, uncommitted snapshot (or after
+        ``timeout_s``, listing the steps still pending)."""
+        waiter = DrainWaiter(conn, rid, store.root, job)
+        if not self.pending_steps(waiter.root, job):
+            conn.reply(rid, {"op": "drained", "pending": []})
+            return
+        waiter.timer = self.loop.call_later(timeout_s, self._drain_answer, waiter)
+        self.drain_waiters.append(waiter)
+
+    def pending_steps(self, root: Path, job: str) -> list[int]:
+        work = [*([self.writing] if self.writing else []), *self.queue]
+        return [r.step for r in work if r.job == job and r.store.root == root]
+
+    def _drain_answer(self, waiter: DrainWaiter) -> None:
+        if waiter in self.drain_waiters:
+            self.drain_waiters.remove(waiter)
+        if waiter.timer is not None:
+            waiter.timer.cancel()
+        pending = self.pending_steps(waiter.root, waiter.job)
+        waiter.conn.reply(waiter.rid, {"op": "drained", "pending": pending})
+
+    def _check_drains(self) -> None:
+        for waiter in list(self.drain_waiters):
+            if waiter.conn.closed or not self.pending_steps(waiter.root, waiter.job):
+                self._drain_answer(waiter)
 
     def enqueue(self, request: WriteRequest) -> None:
         self.queue.append(request)
@@ -334,6 +504,7 @@ class Daemon:
                 self.writing = None
                 if not request.done:  # pipeline never reached on_read_done (refused early)
                     self._release(request)
+                self._check_drains()
                 self._status_line()
 
     def _write(self, request: WriteRequest) -> WriteResult:
@@ -394,9 +565,10 @@ class Daemon:
         """Writer thread, after a commit: apply the job's retention (never fails the commit)."""
         try:
             res = prune(store, job, self.policy_for(store, job), gc_blocking=False)
-        except CkptdError as exc:
-            log.warning("%s: retention not applied: %s", job, exc)
-            self.loop.call_soon_threadsafe(self.stats.record_error, f"{job}: retention: {exc}")
+        except Exception as exc:  # the checkpoint is committed whatever happens here
+            reason = str(exc) if isinstance(exc, CkptdError) else f"unexpected error {exc!r}"
+            log.warning("%s: retention not applied: %s", job, reason)
+            self.loop.call_soon_threadsafe(self.stats.record_error, f"{job}: retention: {reason}")
             return
         if res.deleted:
             freed = res.gc.bytes if res.gc else 0
@@ -416,12 +588,16 @@ class Daemon:
         s.written_bytes += result.written_bytes
         s.persist_s += persist_s
         now = time.time()
-        s.last_commit[f"{request.store.root}:{request.job}"] = {
+        key = f"{request.store.root}:{request.job}"
+        s.last_commit.pop(key, None)  # re-inserted last: the dict stays in commit order
+        s.last_commit[key] = {
             "job": request.job,
             "step": request.step,
             "at": now,
             "root": str(request.store.root),
         }
+        while len(s.last_commit) > 4 * MAX_STATUS_COMMITS:
+            del s.last_commit[next(iter(s.last_commit))]
         self.metrics.committed(request.job, request.raw_bytes, result.written_bytes, persist_s, now)
         m = result.manifest
         if m.raw_bytes:
@@ -519,9 +695,14 @@ class Daemon:
             await asyncio.sleep(period)
             if interval is not None:
                 notify("WATCHDOG=1")
-            if self.degraded is not None and self.guard.recovered(self.stores.values()):
-                log.info("disk space is back above the guard; accepting snapshots again")
-                self.degraded = None
+            if self.degraded is not None:
+                stores = list(self.stores.values())
+                recovered = await self.loop.run_in_executor(
+                    self.control_pool, self.guard.recovered, stores
+                )
+                if recovered and self.degraded is not None:
+                    log.info("disk space is back above the guard; accepting snapshots again")
+                    self.degraded = None
             busy = self.connections or self.queue or self.writing
             if busy:
                 self._idle_since = time.monotonic()
@@ -529,17 +710,21 @@ class Daemon:
                 self.request_stop(f"idle for {self.idle_exit_s:.0f} s with no client")
 
     def _status_line(self) -> None:
-        last = max(self.stats.last_commit.values(), key=lambda c: c["at"], default=None)
+        last = next(reversed(self.stats.last_commit.values()), None)
         text = f"queue {len(self.queue)}, clients {len(self.connections)}"
         if last:
             text += f", last commit {last['job']}@{last['step']}"
         notify(f"STATUS={text}")
 
-    def status(self) -> dict[str, Any]:
+    def status(self, job: str | None = None) -> dict[str, Any]:
+        """The daemon's state for ``ckptd status``; bounded in size whatever the number of jobs
+        and clients (``job`` narrows the clients and last commits to one job)."""
         s = self.stats
         inflight = sum(r.raw_bytes for r in self.queue) + (
             self.writing.raw_bytes if self.writing else 0
         )
+        clients = [c for c in self.connections if c.job is not None and job in (None, c.job)]
+        commits = [c for c in reversed(s.last_commit.values()) if job in (None, c["job"])]
         return {
             "pid": os.getpid(),
             "version": self.version,
@@ -550,9 +735,9 @@ class Daemon:
             "stopping": self.stopping,
             "clients": [
                 {"job": c.job, "pid": c.peer.pid, "uid": c.peer.uid, "slots": len(c.slots)}
-                for c in self.connections
-                if c.job is not None
+                for c in clients[:MAX_STATUS_CLIENTS]
             ],
+            "clients_total": len(clients),
             "queue": len(self.queue),
             "writing": None
             if self.writing is None
@@ -566,13 +751,24 @@ class Daemon:
             "raw_bytes": s.raw_bytes,
             "written_bytes": s.written_bytes,
             "throughput_bytes_per_s": round(s.raw_bytes / s.persist_s) if s.persist_s else None,
-            "last_commit": sorted(s.last_commit.values(), key=lambda c: -c["at"]),
-            "recent_errors": list(s.recent_errors),
+            "last_commit": commits[:MAX_STATUS_COMMITS],
+            "recent_errors": [e[:400] for e in s.recent_errors],
             "metrics_port": self.metrics.port or None,
-            "degraded": self.degraded,
+            "degraded": None if self.degraded is None else self.degraded[:1000],
             "config": str(self.config.source) if self.config.source else None,
             "config_loaded_at": self.config_loaded_at,
         }
+
+
+def raise_fd_limit() -> None:
+    """Raise the soft limit on open files to the hard one: each client holds a socket and up to
+    :data:`~ckptd.server.MAX_SLOTS_PER_CLIENT` slot descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as exc:
+            log.warning("could not raise the open-file limit from %d to %d: %s", soft, hard, exc)
 
 
 def lower_priority(nice: int) -> None:

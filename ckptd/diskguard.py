@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,7 +36,8 @@ def _existing(path: Path) -> Path:
 
 
 class DiskGuard:
-    """Loop-thread object; ``config`` may be replaced on reload."""
+    """Used from the daemon's control threads (several admissions may run at once: each is
+    told the others' estimates); ``config`` may be replaced on reload."""
 
     def __init__(self, config: DiskConfig, daemon: Daemon) -> None:
         self.config = config
@@ -53,38 +54,53 @@ class DiskGuard:
         threshold = max(self.config.min_free_bytes, int(total * self.config.min_free_percent / 100))
         return st.f_bavail * st.f_frsize, threshold
 
-    def admit(self, store: Store, estimate: int, queued: int) -> DiskFullError | None:
-        """None when the snapshot fits (after deleting what policy allows), else the refusal."""
+    def admit(
+        self,
+        store: Store,
+        estimate: int,
+        queued: Sequence[tuple[Path, int]],
+        stores: Sequence[Store],
+    ) -> DiskFullError | None:
+        """None when the snapshot fits (after deleting what policy allows), else the refusal.
+
+        ``queued``: (root, estimated bytes) of snapshots accepted or being admitted, counted
+        when on ``store``'s filesystem. ``stores``: every store whose jobs policy may prune.
+        Runs on a control thread of the daemon (statvfs, deletions)."""
+        dev = self.device(store.root)
+        pending = sum(size for root, size in queued if self.device(root) == dev)
         free, threshold = self.space(store.root)
-        if free - estimate - queued >= threshold:
+        if free - estimate - pending >= threshold:
             return None
-        freed = self.free_by_policy(store, estimate + queued + threshold - free)
+        freed = self.free_by_policy(store, estimate + pending + threshold - free, stores)
         free, threshold = self.space(store.root)
-        if free - estimate - queued >= threshold:
+        if free - estimate - pending >= threshold:
             return None
-        self.last_need[self.device(store.root)] = estimate + queued + threshold
+        self.last_need[dev] = estimate + pending + threshold
         return DiskFullError(
             f"not enough space for a snapshot under {store.root}: {free} bytes free, the "
             f"snapshot needs about {estimate}"
-            + (f" (+{queued} queued)" if queued else "")
+            + (f" (+{pending} queued)" if pending else "")
             + f" and the disk guard keeps {threshold} free (disk.min_free_bytes / "
             f"disk.min_free_percent); retention freed {freed} bytes. Free space (ckptd rm, "
             "ckptd prune with a retention policy, ckptd gc) or lower the guard; snapshots are "
             "accepted again as soon as space is back"
         )
 
-    def free_by_policy(self, store: Store, need: int) -> int:
+    def free_by_policy(self, store: Store, need: int, stores: Sequence[Store]) -> int:
         """Delete checkpoints no retention rule keeps, oldest first, on ``store``'s filesystem,
-        until ``need`` bytes came free. Returns the bytes freed."""
+        until ``need`` bytes came free. Returns the bytes freed. Jobs without checkpoints have
+        nothing to give and are passed over."""
         dev = self.device(store.root)
         candidates: list[tuple[str, Store, str, int]] = []
         newest: dict[tuple[Path, str], int] = {}
-        for other in list(self.daemon.stores.values()):
+        for other in stores:
             if self.device(other.root) != dev:
                 continue
             for job in other.jobs():
                 try:
                     facts = job_facts(other, job)
+                    if not facts:
+                        continue
                     reasons = decide(self.daemon.policy_for(other, job), facts)
                     created = {f.step: f.created for f in facts}
                     newest[(other.root, job)] = max(facts, key=lambda f: (f.created, f.step)).step

@@ -105,6 +105,20 @@ class SnapshotSkippedError(CkptdError):
     exit_code = 16
 
 
+class UntrustedDaemonError(DaemonUnavailableError):
+    """The process behind the socket, or the directory holding it, is not the user's own (or
+    root's): the client refuses to hand it any state."""
+
+    exit_code = 17
+
+
+class SnapshotUnconfirmedError(DaemonUnavailableError):
+    """The client lost its connection to the daemon (or closed it) before the daemon reported a
+    snapshot's outcome: it may or may not be committed. ``ckptd list JOB`` tells."""
+
+    exit_code = 18
+
+
 def error_from_reply(type_name: object, message: object) -> CkptdError:
     """The exception a daemon reply (``error`` / ``failed`` / ``refused``) stands for."""
     cls = globals().get(str(type_name))
@@ -131,6 +145,8 @@ EXIT_CODES: dict[str, int] = {
         DaemonUnavailableError,
         SnapshotFailedError,
         SnapshotSkippedError,
+        UntrustedDaemonError,
+        SnapshotUnconfirmedError,
     )
 }
 """Exit code of each error type, as the CLI uses them (documented in the README)."""

@@ -6,18 +6,28 @@ ancillary data on the one message that needs them (``register``). Large data nev
 the socket: tensor bytes *and* the snapshot's layout and skeleton live in the shared-memory slot,
 and ``submit`` only says where.
 
-Conversation (client -> daemon, daemon -> client)::
+Conversation (client -> daemon, daemon -> client). Every request may carry an integer ``id``;
+its reply (``welcome``, ``registered``, ``unregistered``, ``accepted``, ``refused``, ``drained``,
+``status``, ``stopping``, ``error``) echoes it, so a client matches each reply to its request and
+never takes a late reply for the answer to a later request. Events carry no ``id``::
 
-    hello {version, job, root, pid}           -> welcome {version, root, pid, daemon}
-    register {slot, size} + memfd             -> registered {slot}
-    submit {seq, slot, step, meta_offset,     -> accepted {seq}  |  refused {seq, type, message}
-            meta_length, metric}                 ... later, asynchronously:
+    hello {id, version, job, root, pid}       -> welcome {id, version, root, pid, daemon}
+    register {id, slot, size} + memfd         -> registered {id, slot}
+    submit {id, seq, slot, step, meta_offset, -> accepted {id, seq}
+            meta_length, metric}                 | refused {id, seq, type, message}
+                                                 ... later, asynchronously (events):
                                                  released {slot, seq}   (slot may be reused)
                                                  committed {seq, step, path, ...}
                                                  | failed {seq, type, message}
-    unregister {slot}                         -> unregistered {slot}
-    status {}                                 -> status {...}
-    stop {}                                   -> stopping {}
+    unregister {id, slot}                     -> unregistered {id, slot}
+    drain {id, timeout_s}                     -> drained {id, pending: [steps]} once the job has no
+                                                 accepted, uncommitted snapshot (or at the timeout)
+    status {id, job?}                         -> status {id, ...}
+    stop {id}                                 -> stopping {id}
+
+A client that gives up waiting for a reply must drop the connection and every slot it registered
+on it: the daemon may still act on the request, and only a closed connection makes its slots the
+daemon's alone.
 
 Any malformed message gets ``error {type, message}`` and the connection is closed; the daemon
 keeps serving everyone else. Version mismatch is answered the same way, naming both versions.
@@ -43,7 +53,7 @@ from typing import Any
 
 from ckptd.errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_MESSAGE_BYTES = 64 << 10
 MAX_FDS = 1
 MAX_META_BYTES = 64 << 20

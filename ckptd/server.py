@@ -26,7 +26,7 @@ import struct
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ckptd.errors import (
     CkptdError,
@@ -62,6 +62,8 @@ log = logging.getLogger("ckptd.server")
 
 MAX_SLOTS_PER_CLIENT = 64
 MAX_SLOT_BYTES = 1 << 40
+MAX_QUEUED_REPLIES = 1024
+"""Replies and events queued for a client that does not read them; one more disconnects it."""
 _REQUIRED_SEALS = fcntl.F_SEAL_SHRINK
 
 
@@ -116,6 +118,16 @@ class WriteRequest:
     estimate_bytes: int = 0
     pin: bool = False
     done: bool = False
+
+
+def request_id(msg: Message) -> int | None:
+    """The ``id`` a reply to ``msg`` must echo (None when the request carries none)."""
+    rid = msg.get("id")
+    if rid is None:
+        return None
+    if not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid < 2**63:
+        raise ProtocolError(f"{msg.get('op')}.id: expected an integer >= 0, got {rid!r:.40}")
+    return rid
 
 
 def peer_of(sock: socket.socket) -> Peer:
@@ -173,7 +185,15 @@ def bind_socket(path: Path, *, user: bool) -> tuple[socket.socket, int]:
         os.environ.get("XDG_RUNTIME_DIR", "/nonexistent")
     ):
         os.chmod(directory, dir_mode)
-    lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        lock_fd = os.open(
+            f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
+        )
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot open the lock file {path}.lock ({exc.strerror}); it must be a regular file "
+            "of the daemon's user, not a symlink"
+        ) from exc
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -206,7 +226,12 @@ class Connection:
     """One client connection, driven by the daemon's loop.
 
     States: new -> (hello) -> attached to a job -> closed. Replies are queued and flushed when
-    the socket is writable, so a client that stops reading cannot stall the loop.
+    the socket is writable, so a client that stops reading cannot stall the loop; one that lets
+    more than :data:`MAX_QUEUED_REPLIES` pile up is disconnected.
+
+    Every reply echoes the request's ``id``. Work that touches the filesystem (``hello``, the disk
+    guard's admission of a ``submit``) runs on the daemon's control thread; reading from the
+    connection pauses meanwhile, so its messages are still handled one at a time, in order.
     """
 
     def __init__(self, daemon: Daemon, sock: socket.socket, peer: Peer) -> None:
@@ -220,6 +245,7 @@ class Connection:
         self.refused: str | None = None
         self._out: deque[bytes] = deque()
         self._writing = False
+        self._paused = False
         self.name = f"pid {peer.pid} uid {peer.uid}"
 
     # ---- I/O -------------------------------------------------------------------------------
@@ -239,27 +265,78 @@ class Connection:
         if data is None:
             self.close()
             return
+        rid: int | None = None
         try:
             try:
                 msg = _decode(data)
-                self.handle(msg, fds)
+                rid = request_id(msg)
+                self.handle(msg, fds, rid)
             finally:
                 close_fds(fds)  # handlers dup what they keep
-        except ProtocolError as exc:
-            self.fail(exc)
-        except CkptdError as exc:
-            self.send({"op": "error", "type": type(exc).__name__, "message": str(exc)})
+        except Exception as exc:
+            self.on_error(exc, rid)
+
+    def on_error(self, exc: BaseException, rid: int | None) -> None:
+        """Answer a request that failed with ``error`` and close the connection."""
+        if isinstance(exc, ProtocolError):
+            self.fail(exc, rid)
+        elif isinstance(exc, CkptdError):
+            self.reply(rid, {"op": "error", "type": type(exc).__name__, "message": str(exc)})
             log.warning("%s: %s", self.name, exc)
             self.close()
-        except Exception as exc:  # a bug: keep serving everyone else
-            log.exception("%s: unexpected error handling a message", self.name)
-            self.fail(ProtocolError(f"the daemon could not handle this message ({exc!r:.200})"))
+        else:  # a bug: keep serving everyone else
+            log.error("%s: unexpected error handling a message", self.name, exc_info=exc)
+            self.fail(
+                ProtocolError(f"the daemon could not handle this message ({exc!r:.200})"), rid
+            )
+
+    def reply(self, rid: int | None, msg: Message) -> None:
+        """Send the reply to request ``rid`` (None: the request carried no id)."""
+        self.send(msg if rid is None else {**msg, "id": rid})
 
     def send(self, msg: Message) -> None:
         if self.closed:
             return
+        if len(self._out) >= MAX_QUEUED_REPLIES:
+            log.warning("%s: disconnecting: it left %d messages unread", self.name, len(self._out))
+            self.daemon.stats.record_error(f"{self.name}: disconnected, not reading replies")
+            self._out.clear()
+            self.close()
+            return
         self._out.append(encode_message(msg))
         self._flush()
+
+    def blocking(self, rid: int | None, work: Any, then: Any) -> None:
+        """Run ``work()`` on the daemon's control thread, then ``then(result)`` on the loop.
+        Reading from this connection pauses until then; an exception answers ``rid``."""
+        self._pause(True)
+
+        def finish(fut: Any) -> None:
+            try:
+                if fut.cancelled():
+                    self.close()
+                    return
+                exc = fut.exception()
+                if exc is not None:
+                    self.on_error(exc, rid)
+                    return
+                try:
+                    then(fut.result())
+                except Exception as then_exc:
+                    self.on_error(then_exc, rid)
+            finally:
+                self._pause(False)
+
+        self.daemon.loop.run_in_executor(self.daemon.control_pool, work).add_done_callback(finish)
+
+    def _pause(self, paused: bool) -> None:
+        if self.closed or paused == self._paused:
+            return
+        self._paused = paused
+        if paused:
+            self.daemon.loop.remove_reader(self.sock.fileno())
+        else:
+            self.daemon.loop.add_reader(self.sock.fileno(), self.on_readable)
 
     def _flush(self) -> None:
         while self._out and not self.closed:
@@ -281,10 +358,10 @@ class Connection:
     def _on_writable(self) -> None:
         self._flush()
 
-    def fail(self, exc: Exception) -> None:
+    def fail(self, exc: Exception, rid: int | None = None) -> None:
         log.warning("%s: closing connection: %s", self.name, exc)
         self.daemon.stats.record_error(f"{self.name}: {exc}")
-        self.send({"op": "error", "type": type(exc).__name__, "message": str(exc)})
+        self.reply(rid, {"op": "error", "type": type(exc).__name__, "message": str(exc)})
         self.close()
 
     def close(self) -> None:
@@ -298,7 +375,8 @@ class Connection:
                 break
         self.closed = True
         loop = self.daemon.loop
-        loop.remove_reader(self.sock.fileno())
+        if not self._paused:
+            loop.remove_reader(self.sock.fileno())
         if self._writing:
             loop.remove_writer(self.sock.fileno())
         self.sock.close()
@@ -314,36 +392,43 @@ class Connection:
 
     # ---- messages --------------------------------------------------------------------------
 
-    def handle(self, msg: Message, fds: list[int]) -> None:
+    def handle(self, msg: Message, fds: list[int], rid: int | None = None) -> None:
         if self.refused is not None:
             raise StorePermissionError(self.refused)
         op = msg["op"]
         if op != "register" and fds:
             raise ProtocolError(f"{op}: unexpected file descriptors")
         if op == "hello":
-            self._hello(msg)
+            self._hello(msg, rid)
         elif op == "status":
-            self.send({"op": "status", **self.daemon.status()})
+            job = msg.get("job")
+            if job is not None and not isinstance(job, str):
+                raise ProtocolError(f"status.job: expected a job name, got {job!r:.80}")
+            self.reply(rid, {"op": "status", **self.daemon.status(job)})
         elif op == "stop":
             if self.peer.uid not in (0, os.getuid()):
                 raise StorePermissionError(f"uid {self.peer.uid} may not stop this daemon")
-            self.send({"op": "stopping"})
+            self.reply(rid, {"op": "stopping"})
             self.daemon.request_stop("stop requested by client " + self.name)
         elif self.job is None:
             raise ProtocolError(f"{op}: send hello first")
         elif op == "register":
-            self._register(msg, fds)
+            self._register(msg, fds, rid)
         elif op == "unregister":
-            self._unregister(msg)
+            self._unregister(msg, rid)
         elif op == "submit":
-            self._submit(msg)
+            self._submit(msg, rid)
+        elif op == "drain":
+            assert self.store is not None
+            timeout_s = get_seconds(msg, "timeout_s", 86400.0)
+            self.daemon.drain(self, rid, self.store, self.job, timeout_s or 0.0)
         elif op == "skipped":
             self.daemon.stats.skipped += 1
             self.daemon.metrics.skipped(self.job)
         else:
             raise ProtocolError(f"unknown op {op!r}")
 
-    def _hello(self, msg: Message) -> None:
+    def _hello(self, msg: Message, rid: int | None) -> None:
         if self.job is not None:
             raise ProtocolError("hello: already attached to a job")
         version = msg.get("version")
@@ -357,36 +442,64 @@ class Connection:
         except InvalidNameError as exc:
             raise ProtocolError(f"hello.job: {exc}") from exc
         root = self.daemon.store_for(get_str(msg, "root"), self.peer)
-        owner = root.job_owner(job)
-        if owner is None:
-            root.claim_job(job, self.peer.uid)
-        elif self.peer.uid not in (owner, 0):
-            raise StorePermissionError(
-                f"job {job!r} in {root.root} belongs to uid {owner}; uid {self.peer.uid} may not "
-                "write it. Use another job name"
-            )
         retention = msg.get("retention")
+        policy = None
         if retention is not None:
             if not isinstance(retention, dict):
                 raise ProtocolError("hello.retention: expected an object")
-            policy = policy_from_dict(retention, "Client(retention=...)")
-            if root.job_info(job).get("retention") != policy_to_dict(policy):
-                root.update_job_info(job, retention=policy_to_dict(policy))
-        self.daemon.open_job(root, job)
-        self.job, self.store = job, root
-        self.name = f"{job} (pid {self.peer.pid}, uid {self.peer.uid})"
-        log.info("%s: connected", self.name)
-        self.send(
-            {
-                "op": "welcome",
-                "version": PROTOCOL_VERSION,
-                "root": str(root.root),
-                "pid": os.getpid(),
-                "daemon": self.daemon.version,
-            }
-        )
+            policy = policy_to_dict(policy_from_dict(retention, "Client(retention=...)"))
+        uid = self.peer.uid
+        first_use = self.daemon.first_use(root, job)
 
-    def _register(self, msg: Message, fds: list[int]) -> None:
+        def attach() -> None:  # control thread: reads and fsyncs job.json, creates directories
+            with self.daemon.job_mutex(root, job):
+                attach_unlocked()
+
+        def attach_unlocked() -> None:
+            owner = root.job_owner(job)
+            if owner is None:
+                root.claim_job(job, uid)
+            elif uid not in (owner, 0):
+                raise StorePermissionError(
+                    f"job {job!r} in {root.root} belongs to uid {owner}; uid {uid} may not "
+                    "write it. Use another job name"
+                )
+            if policy is not None and root.job_info(job).get("retention") != policy:
+                root.update_job_info(job, retention=policy)
+            if first_use:
+                root.open_job(job)
+                swept = root.sweep_tmp(job)
+                if swept:
+                    log.info("%s: swept %d stale tmp file(s)", job, swept)
+
+        def attached(_: None) -> None:
+            if self.closed:
+                return
+            self.job, self.store = job, root
+            self.name = f"{job} (pid {self.peer.pid}, uid {self.peer.uid})"
+            log.info("%s: connected", self.name)
+            self.reply(
+                rid,
+                {
+                    "op": "welcome",
+                    "version": PROTOCOL_VERSION,
+                    "root": str(root.root),
+                    "pid": os.getpid(),
+                    "daemon": self.daemon.version,
+                },
+            )
+
+        def work() -> None:
+            try:
+                attach()
+            except BaseException:
+                if first_use:
+                    self.daemon.loop.call_soon_threadsafe(self.daemon.forget_use, root, job)
+                raise
+
+        self.blocking(rid, work, attached)
+
+    def _register(self, msg: Message, fds: list[int], rid: int | None) -> None:
         slot_id = get_int(msg, "slot", 0, 2**31)
         size = get_int(msg, "size", 1, MAX_SLOT_BYTES)
         if len(fds) != 1:
@@ -395,6 +508,9 @@ class Connection:
             raise ProtocolError(f"register: slot {slot_id} is already registered")
         if len(self.slots) >= MAX_SLOTS_PER_CLIENT:
             raise ProtocolError(f"register: more than {MAX_SLOTS_PER_CLIENT} slots")
+        refusal = self.daemon.slot_limit(self.peer.uid, size)
+        if refusal is not None:
+            raise refusal
         fd = os.dup(fds[0])
         try:
             try:
@@ -414,9 +530,9 @@ class Connection:
             os.close(fd)
             raise
         self.slots[slot_id] = Slot(slot_id, fd, size, mm)
-        self.send({"op": "registered", "slot": slot_id})
+        self.reply(rid, {"op": "registered", "slot": slot_id})
 
-    def _unregister(self, msg: Message) -> None:
+    def _unregister(self, msg: Message, rid: int | None) -> None:
         slot_id = get_int(msg, "slot", 0, 2**31)
         slot = self.slots.pop(slot_id, None)
         if slot is None:
@@ -425,9 +541,9 @@ class Connection:
             slot.close()
         else:
             slot.retired = True
-        self.send({"op": "unregistered", "slot": slot_id})
+        self.reply(rid, {"op": "unregistered", "slot": slot_id})
 
-    def _submit(self, msg: Message) -> None:
+    def _submit(self, msg: Message, rid: int | None) -> None:
         assert self.job is not None and self.store is not None
         seq = get_int(msg, "seq")
         slot = self.slots.get(get_int(msg, "slot", 0, 2**31))
@@ -450,51 +566,64 @@ class Connection:
         pin = msg.get("pin", False)
         if not isinstance(pin, bool):
             raise ProtocolError(f"submit.pin: expected true or false, got {pin!r:.40}")
-        estimate = self.daemon.estimate(self.store, self.job, raw)
-        refusal = self.daemon.admission(self.store, self.job, raw, estimate)
-        if refusal is not None:
-            self.send(
-                {
-                    "op": "refused",
-                    "seq": seq,
-                    "type": type(refusal).__name__,
-                    "message": str(refusal),
-                }
-            )
-            return
-        stall = get_seconds(msg, "stall_s")
-        if stall is not None:
-            self.daemon.metrics.stall(self.job, stall)
-        blocked = get_seconds(msg, "blocked_s")
-        if blocked:
-            self.daemon.stats.blocked += 1
-            self.daemon.stats.blocked_s += blocked
-            self.daemon.metrics.blocked(self.job, blocked)
-        slot.busy_seq = seq
+        store, job = self.store, self.job
         request = WriteRequest(
             conn=self,
             seq=seq,
             slot=slot,
-            store=self.store,
-            job=self.job,
+            store=store,
+            job=job,
             step=step,
             layout=layout,
             metric=metric,
             raw_bytes=raw,
             accepted_at=self.daemon.loop.time(),
-            estimate_bytes=estimate,
             pin=pin,
         )
-        self.daemon.enqueue(request)
-        self.send({"op": "accepted", "seq": seq})
+        slot.busy_seq = seq  # from now on the daemon may read it; close() retires it
+
+        def admitted(refusal: CkptdError | None) -> None:
+            if refusal is not None or self.closed:
+                self._unbusy(slot)
+                if refusal is not None:
+                    self.reply(
+                        rid,
+                        {
+                            "op": "refused",
+                            "seq": seq,
+                            "type": type(refusal).__name__,
+                            "message": str(refusal),
+                        },
+                    )
+                return
+            stall = get_seconds(msg, "stall_s")
+            if stall is not None:
+                self.daemon.metrics.stall(job, stall)
+            blocked = get_seconds(msg, "blocked_s")
+            if blocked:
+                self.daemon.stats.blocked += 1
+                self.daemon.stats.blocked_s += blocked
+                self.daemon.metrics.blocked(job, blocked)
+            request.accepted_at = self.daemon.loop.time()
+            self.reply(rid, {"op": "accepted", "seq": seq})
+            self.daemon.enqueue(request)
+
+        try:
+            self.daemon.admit(request, rid, admitted)
+        except BaseException:
+            self._unbusy(slot)
+            raise
+
+    def _unbusy(self, slot: Slot) -> None:
+        slot.busy_seq = None
+        if slot.retired or self.closed:
+            slot.close()
 
     def release(self, request: WriteRequest) -> None:
         """The pipeline has read ``request``'s slot: let the client reuse it."""
         slot = request.slot
-        slot.busy_seq = None
-        if slot.retired or self.closed:
-            slot.close()
-        else:
+        self._unbusy(slot)
+        if not (slot.retired or self.closed):
             self.send({"op": "released", "slot": slot.id, "seq": request.seq})
 
 

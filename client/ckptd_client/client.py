@@ -17,11 +17,15 @@ warnings and carried by the returned handle (``wait()`` raises them). Errors in 
 from __future__ import annotations
 
 import dataclasses
+import enum
+import fcntl
 import logging
 import math
 import mmap
 import os
 import socket
+import stat
+import struct
 import subprocess
 import sys
 import threading
@@ -29,7 +33,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from queue import Empty, SimpleQueue
 from typing import Any, Literal
 
 import torch
@@ -40,6 +43,8 @@ from ckptd.errors import (
     DaemonUnavailableError,
     ProtocolError,
     SnapshotSkippedError,
+    SnapshotUnconfirmedError,
+    UntrustedDaemonError,
     error_from_reply,
 )
 from ckptd.manifest import Manifest
@@ -134,17 +139,31 @@ class PendingSnapshot:
         return f"<PendingSnapshot {self.job} step {self.step} {state}>"
 
 
+class SlotState(enum.Enum):
+    """Who owns a slot's bytes. Only the trainer thread moves a slot out of ``FREE`` and into
+    ``SUBMITTED``; only the daemon's answers move it on from there (see :class:`_Ring`)."""
+
+    FREE = "free"
+    """In the ring; the next snapshot may fill it."""
+    FILLING = "filling"
+    """Taken by ``snapshot()`` / ``prepare()`` on the trainer thread; the daemon never reads it."""
+    SUBMITTED = "submitted"
+    """``submit`` was sent and not yet answered: the daemon may read it at any moment."""
+    DAEMON = "daemon"
+    """Accepted: the daemon reads it until it reports ``released``."""
+
+
 class _Slot:
     """A sealed memfd mapped read-write here and read-only in the daemon."""
 
     def __init__(self, slot_id: int, size: int, job: str) -> None:
         self.id = slot_id
         self.size = size
+        self.state = SlotState.FILLING
+        self.seq: int | None = None  # the submit whose bytes the daemon reads (SUBMITTED, DAEMON)
         self.fd = os.memfd_create(f"ckptd-{job}-{slot_id}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(self.fd, size)
-            import fcntl
-
             fcntl.fcntl(
                 self.fd,
                 fcntl.F_ADD_SEALS,
@@ -155,7 +174,6 @@ class _Slot:
             os.close(self.fd)
             raise
         self.bytes = torch.frombuffer(self.mm, dtype=torch.uint8)
-        self.busy = False
         self.pinned = False
         # Typed views into the slot by (offset, dtype, shape): a training loop snapshots the same
         # layout every time, so after the first snapshot no view is made again.
@@ -188,6 +206,7 @@ class _Slot:
             self.pinned = int(rc) == 0
 
     def close(self) -> None:
+        """Unmap and close this side. The daemon's own mapping (if any) stays valid."""
         if self.pinned:
             torch.cuda.cudart().cudaHostUnregister(  # type: ignore[no-untyped-call]
                 self.bytes.data_ptr()
@@ -199,24 +218,196 @@ class _Slot:
         os.close(self.fd)
 
 
+class _Ring:
+    """The client's slots and the one place their :class:`SlotState` changes.
+
+    Thread safety: every method takes ``cond``'s lock. The trainer thread (under the client's call
+    lock) takes, fills, submits and gives back slots; the link's reader thread applies the
+    daemon's answers. When the connection is lost, :meth:`abandon` takes *every* slot out of the
+    ring at once: a slot whose fate is unknown is never filled again. Abandoned slots are closed
+    (unmapped on this side) later, on the trainer thread, which may still be copying into one.
+    """
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.slots: list[_Slot] = []
+        self.abandoned: list[_Slot] = []
+
+    def _move(self, slot: _Slot, expect: SlotState, to: SlotState) -> None:
+        if slot.state is not expect:
+            raise AssertionError(f"slot {slot.id}: {slot.state.value} -> {to.value}")
+        slot.state = to
+        if to is SlotState.FREE:
+            slot.seq = None
+            self.cond.notify_all()
+
+    def free(self) -> list[_Slot]:
+        return [s for s in self.slots if s.state is SlotState.FREE]
+
+    def take(self, slot: _Slot) -> None:
+        """FREE -> FILLING (trainer)."""
+        with self.cond:
+            self._move(slot, SlotState.FREE, SlotState.FILLING)
+
+    def add(self, slot: _Slot) -> None:
+        """A new slot (born FILLING) joins the ring (trainer)."""
+        with self.cond:
+            self.slots.append(slot)
+
+    def remove(self, slot: _Slot) -> None:
+        with self.cond:
+            self.slots.remove(slot)
+
+    def give_back(self, slot: _Slot) -> None:
+        """FILLING -> FREE (trainer): the daemon never saw this fill. A slot abandoned meanwhile
+        stays abandoned."""
+        with self.cond:
+            if slot in self.slots:
+                self._move(slot, SlotState.FILLING, SlotState.FREE)
+
+    def submitting(self, slot: _Slot, seq: int) -> None:
+        """FILLING -> SUBMITTED (trainer), just before ``submit`` is sent."""
+        with self.cond:
+            self._move(slot, SlotState.FILLING, SlotState.SUBMITTED)
+            slot.seq = seq
+
+    def answered(self, msg: Message) -> bool:
+        """Apply the daemon's ``accepted`` / ``refused`` / ``released`` (reader thread). False
+        when it names no slot in the state it implies: a protocol violation."""
+        op = msg["op"]
+        seq = msg.get("seq")
+        with self.cond:
+            for slot in self.slots:
+                if slot.seq is None or slot.seq != seq:
+                    continue
+                if op == "accepted" and slot.state is SlotState.SUBMITTED:
+                    self._move(slot, SlotState.SUBMITTED, SlotState.DAEMON)
+                    return True
+                if op == "refused" and slot.state is SlotState.SUBMITTED:
+                    self._move(slot, SlotState.SUBMITTED, SlotState.FREE)
+                    return True
+                if (
+                    op == "released"
+                    and slot.state is SlotState.DAEMON
+                    and slot.id == msg.get("slot")
+                ):
+                    self._move(slot, SlotState.DAEMON, SlotState.FREE)
+                    return True
+                return False
+            return False
+
+    def abandon(self) -> None:
+        """The connection is gone: no slot of it may be filled again (reader or trainer)."""
+        with self.cond:
+            self.abandoned.extend(self.slots)
+            self.slots = []
+            self.cond.notify_all()
+
+    def close_abandoned(self) -> None:
+        """Unmap abandoned slots (trainer thread only, when no fill is in progress)."""
+        with self.cond:
+            slots, self.abandoned = self.abandoned, []
+        for slot in slots:
+            slot.close()
+
+
+class _Waiter:
+    __slots__ = ("event", "reply")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.reply: Message | None = None
+
+
+class _UnansweredError(DaemonUnavailableError):
+    """A request was sent but no reply came (timeout or lost connection): the daemon may or may
+    not have acted on it."""
+
+
+def check_daemon_peer(sock: socket.socket, path: Path) -> int:
+    """The pid of the daemon behind ``sock`` if it runs as this user or as root (which can read
+    this process's memory anyway); :class:`UntrustedDaemonError` otherwise."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, _gid = (int(v) for v in struct.unpack("3i", creds))
+    if uid not in (os.getuid(), 0):
+        raise UntrustedDaemonError(
+            f"the process listening on {path} (pid {pid}) runs as uid {uid}, not as this user "
+            f"(uid {os.getuid()}) or root; refusing to hand it any state. Another user may have "
+            f"created {path.parent}: remove it, or set XDG_RUNTIME_DIR or socket= to a directory "
+            "only you can write"
+        )
+    return pid
+
+
+def check_private_dir(socket_path: Path) -> None:
+    """Create the socket's directory (mode 0700) or check that it is a real directory (not a
+    symlink) of this user that no one else may write: the client puts the spawned daemon's
+    socket, lock and log there. Raises :class:`UntrustedDaemonError` for a directory of another
+    user (or writable by others), :class:`DaemonUnavailableError` when it cannot be made."""
+    directory = socket_path.parent
+    try:
+        directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise DaemonUnavailableError(
+            f"cannot start a ckptd daemon on {socket_path}: cannot create its directory "
+            f"({exc.strerror}); pass socket= (or CKPTD_SOCKET) in a directory you can write"
+        ) from exc
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode) and not stat.S_ISLNK(st.st_mode):
+        raise DaemonUnavailableError(
+            f"cannot start a ckptd daemon on {socket_path}: {directory} is not a directory"
+        )
+    problem = None
+    if stat.S_ISLNK(st.st_mode):
+        problem = "is a symlink"
+    elif st.st_uid != os.getuid():
+        problem = f"belongs to uid {st.st_uid}, not to this user (uid {os.getuid()})"
+    elif stat.S_IMODE(st.st_mode) & 0o022:
+        problem = f"is writable by others (mode {stat.S_IMODE(st.st_mode):04o})"
+    if problem is not None:
+        raise UntrustedDaemonError(
+            f"will not start a ckptd daemon on {socket_path}: its directory {directory} "
+            f"{problem}. Remove it, or set XDG_RUNTIME_DIR or socket= to a directory only you "
+            "can write"
+        )
+
+
 class _Link:
-    """One connection to the daemon: synchronous requests, plus a reader thread for events."""
+    """One connection to the daemon: requests matched to replies by id, plus a reader thread.
 
-    REPLIES = frozenset({"welcome", "registered", "unregistered", "accepted", "refused", "error"})
+    Every request gets a fresh ``id`` that the daemon echoes; the reader hands a reply only to the
+    request with that id, and treats any other reply as a broken daemon. A request not answered
+    within ``timeout_s`` *breaks* the link: the socket is shut down, every waiter is woken, and
+    the owner must treat every slot registered on it as of unknown fate (the daemon may still act
+    on what it received). ``on_answer(msg)`` runs on the reader thread for ``accepted`` /
+    ``refused`` before the waiter wakes; ``on_event(link, msg)`` gets ``released``,
+    ``committed``, ``failed`` and finally ``{"op": "__lost__"}``.
+    """
 
-    def __init__(self, path: Path, timeout_s: float, on_event: Any) -> None:
+    EVENTS = frozenset({"released", "committed", "failed"})
+
+    def __init__(self, path: Path, timeout_s: float, on_event: Any, on_answer: Any) -> None:
         self.path = path
         self.timeout_s = timeout_s
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
             self.sock.connect(str(path))
-        except OSError:
+            self.daemon_pid = check_daemon_peer(self.sock, path)
+        except BaseException:
             self.sock.close()
             raise
         self.lost = False
-        self._replies: SimpleQueue[Message | None] = SimpleQueue()
-        self._lock = threading.Lock()
+        self.lost_reason = "the connection was closed"
+        self._error: Message | None = None  # a connection-level error the daemon sent
+        self._next_id = 0
+        self._waiting: dict[int, _Waiter] = {}
+        self._send_lock = threading.Lock()
+        self._wait_lock = threading.Lock()
         self._on_event = on_event
+        self._on_answer = on_answer
         self._reader = threading.Thread(target=self._read, name="ckptd-client-reader", daemon=True)
         self._reader.start()
 
@@ -228,69 +419,119 @@ class _Link:
                     os.close(fd)
                 if msg is None:
                     break
-                if msg["op"] in self.REPLIES:
-                    self._replies.put(msg)
-                else:
+                rid = msg.get("id")
+                if rid is not None:
+                    with self._wait_lock:
+                        waiter = self._waiting.pop(rid, None) if isinstance(rid, int) else None
+                    if waiter is None:
+                        self.lost_reason = f"the daemon sent a reply to no request ({msg['op']!r})"
+                        break
+                    if msg["op"] in ("accepted", "refused") and not self._on_answer(msg):
+                        self.lost_reason = f"the daemon's {msg['op']!r} names no submitted slot"
+                        waiter.event.set()  # reply None: unanswered
+                        break
+                    waiter.reply = msg
+                    waiter.event.set()
+                elif msg["op"] == "error":
+                    self._error = msg  # about the connection; the daemon closes it next
+                    self.lost_reason = f"the daemon closed it: {msg.get('message')}"
+                    break
+                elif msg["op"] in self.EVENTS:
                     self._on_event(self, msg)
+                else:
+                    self.lost_reason = f"the daemon sent an unexpected {msg['op']!r}"
+                    break
         except (OSError, ProtocolError) as exc:
-            log.debug("ckptd connection reader stopped: %s", exc)
+            self.lost_reason = f"the connection failed ({exc})"
         finally:
             self.lost = True
-            self._replies.put(None)
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            with self._wait_lock:
+                waiting, self._waiting = list(self._waiting.values()), {}
+            for waiter in waiting:
+                waiter.reply = self._error
+                waiter.event.set()
             self._on_event(self, {"op": "__lost__"})
 
     def request(self, msg: Message, fds: list[int] | None = None) -> Message:
-        with self._lock:
+        """Send ``msg`` and return its reply (an ``error`` reply raises its exception).
+
+        Raises :class:`DaemonUnavailableError` when it could not be sent, and its subclass
+        :class:`_UnansweredError` when it was sent but not answered (the link is broken then)."""
+        waiter = _Waiter()
+        with self._send_lock:
             if self.lost:
-                raise DaemonUnavailableError(f"the connection to ckptd at {self.path} was lost")
+                raise DaemonUnavailableError(
+                    f"the connection to ckptd at {self.path} was lost: {self.lost_reason}"
+                )
+            self._next_id += 1
+            rid = self._next_id
+            with self._wait_lock:
+                self._waiting[rid] = waiter
             try:
-                send_message(self.sock, msg, fds)
+                send_message(self.sock, {**msg, "id": rid}, fds)
             except OSError as exc:
-                try:  # the daemon may have said why before it closed the connection
-                    said = self._replies.get(timeout=1.0)
-                except Empty:
-                    said = None
-                if said is not None and said["op"] == "error":
-                    raise error_from(said) from exc
+                with self._wait_lock:
+                    self._waiting.pop(rid, None)
+                self._reader.join(timeout=1.0)  # the daemon may have said why it closed
+                if self._error is not None:
+                    raise error_from(self._error) from exc
+                self.lost_reason = f"cannot send to it: {exc.strerror or exc}"
+                self.break_link()
                 raise DaemonUnavailableError(
-                    f"cannot send to ckptd at {self.path}: {exc.strerror or exc}"
+                    f"cannot send {msg['op']!r} to ckptd at {self.path}: {exc.strerror or exc}"
                 ) from exc
-            try:
-                reply = self._replies.get(timeout=self.timeout_s)
-            except Empty:
-                raise DaemonUnavailableError(
-                    f"ckptd at {self.path} did not answer {msg['op']!r} within {self.timeout_s} s"
-                ) from None
+        if not waiter.event.wait(self.timeout_s):
+            self.lost_reason = f"no answer to {msg['op']!r} within {self.timeout_s} s"
+            self.break_link()
+            raise _UnansweredError(
+                f"ckptd at {self.path} did not answer {msg['op']!r} within {self.timeout_s} s; "
+                "the connection was dropped and its slots abandoned (the next call reconnects)"
+            )
+        reply = waiter.reply
         if reply is None:
-            raise DaemonUnavailableError(
-                f"ckptd at {self.path} closed the connection during {msg['op']!r}"
+            raise _UnansweredError(
+                f"ckptd at {self.path} closed the connection during {msg['op']!r}: "
+                f"{self.lost_reason}"
             )
         if reply["op"] == "error":
             raise error_from(reply)
         return reply
 
     def send(self, msg: Message) -> None:
-        with self._lock:
+        """A message that gets no reply (``skipped``); lost silently with the link."""
+        with self._send_lock:
             try:
                 send_message(self.sock, msg)
             except OSError:
                 pass
 
-    def close(self) -> None:
+    def break_link(self) -> None:
+        """Give up on this connection: the reader sees EOF and reports it lost."""
+        self.lost = True
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        self.sock.close()
+
+    def close(self) -> None:
+        self.break_link()
         self._reader.join(timeout=5)
+        self.sock.close()
 
 
 def spawn_daemon(socket_path: Path, root: Path, timeout_s: float = 60.0) -> None:
-    """Start ``ckptd start --user`` detached (own session, idle exit) and wait until it answers."""
+    """Start ``ckptd start --user`` detached (own session, idle exit) and wait until it answers.
+
+    The socket's directory must be this user's own (see :func:`check_private_dir`); the log is
+    opened there without following symlinks."""
     for proc in list(_spawned):  # reap daemons that exited
         if proc.poll() is not None:
             _spawned.remove(proc)
-    socket_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    check_private_dir(socket_path)
     log_path = socket_path.parent / "ckptd.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_SOCKET", "WATCHDOG_"))}
     cmd = [
@@ -306,8 +547,19 @@ def spawn_daemon(socket_path: Path, root: Path, timeout_s: float = 60.0) -> None
         "--idle-exit",
         "60",
     ]
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
     try:
+        fd = os.open(log_path, flags, 0o600)
+    except OSError as exc:
+        raise UntrustedDaemonError(
+            f"cannot open the daemon log {log_path} ({exc.strerror}); it must be a regular file "
+            "of yours, not a symlink"
+        ) from exc
+    try:
+        if os.fstat(fd).st_uid != os.getuid() or not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UntrustedDaemonError(
+                f"the daemon log {log_path} is not a regular file of uid {os.getuid()}; remove it"
+            )
         proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
@@ -320,7 +572,13 @@ def spawn_daemon(socket_path: Path, root: Path, timeout_s: float = 60.0) -> None
     finally:
         os.close(fd)
     _spawned.append(proc)
-    log.info("started ckptd (pid %d) on %s, log %s", proc.pid, socket_path, log_path)
+    log.info(
+        "started ckptd (pid %d) on %s writing checkpoints to %s; log %s",
+        proc.pid,
+        socket_path,
+        root,
+        log_path,
+    )
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if can_connect(socket_path):
@@ -392,12 +650,12 @@ class Client:
             self.retention = policy_to_dict(policy_from_dict(retention, "retention"))
         self.timeout_s = timeout_s
         self.stats = {"snapshots": 0, "skipped": 0, "blocked": 0, "blocked_s": 0.0, "failed": 0}
-        self._cond = threading.Condition()
+        self._ring = _Ring()
         self._call = threading.RLock()
-        self._slots: list[_Slot] = []
         self._next_slot_id = 0
-        self._pending: dict[int, PendingSnapshot] = {}
+        self._pending: dict[int, tuple[_Link, PendingSnapshot]] = {}
         self._seq = 0
+        self._submitting: int | None = None  # the submit waiting for accepted / refused
         self._link: _Link | None = None
         self._closed = False
         self._stream: Any = None
@@ -409,7 +667,9 @@ class Client:
 
     def _connect(self) -> _Link:
         try:
-            link = _Link(self.socket_path, self.timeout_s, self._on_event)
+            link = _Link(self.socket_path, self.timeout_s, self._on_event, self._ring.answered)
+        except UntrustedDaemonError:
+            raise
         except OSError as exc:
             if not self.spawn:
                 raise DaemonUnavailableError(
@@ -419,7 +679,7 @@ class Client:
                 ) from exc
             try:
                 spawn_daemon(self.socket_path, self.root)
-                link = _Link(self.socket_path, self.timeout_s, self._on_event)
+                link = _Link(self.socket_path, self.timeout_s, self._on_event, self._ring.answered)
             except OSError as spawn_exc:
                 raise DaemonUnavailableError(
                     f"no ckptd daemon answers on {self.socket_path} and none could be started "
@@ -452,68 +712,91 @@ class Client:
         return link
 
     def _ensure_link(self) -> _Link:
+        """The live connection, reconnecting (with a fresh, empty ring) after a lost one.
+        Trainer thread, under the call lock."""
         link = self._link
-        if link is not None and not link.lost:
-            return link
-        if link is not None:
-            link.close()
-            self._link = None
-            self._drop_slots()
-        return self._connect()
+        if link is None or link.lost:
+            if link is not None:
+                link.close()
+                self._link = None
+            self._ring.abandon()
+            self._ring.close_abandoned()
+            link = self._connect()
+        return link
 
     def _on_event(self, link: _Link, msg: Message) -> None:
+        """Reader thread: ``released`` / ``committed`` / ``failed`` / ``__lost__`` of ``link``."""
         op = msg["op"]
-        with self._cond:
-            if op == "released":
-                for slot in self._slots:
-                    if slot.id == msg.get("slot"):
-                        slot.busy = False
-            elif op in ("committed", "failed"):
-                pending = self._pending.pop(int(msg.get("seq", -1)), None)
-                if pending is not None and op == "committed":
-                    pending._resolve(
-                        CheckpointInfo(
-                            self.job,
-                            int(msg["step"]),
-                            str(msg["path"]),
-                            int(msg["raw_bytes"]),
-                            int(msg["stored_bytes"]),
-                            int(msg["written_bytes"]),
-                            pending.stall_s,
-                            float(msg["persist_s"]),
-                        )
+        if op == "released":
+            if not self._ring.answered(msg):
+                log.warning("ckptd: the daemon released a slot it did not hold: %s", msg)
+                link.lost_reason = "the daemon released a slot it did not hold"
+                link.break_link()
+            return
+        if op in ("committed", "failed"):
+            with self._ring.cond:
+                entry = self._pending.pop(int(msg.get("seq", -1)), None)
+            if entry is None or entry[0] is not link:
+                return
+            pending = entry[1]
+            if op == "committed":
+                pending._resolve(
+                    CheckpointInfo(
+                        self.job,
+                        int(msg["step"]),
+                        str(msg["path"]),
+                        int(msg["raw_bytes"]),
+                        int(msg["stored_bytes"]),
+                        int(msg["written_bytes"]),
+                        pending.stall_s,
+                        float(msg["persist_s"]),
                     )
-                elif pending is not None:
-                    self.stats["failed"] += 1
-                    error = error_from(msg)
-                    log.warning("ckptd: %s step %d failed: %s", self.job, pending.step, error)
-                    pending._reject(error)
-            elif op == "__lost__" and link is self._link and not self._closed:
-                for pending in self._pending.values():
-                    pending._reject(
-                        DaemonUnavailableError(
-                            f"the connection to ckptd at {self.socket_path} was lost before "
-                            f"step {pending.step} was reported committed; it may or may not be "
-                            f"on disk (check `ckptd list {self.job}`)"
-                        )
+                )
+            else:
+                self.stats["failed"] += 1
+                error = error_from(msg)
+                log.warning("ckptd: %s step %d failed: %s", self.job, pending.step, error)
+                pending._reject(error)
+            return
+        if op == "__lost__":
+            if link is self._link:
+                self._ring.abandon()
+            # The submit still waiting for its answer is failed by the snapshot() that sent it.
+            unconfirmed = self._take_pending(link, keep=self._submitting)
+            for pending in unconfirmed:
+                pending._reject(
+                    SnapshotUnconfirmedError(
+                        f"the connection to ckptd at {self.socket_path} was lost "
+                        f"({link.lost_reason}) after the daemon accepted {self.job} step "
+                        f"{pending.step} and before it reported the commit; the daemon normally "
+                        f"still commits it (check `ckptd list {self.job}`)"
                     )
-                if self._pending:
-                    log.warning(
-                        "ckptd: connection lost with %d snapshot(s) unconfirmed", len(self._pending)
-                    )
-                self._pending.clear()
-            self._cond.notify_all()
+                )
+            if unconfirmed and not self._closed:
+                log.warning(
+                    "ckptd: connection lost with %d snapshot(s) unconfirmed: %s",
+                    len(unconfirmed),
+                    link.lost_reason,
+                )
 
-    def _drop_slots(self) -> None:
-        """Forget every slot (after a lost connection the daemon may still read old ones)."""
-        with self._cond:
-            slots, self._slots = self._slots, []
-        for slot in slots:
-            slot.close()
+    def _take_pending(
+        self, link: _Link | None = None, keep: int | None = None
+    ) -> list[PendingSnapshot]:
+        """Remove and return the handles still waiting for ``link`` (every link: None), except
+        the one of submit ``keep``."""
+        with self._ring.cond:
+            gone = {
+                seq
+                for seq, (lk, _p) in self._pending.items()
+                if (link is None or lk is link) and seq != keep
+            }
+            taken = [self._pending.pop(seq)[1] for seq in sorted(gone)]
+        return taken
 
     # ---- slots ---------------------------------------------------------------------------
 
     def _new_slot(self, link: _Link, need: int, pin: bool) -> _Slot:
+        """A new slot of at least ``need`` bytes, registered with the daemon, in FILLING."""
         size = max(_SLOT_ROUND, (need + _SLOT_ROUND - 1) // _SLOT_ROUND * _SLOT_ROUND)
         slot = _Slot(self._next_slot_id, size, self.job)
         self._next_slot_id += 1
@@ -525,33 +808,38 @@ class Client:
         except BaseException:
             slot.close()
             raise
+        self._ring.add(slot)
         return slot
 
-    def _acquire(self, link: _Link, need: int, pin: bool) -> _Slot | None:
-        """A free slot of at least ``need`` bytes, marked busy; None when skipped (on_full)."""
+    def _acquire(self, link: _Link, need: int, pin: bool, *, wait: bool) -> _Slot | None:
+        """A slot of at least ``need`` bytes, now FILLING and owned by the caller; None when
+        every slot is held by the daemon and ``wait`` is false. A free slot that is too small is
+        replaced by a bigger one. Trainer thread, under the call lock."""
         waited = 0.0
+        ring = self._ring
         victim: _Slot | None = None
-        with self._cond:
+        with ring.cond:
             while True:
                 if link.lost:
                     raise DaemonUnavailableError(
-                        f"the connection to ckptd at {self.socket_path} was lost"
+                        f"the connection to ckptd at {self.socket_path} was lost: "
+                        f"{link.lost_reason}"
                     )
-                free = [s for s in self._slots if not s.busy]
+                free = ring.free()
                 fit = next((s for s in free if s.size >= need), None)
                 if fit is not None:
-                    fit.busy = True
+                    ring.take(fit)
                     break
-                if free or len(self._slots) < self.n_slots:
+                if free or len(ring.slots) < self.n_slots:
                     victim = free[0] if free else None
                     if victim is not None:
-                        self._slots.remove(victim)
-                    fit = None
+                        ring.take(victim)
+                        ring.slots.remove(victim)
                     break
-                if self.on_full == "skip":
+                if not wait:
                     return None
                 started = time.perf_counter()
-                self._cond.wait(timeout=1.0)
+                ring.cond.wait(timeout=1.0)
                 waited += time.perf_counter() - started
         self._last_wait_s = waited
         if waited:
@@ -565,11 +853,7 @@ class Client:
                 link.request({"op": "unregister", "slot": victim.id})
             finally:
                 victim.close()
-        slot = self._new_slot(link, need, pin)
-        slot.busy = True
-        with self._cond:
-            self._slots.append(slot)
-        return slot
+        return self._new_slot(link, need, pin)
 
     @staticmethod
     def _layout(
@@ -630,8 +914,9 @@ class Client:
         The first snapshot otherwise pays the page faults of fresh shared memory (about ten times
         the cost of the copy itself). Call it once the state has its final shape, e.g. after the
         first optimizer step (Adam's moments do not exist before), or pass ``headroom`` (0.5 =
-        50% more) to size for state that will appear. Returns the background thread (join it to
-        wait), or None with ``background=False``.
+        50% more) to size for state that will appear. Slots the daemon is still reading are left
+        alone (never waited for). Returns the background thread (join it to wait), or None with
+        ``background=False``.
         """
         flat = flatten(
             collect(
@@ -652,15 +937,19 @@ class Client:
 
         def work() -> None:
             with self._call:
+                if self._closed:
+                    return
                 link = self._ensure_link()
-                for _ in range(self.n_slots):
-                    slot = self._acquire(link, need, pin)
-                    if slot is None:
-                        break
-                with self._cond:
-                    for slot in self._slots:
-                        slot.busy = False
-                    self._cond.notify_all()
+                taken: list[_Slot] = []
+                try:
+                    for _ in range(self.n_slots):
+                        slot = self._acquire(link, need, pin, wait=False)
+                        if slot is None:
+                            break
+                        taken.append(slot)
+                finally:
+                    for slot in taken:
+                        self._ring.give_back(slot)
 
         if not background:
             work()
@@ -698,7 +987,10 @@ class Client:
         ``pin=True`` protects the checkpoint from retention (``ckptd unpin`` releases it).
 
         Returns once the daemon has *accepted* the snapshot: from then on it is committed even if
-        this process is killed. The tensors may be mutated as soon as this returns.
+        this process is killed. The tensors may be mutated as soon as this returns. When the
+        daemon does not answer within ``timeout_s`` the connection is dropped with every slot on
+        it (the daemon may still read them; they are never refilled), the handle fails with
+        :class:`SnapshotUnconfirmedError`, and the next call reconnects with fresh slots.
         """
         started = time.perf_counter()
         if self._closed:
@@ -720,60 +1012,14 @@ class Client:
         entries, data_end = self._layout(flat.paths, flat.tensors)
         meta = encode_layout(flat.skeleton, entries)
         meta_offset = data_end
-        need = meta_offset + len(meta)
         pending = PendingSnapshot(self.job, step)
         with self._call:
             self.stats["snapshots"] += 1
             try:
-                link = self._ensure_link()
-                slot = self._acquire(link, need, any(t.is_cuda for t in flat.tensors))
-                if slot is None:
-                    pending.skipped = True
-                    self.stats["skipped"] += 1
-                    link.send({"op": "skipped", "step": step})
-                    log.warning("ckptd: every slot busy, snapshot of step %d skipped", step)
-                    pending._reject(
-                        SnapshotSkippedError(
-                            f"{self.job} step {step} was skipped: all {self.n_slots} slot(s) were "
-                            "still being written (on_full='skip'); snapshot less often or add slots"
-                        )
-                    )
-                    pending.stall_s = time.perf_counter() - started
-                    return pending
-                try:
-                    self._fill(slot, entries, flat.tensors, meta_offset, meta)
-                    with self._cond:
-                        self._seq += 1
-                        seq = self._seq
-                        self._pending[seq] = pending
-                    pending.stall_s = time.perf_counter() - started
-                    reply = link.request(
-                        {
-                            "op": "submit",
-                            "seq": seq,
-                            "slot": slot.id,
-                            "step": step,
-                            "meta_offset": meta_offset,
-                            "meta_length": len(meta),
-                            "metric": metric_to_wire(None if metric is None else float(metric)),
-                            "stall_s": pending.stall_s,
-                            "pin": bool(pin),
-                            "blocked_s": self._last_wait_s,
-                        }
-                    )
-                except BaseException:
-                    with self._cond:
-                        slot.busy = False
-                        self._cond.notify_all()
-                    raise
-                if reply["op"] == "refused":
-                    with self._cond:
-                        slot.busy = False
-                        self._pending.pop(seq, None)
-                    raise error_from(reply)
+                self._hand_off(
+                    pending, flat.tensors, entries, meta_offset, meta, metric, pin, started
+                )
             except CkptdError as exc:
-                with self._cond:
-                    self._pending = {k: v for k, v in self._pending.items() if v is not pending}
                 self.stats["failed"] += 1
                 pending._reject(exc)
                 if self.strict:
@@ -782,12 +1028,91 @@ class Client:
         pending.stall_s = time.perf_counter() - started
         return pending
 
+    def _hand_off(
+        self,
+        pending: PendingSnapshot,
+        tensors: Sequence[torch.Tensor],
+        entries: list[LayoutEntry],
+        meta_offset: int,
+        meta: bytes,
+        metric: float | None,
+        pin: bool,
+        started: float,
+    ) -> None:
+        """Fill a slot and submit it (trainer thread, under the call lock). Raises the
+        :class:`CkptdError` that failed the hand-off."""
+        step = pending.step
+        link = self._ensure_link()
+        slot = self._acquire(
+            link,
+            meta_offset + len(meta),
+            any(t.is_cuda for t in tensors),
+            wait=self.on_full == "block",
+        )
+        if slot is None:
+            pending.skipped = True
+            self.stats["skipped"] += 1
+            link.send({"op": "skipped", "step": step})
+            log.warning("ckptd: every slot busy, snapshot of step %d skipped", step)
+            pending._reject(
+                SnapshotSkippedError(
+                    f"{self.job} step {step} was skipped: all {self.n_slots} slot(s) were "
+                    "still being written (on_full='skip'); snapshot less often or add slots"
+                )
+            )
+            return
+        try:
+            self._fill(slot, entries, tensors, meta_offset, meta)
+        except BaseException:
+            self._ring.give_back(slot)
+            raise
+        self._seq += 1
+        seq = self._seq
+        with self._ring.cond:
+            self._pending[seq] = (link, pending)
+        pending.stall_s = time.perf_counter() - started
+        self._ring.submitting(slot, seq)
+        self._submitting = seq
+        try:
+            reply = link.request(
+                {
+                    "op": "submit",
+                    "seq": seq,
+                    "slot": slot.id,
+                    "step": step,
+                    "meta_offset": meta_offset,
+                    "meta_length": len(meta),
+                    "metric": metric_to_wire(None if metric is None else float(metric)),
+                    "stall_s": pending.stall_s,
+                    "pin": bool(pin),
+                    "blocked_s": self._last_wait_s,
+                }
+            )
+        except _UnansweredError as exc:
+            # The daemon may have accepted it: the slot left the ring with the link.
+            with self._ring.cond:
+                self._pending.pop(seq, None)
+            raise SnapshotUnconfirmedError(
+                f"{self.job} step {step}: {exc}; the daemon may or may not commit it (check "
+                f"`ckptd list {self.job}`)"
+            ) from exc
+        except BaseException:
+            with self._ring.cond:
+                self._pending.pop(seq, None)
+            raise
+        finally:
+            self._submitting = None
+        if reply["op"] == "refused":  # the ring already took the slot back
+            with self._ring.cond:
+                self._pending.pop(seq, None)
+            raise error_from(reply)
+
     def flush(self, timeout: float | None = None) -> list[PendingSnapshot]:
         """Wait until every accepted snapshot is committed or failed; return those still pending
         when ``timeout`` runs out (empty when all are done). Failures stay on their handles."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            waiting = list(self._pending.values())
+        with self._ring.cond:
+            waiting = [p for _link, p in self._pending.values()]
         for pending in waiting:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             pending._done.wait(left)
@@ -796,23 +1121,59 @@ class Client:
     def close(self, timeout: float | None = 60.0) -> None:
         """Wait (up to ``timeout``) for outstanding snapshots, then disconnect and free the slots.
 
-        Snapshots still being written are committed by the daemon anyway.
+        Snapshots still being written are committed by the daemon anyway. Every handle is
+        resolved when this returns: a snapshot whose outcome the daemon had not reported by then
+        fails with :class:`SnapshotUnconfirmedError` ("unknown").
         """
         if self._closed:
             return
         self.flush(timeout)
         with self._call:
             self._closed = True
+            unanswered = self._take_pending()
             if self._link is not None:
                 self._link.close()
                 self._link = None
-            self._drop_slots()
+            self._ring.abandon()
+            self._ring.close_abandoned()
+        for pending in unanswered:
+            pending._reject(
+                SnapshotUnconfirmedError(
+                    f"{self.job} step {pending.step}: outcome unknown: the client closed before "
+                    f"the daemon answered; the daemon normally still commits it (check "
+                    f"`ckptd list {self.job}`)"
+                )
+            )
 
     def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def wait_for_daemon(self, timeout_s: float = 60.0) -> None:
+        """Wait until the daemon holds no accepted, uncommitted snapshot of this job, from this
+        process or any other (e.g. one handed off by a trainer that was then killed).
+
+        Raises :class:`TimeoutError` naming the steps still pending after ``timeout_s``, and
+        :class:`DaemonUnavailableError` when no daemon answers."""
+        with self._call:
+            if self._closed:
+                raise RuntimeError("wait_for_daemon() on a closed ckptd Client")
+            link = self._ensure_link()
+            saved = link.timeout_s
+            link.timeout_s = timeout_s + max(saved, 5.0)
+            try:
+                reply = link.request({"op": "drain", "timeout_s": float(timeout_s)})
+            finally:
+                link.timeout_s = saved
+        steps = reply.get("pending") or []
+        if steps:
+            raise TimeoutError(
+                f"ckptd is still committing {self.job} step(s) {steps} after {timeout_s} s; "
+                "restoring now would resume from an older checkpoint. Wait longer "
+                "(restore(..., wait_s=...)) or see `ckptd status`"
+            )
 
     def restore(
         self,
@@ -825,8 +1186,19 @@ class Client:
         map_location: str | torch.device | None = None,
         fallback: bool = False,
         rng: bool = True,
+        wait_s: float = 60.0,
     ) -> dict[str, Any]:
-        """:func:`ckptd_client.restore` for this client's job and root."""
+        """:func:`ckptd_client.restore` for this client's job and root.
+
+        First waits (up to ``wait_s``, see :meth:`wait_for_daemon`) until the daemon has
+        committed every snapshot of this job it accepted, so that ``"latest"`` is the newest
+        hand-off, also after a trainer was killed and restarted."""
+        try:
+            if not self._closed:
+                self.wait_for_daemon(wait_s)
+        except DaemonUnavailableError as exc:
+            # A daemon that is gone holds nothing in flight: what is on disk is all there is.
+            log.warning("ckptd: restoring without asking the daemon about pending commits: %s", exc)
         return restore(
             model,
             optimizer,
