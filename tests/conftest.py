@@ -1,4 +1,14 @@
-"""Shared fixtures: an empty checkpoint root per test, and a small trained network."""
+"""Shared fixtures: an empty checkpoint root per test, and a small trained network.
+
+No test reads the machine's system-wide config (``/etc/ckptd/ckptd.toml``): in this process every
+test runs with :data:`ckptd.config.SYSTEM_CONFIG` pointed at a file that does not exist (autouse
+fixture below); daemons, CLI runs and trainers started as subprocesses get ``CKPTD_CONFIG``
+pointing at an empty file (``tests.integration.daemon_fixtures.clean_env``), so their lookup
+never reaches ``/etc``. ``tests/integration/test_isolation.py`` checks both.
+
+Under ``CI=true`` a test whose requirement is missing fails instead of skipping
+(:mod:`tests._requirements`).
+"""
 
 from __future__ import annotations
 
@@ -8,12 +18,32 @@ from pathlib import Path
 import pytest
 import torch
 
+import ckptd.config
 from ckptd.store import Store
+from tests._requirements import in_ci
+
+
+def pytest_report_header() -> str:
+    if in_ci():
+        return "CI=true: a test whose requirement is missing fails instead of skipping"
+    return "CI is not true: a test whose requirement is missing skips (CI=true makes it fail)"
+
+
+@pytest.fixture(autouse=True)
+def no_system_config(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """Point this process's system config path at a file that does not exist, for every test
+    (tests of the lookup itself patch it again). Returns that path."""
+    absent = tmp_path_factory.getbasetemp() / "no-system-config" / "ckptd.toml"
+    monkeypatch.setattr(ckptd.config, "SYSTEM_CONFIG", absent)
+    return absent
 
 
 @pytest.fixture
 def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """An empty checkpoint root; CKPTD_* variables cleared so nothing leaks in from outside."""
+    """An empty checkpoint root; CKPTD_* variables cleared and an empty XDG config home, so
+    nothing leaks in from outside (the system config is kept out by ``no_system_config``)."""
     for var in ("CKPTD_ROOT", "CKPTD_CONFIG", "CKPTD_SOCKET"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))

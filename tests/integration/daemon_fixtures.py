@@ -9,7 +9,12 @@ Socket paths must stay below 108 bytes (``sun_path``), so every daemon lives und
 ``/tmp/ckXXXXXXXX`` directory (pytest's ``tmp_path`` is far too long). Each factory stops its
 daemons on teardown (SIGTERM, then SIGKILL) and fails the test if any process that mentions its
 directory on the command line is still alive: no daemon, spawned daemon or trainer may outlive
-its test.
+its test; nor may a daemon log show a traceback the test did not announce.
+
+A daemon is ready when a connection to its socket succeeds, not when the socket file exists
+(:meth:`DaemonFactory.start` waits for that). Every environment here (:func:`clean_env`) names
+an empty config file in ``CKPTD_CONFIG`` and holds an empty user config, so no daemon, trainer
+or CLI run of a test reads the machine's ``/etc/ckptd/ckptd.toml``.
 """
 
 from __future__ import annotations
@@ -44,15 +49,38 @@ STOP_TIMEOUT_S = 60.0
 # ---- environment -------------------------------------------------------------------------------
 
 
+def empty_config(base: Path) -> Path:
+    """``<base>/config/empty.toml``, an empty config file (created if missing), in a directory of
+    its own: a daemon watches its config file's directory, and nothing else changes there."""
+    path = base / "config" / "empty.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()
+    return path
+
+
+def empty_config_home(base: Path) -> Path:
+    """``<base>/xdg-config``, an XDG config home whose ``ckptd/ckptd.toml`` is an empty file: a
+    process that drops ``CKPTD_CONFIG`` (the bench scripts' daemons do) still stops its config
+    lookup there, before ``/etc/ckptd/ckptd.toml``."""
+    home = base / "xdg-config"
+    (home / "ckptd").mkdir(parents=True, exist_ok=True)
+    (home / "ckptd" / "ckptd.toml").touch()
+    return home
+
+
 def clean_env(base: Path, **extra: str) -> dict[str, str]:
-    """The environment for daemons, trainers and CLI runs: no CKPTD_* from outside, an empty
-    config home (so no user config leaks in), the repo importable (``tests.integration...``)."""
+    """The environment for daemons, trainers, benchmark scripts and CLI runs: no CKPTD_* from
+    outside; ``CKPTD_CONFIG`` set to an empty file and an XDG config home holding an empty user
+    config, so the config lookup never reaches a real user's config or the machine's
+    ``/etc/ckptd/ckptd.toml`` (an explicit ``--config`` still wins); the repo importable
+    (``tests.integration...``). Creates the two empty files under ``base``."""
     env = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("CKPTD_", "NOTIFY_SOCKET", "WATCHDOG_", "PYTEST_"))
     }
-    env["XDG_CONFIG_HOME"] = str(base / "xdg-config")
+    env["CKPTD_CONFIG"] = str(empty_config(base))
+    env["XDG_CONFIG_HOME"] = str(empty_config_home(base))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env["COLUMNS"] = "160"
     env.update(extra)
@@ -151,7 +179,8 @@ def memfd_maps(pid: int, name: str = "memfd:") -> list[str]:
 
 @dataclass
 class Daemon:
-    """A ``ckptd start --user`` process started by a :class:`DaemonFactory`."""
+    """A ``ckptd start`` process (``--user`` unless started with ``user=False``) started by a
+    :class:`DaemonFactory`."""
 
     socket: Path
     root: Path
@@ -191,11 +220,20 @@ class Daemon:
 
 @dataclass
 class DaemonFactory:
-    """Starts daemons under one short tmp dir; on cleanup stops them and checks for strays."""
+    """Starts daemons under one short tmp dir; on cleanup stops them and checks for strays.
+
+    Cleanup also fails the test when a daemon log under the directory shows a traceback, unless
+    the test announced it with :meth:`expect_traceback` (a fault it injected on purpose).
+    """
 
     base: Path
     env: dict[str, str]
     started: list[Daemon] = field(default_factory=list)
+    expected_tracebacks: list[str] = field(default_factory=list)
+
+    def expect_traceback(self, marker: str) -> None:
+        """A traceback in a daemon log that contains ``marker`` is expected, not a crash."""
+        self.expected_tracebacks.append(marker)
 
     @property
     def default_socket(self) -> Path:
@@ -211,12 +249,17 @@ class DaemonFactory:
         socket_path: Path | None = None,
         root: Path | None = None,
         config: str | None = None,
+        user: bool = True,
+        module: str = "ckptd",
     ) -> Daemon:
-        """Start a user daemon and wait (30 s) until its socket accepts a connection."""
+        """Start a daemon and wait (30 s) until its socket accepts a connection (a socket file
+        alone is not readiness). ``user=False`` starts a system daemon (no ``--user``);
+        ``module`` runs ``python -m MODULE start ...`` instead of ``ckptd`` (a test's wrapper
+        that injects a fault, then runs ckptd's CLI)."""
         sock = socket_path or self.default_socket
         store_root = root or self.default_root
         assert len(str(sock).encode()) < 108, f"socket path too long: {sock}"
-        args = [sys.executable, "-m", "ckptd", "start", "--user"]
+        args = [sys.executable, "-m", module, "start", *(["--user"] if user else [])]
         args += ["--socket", str(sock), "--root", str(store_root), *extra]
         if config is not None:
             cfg = self.base / f"ckptd-{len(self.started)}.toml"
@@ -272,14 +315,34 @@ class DaemonFactory:
                 pass
         # Daemon logs (started here, or spawned by a client: <socket dir>/ckptd.log) must not
         # show an unexpected exception, even when every assertion of the test held.
+        expected = self.expected_tracebacks
         crashes = {
-            str(log): text[text.index("Traceback") :][:3000]
+            str(log): crash
             for log in sorted(self.base.rglob("*.log"))
-            if "Traceback" in (text := log.read_text(errors="replace"))
+            if (crash := unexpected_traceback(log.read_text(errors="replace"), expected))
         }
         shutil.rmtree(self.base, ignore_errors=True)
         assert not strays, f"processes left running after the test: {strays}"
         assert not crashes, f"daemon logs show exceptions: {crashes}"
+
+
+def unexpected_traceback(text: str, expected: list[str]) -> str:
+    """The first traceback in a log ``text`` that contains none of the ``expected`` markers
+    (its first 3000 characters), or "" when there is none."""
+    chained = ("During handling of the above exception", "The above exception was the direct")
+    reports: list[str] = []
+    for block in text.split("Traceback")[1:]:
+        # A block runs to the next traceback, so its exception line is in it; a chained
+        # exception's blocks form one report.
+        last_line = reports[-1].rstrip().rsplit("\n", 1)[-1] if reports else ""
+        if last_line.startswith(chained):
+            reports[-1] += "Traceback" + block
+        else:
+            reports.append("Traceback" + block)
+    for report in reports:
+        if not any(marker in report for marker in expected):
+            return report[:3000]
+    return ""
 
 
 @pytest.fixture
@@ -312,11 +375,14 @@ def shared_daemon() -> Iterator[Daemon]:
 
 @pytest.fixture
 def ckptd_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """In-process clients must not pick up CKPTD_* or a user config from outside (use it with
-    ``pytestmark = pytest.mark.usefixtures("ckptd_env")``)."""
-    for var in ("CKPTD_ROOT", "CKPTD_CONFIG", "CKPTD_SOCKET"):
+    """In-process clients must not pick up CKPTD_* or a user or system config from outside (use
+    it with ``pytestmark = pytest.mark.usefixtures("ckptd_env")``): ``CKPTD_CONFIG`` names an
+    empty file, so a daemon such a client spawns (it inherits this environment) reads no other
+    config either."""
+    for var in ("CKPTD_ROOT", "CKPTD_SOCKET"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
+    monkeypatch.setenv("CKPTD_CONFIG", str(empty_config(tmp_path)))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(empty_config_home(tmp_path)))
 
 
 # ---- states ------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ Every daemon runs with ``[disk] min_free_bytes = "4MiB"`` from a ``--config`` fi
 random bytes (stored raw: the codec cannot shrink them), so a 6 MiB snapshot takes 6 MiB of the
 tmpfs and the filesystem's free space is fully predictable.
 
-Needs root (to mount the tmpfs); skipped otherwise.
+Needs root (to mount the tmpfs): skipped otherwise, a failure under ``CI=true``.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from ckptd.errors import EXIT_CODES, DiskFullError
 from ckptd.restore import verify_manifest
 from ckptd.store import Store
 from ckptd_client.client import Client
+from tests._requirements import missing, require
 from tests.integration import daemon_fixtures
 from tests.integration.daemon_fixtures import (
     Daemon,
@@ -57,8 +58,7 @@ WAIT_S = 120.0
 @pytest.fixture
 def tmpfs_daemons() -> Iterator[DaemonFactory]:
     """A daemon factory whose default root is a fresh 48 MiB tmpfs (unmounted afterwards)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a size-limited tmpfs needs root")
+    require(os.geteuid() == 0, "mounting a size-limited tmpfs needs root")
     base = short_tmp()
     factory = DaemonFactory(base, clean_env(base))
     mountpoint = factory.default_root
@@ -71,7 +71,7 @@ def tmpfs_daemons() -> Iterator[DaemonFactory]:
     )
     if mount.returncode != 0:
         shutil.rmtree(base, ignore_errors=True)
-        pytest.skip(f"cannot mount a tmpfs on {mountpoint}: {mount.stderr.strip()}")
+        missing(f"cannot mount a tmpfs on {mountpoint}: {mount.stderr.strip()}")
     try:
         yield factory
     finally:

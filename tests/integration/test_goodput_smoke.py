@@ -2,35 +2,35 @@
 outputs.
 
 Both run as subprocesses from the repository root: the goodput smoke run (a 0.2M-parameter model,
-6 steps, one rep of each method, its own daemon) takes ~15 s on the 2-core CI machine, the plots a
-few seconds (a hard limit of 90 s in all).
+6 steps, one rep of each method, its own daemon), then the plots. How fast they run is not judged
+here (speed is measured in ``bench/``); the timeout only stops a hang.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import pytest
+
+from tests.integration.daemon_fixtures import clean_env
+
 REPO = Path(__file__).resolve().parents[2]
-TIMEOUT_S = 90
 METHODS = {"none", "ckptd", "ckptd-nice0", "torch.save", "dcp.async", "dcp.save"}
+pytestmark = pytest.mark.timeout(900)  # a hang, never a speed limit
 
 
-def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CKPTD_")}
-    env["MPLBACKEND"] = "Agg"
+def _run(args: list[str], env_dir: Path) -> subprocess.CompletedProcess[str]:
+    env = clean_env(env_dir, MPLBACKEND="Agg")  # no CKPTD_*, no user or system config
     proc = subprocess.run(
         [sys.executable, "-m", *args],
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
-        timeout=timeout,
         check=False,
     )
     assert proc.returncode == 0, f"{args[0]} failed:\n{proc.stdout}\n{proc.stderr}"
@@ -38,12 +38,12 @@ def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
 
 
 def test_goodput_quick_and_plots(tmp_path: Path) -> None:
-    start = time.monotonic()
     results = tmp_path / "results"
     results.mkdir()
     out = results / "goodput_bench.jsonl"
     work = tmp_path / "work"
-    gp = _run(["bench.goodput_bench", "--quick", "--out", str(out), "--root", str(work)], TIMEOUT_S)
+    env_dir = tmp_path / "env"
+    gp = _run(["bench.goodput_bench", "--quick", "--out", str(out), "--root", str(work)], env_dir)
     assert "| method " in gp.stdout
     assert "daemon stopped: yes" in gp.stdout
     records = [json.loads(line) for line in out.read_text().splitlines()]
@@ -58,18 +58,16 @@ def test_goodput_quick_and_plots(tmp_path: Path) -> None:
             assert r["tail_s"]["median"] >= 0
     assert list(work.iterdir()) == [], "the bench left files under --root"
 
-    # the size plots need store/snapshot results: use the committed ones when present
-    for src in sorted((REPO / "bench" / "results").glob("store_bench-*.jsonl")):
-        if not src.stem.endswith("-quick"):
-            shutil.copy(src, results / src.name)
-    have_sizes = any(results.glob("store_bench-*.jsonl"))
+    # the size plots need store/snapshot results: the committed ones (bench/results/)
+    committed = [
+        src
+        for src in sorted((REPO / "bench" / "results").glob("store_bench-*.jsonl"))
+        if not src.stem.endswith("-quick")
+    ]
+    assert committed, "bench/results/ holds no store_bench-<size>.jsonl"
+    for src in committed:
+        shutil.copy(src, results / src.name)
     pngs = tmp_path / "png"
-    left = TIMEOUT_S - (time.monotonic() - start)
-    plots = _run(["bench.plots", "--results", str(results), "--out", str(pngs)], max(left, 10))
-    assert (pngs / "goodput.png").stat().st_size > 10_000
-    for name in ("stall_vs_size.png", "durable_vs_size.png"):
-        if have_sizes:
-            assert (pngs / name).stat().st_size > 10_000
-        else:
-            assert f"{name}: skipped" in plots.stdout
-    assert time.monotonic() - start < TIMEOUT_S
+    _run(["bench.plots", "--results", str(results), "--out", str(pngs)], env_dir)
+    for name in ("goodput.png", "stall_vs_size.png", "durable_vs_size.png"):
+        assert (pngs / name).stat().st_size > 10_000, name

@@ -1,8 +1,9 @@
 """``bench/snapshot_bench.py --quick`` runs, prints its table and targets, writes JSON lines and
 stops the daemons it started.
 
-It runs as a subprocess from the repository root, the way the README tells people to run it; a
-4 MiB state takes about 20 s on the 2-core CI machine (a hard limit of 60 s).
+It runs as a subprocess from the repository root, the way the README tells people to run it, on a
+4 MiB state. How fast it runs is not judged here (speed is measured in ``bench/``); the timeout
+only stops a hang.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from typing import Any
 
 import pytest
 
+from tests.integration.daemon_fixtures import clean_env
+
 REPO = Path(__file__).resolve().parents[2]
-TIMEOUT_S = 60
+pytestmark = pytest.mark.timeout(600)  # a hang, never a speed limit
 
 
 def _table_rows(stdout: str, first_header: str) -> list[list[str]]:
@@ -52,7 +55,7 @@ def _pid_alive(pid: int) -> bool:
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[dict[str, Any]]]:
     tmp = tmp_path_factory.mktemp("snapshot-bench")
     out = tmp / "snapshot.jsonl"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CKPTD_")}
+    env = clean_env(tmp / "env")  # no CKPTD_*, no user or system config
     proc = subprocess.run(
         [
             sys.executable,
@@ -67,7 +70,6 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[dict[str, A
         env=env,
         capture_output=True,
         text=True,
-        timeout=TIMEOUT_S,
         check=False,
     )
     assert proc.returncode == 0, f"snapshot_bench failed:\n{proc.stdout}\n{proc.stderr}"

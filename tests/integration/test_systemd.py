@@ -19,16 +19,23 @@ from pathlib import Path
 
 import pytest
 
+from tests._requirements import require
+from tests.integration.daemon_fixtures import clean_env
+
 REPO = Path(__file__).resolve().parents[2]
 SYSTEM_UNIT = REPO / "systemd" / "ckptd.service"
 USER_UNIT = REPO / "systemd" / "ckptd-user.service"
 SYSTEM_THRESHOLD = 2.5
 USER_THRESHOLD = 9.5
 
-needs_analyze = pytest.mark.skipif(
-    shutil.which("systemd-analyze") is None,
-    reason="systemd-analyze missing (scripts/test installs Debian's systemd package)",
-)
+
+@pytest.fixture
+def analyze() -> None:
+    """systemd-analyze is installed (skip, or fail under ``CI=true``, when it is not)."""
+    require(
+        shutil.which("systemd-analyze") is not None,
+        "systemd-analyze is missing (scripts/test installs Debian's systemd package)",
+    )
 
 
 def _render(unit: Path, dest_dir: Path) -> Path:
@@ -46,7 +53,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return {**os.environ, "XDG_RUNTIME_DIR": str(runtime), "SYSTEMD_LOG_LEVEL": "warning"}
 
 
-@needs_analyze
+@pytest.mark.usefixtures("analyze")
 @pytest.mark.parametrize("unit", [SYSTEM_UNIT, USER_UNIT], ids=["system", "user"])
 def test_unit_verifies(unit: Path, tmp_path: Path) -> None:
     rendered = _render(unit, tmp_path)
@@ -56,7 +63,7 @@ def test_unit_verifies(unit: Path, tmp_path: Path) -> None:
     assert result.stderr.strip() == "", result.stderr
 
 
-@needs_analyze
+@pytest.mark.usefixtures("analyze")
 @pytest.mark.parametrize(
     ("unit", "threshold"),
     [(SYSTEM_UNIT, SYSTEM_THRESHOLD), (USER_UNIT, USER_THRESHOLD)],
@@ -111,7 +118,7 @@ def test_daemon_speaks_sd_notify() -> None:
     listener.bind(str(notify_path))
     listener.settimeout(30)
     sock = base / "d.sock"
-    env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "400000"}
+    env = clean_env(base, NOTIFY_SOCKET=str(notify_path), WATCHDOG_USEC="400000")
     proc = subprocess.Popen(
         [
             sys.executable,

@@ -41,6 +41,7 @@ from ckptd.errors import CkptdError, NotFoundError
 from ckptd.fsutil import tmp_writer, writer_alive
 from ckptd.restore import load_checkpoint, verify_manifest
 from ckptd.store import Store
+from tests._requirements import missing, require
 from tests.integration.daemon_fixtures import (
     REPO,
     Daemon,
@@ -460,11 +461,11 @@ def fiu_lib_dir() -> Path | str:
 @pytest.fixture
 def fiu_daemons() -> Iterator[tuple[DaemonFactory, Fiu]]:
     """A daemon factory whose daemons run under libfiu's POSIX preload (remote-controlled with
-    ``fiu-ctrl``); skips when fiu-utils is not installed. Its ``env`` is the daemons' env, with
-    the preload: run CLI commands with ``clean_env(factory.base)``."""
+    ``fiu-ctrl``); skips when fiu-utils is not installed (fails under ``CI=true``). Its ``env``
+    is the daemons' env, with the preload: run CLI commands with ``clean_env(factory.base)``."""
     lib_dir = fiu_lib_dir()
     if isinstance(lib_dir, str):
-        pytest.skip(lib_dir)
+        missing(lib_dir)
     base = short_tmp()
     fiu = Fiu(lib_dir, base / "fiu")
     factory = DaemonFactory(base, fiu.env(clean_env(base)))
@@ -488,10 +489,13 @@ def module_daemons() -> Iterator[DaemonFactory]:
 
 @pytest.fixture
 def shm_base() -> Iterator[Path]:
-    """A fresh directory on a tmpfs (``/dev/shm``), removed afterwards; skips without one."""
+    """A fresh directory on a tmpfs (``/dev/shm``), removed afterwards; skips without one (fails
+    under ``CI=true``)."""
     shm = Path("/dev/shm")
-    if not shm.is_dir() or not os.access(shm, os.W_OK):
-        pytest.skip("no writable tmpfs at /dev/shm for the checkpoint root")
+    require(
+        shm.is_dir() and os.access(shm, os.W_OK),
+        "no writable tmpfs at /dev/shm for the checkpoint root",
+    )
     path = Path(tempfile.mkdtemp(prefix="ckptd-rel-", dir=shm))
     try:
         yield path

@@ -2,10 +2,12 @@
 
 The daemon runs under libfiu's POSIX preload (what ``fiu-run -x`` sets up); ``fiu-ctrl`` turns
 ``posix/io/sync/fsync`` (EIO, ``failinfo=5``) and ``posix/io/rw/write`` (ENOSPC,
-``failinfo=28``) on around one snapshot and off again. Each failed snapshot's ``wait()`` raises
-the matching error naming the file and the operation, the checkpoint never becomes visible, the
-failure shows in ``ckptd status --json`` (``failures``, ``recent_errors``) and the next snapshot
-commits and verifies.
+``failinfo=28``) on around one snapshot and off again; a read-only filesystem (EROFS) and a
+quota (EDQUOT) are injected the same way, on write and on fsync. Each failed snapshot's
+``wait()`` raises the matching error (``StoreIOError``, ``DiskFullError``,
+``StorePermissionError``) naming the file and the operation, the checkpoint never becomes
+visible, the failure shows in ``ckptd status --json`` (``failures``, ``recent_errors``), every
+earlier checkpoint still verifies and the next snapshot commits.
 
 fsync is never retried on the same data (after a failed fsync the kernel may have dropped the
 dirty pages, so a second one can "succeed" with nothing on disk). A ``onetime`` failure point
@@ -24,6 +26,8 @@ to make the write path the bottleneck instead.
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -31,7 +35,7 @@ from typing import Any
 import pytest
 import torch
 
-from ckptd.errors import DiskFullError, StoreIOError
+from ckptd.errors import CkptdError, DiskFullError, StoreIOError, StorePermissionError
 from ckptd.restore import load_checkpoint, verify_manifest
 from ckptd.store import Store
 from ckptd_client import Client
@@ -153,6 +157,67 @@ def test_write_enospc_fails_the_snapshot_with_disk_full_and_the_next_one_commits
     assert st["commits"] == 2
     assert any(
         re.search(f"{JOB} step 2: cannot write {OBJECT}: No space left on device", e)
+        for e in st["recent_errors"]
+    ), st["recent_errors"]
+
+
+READ_ONLY = (
+    rf"Read-only file system \(running as uid {os.getuid()}\); fix the directory's owner or mode, "
+    r"or choose another root with --root / CKPTD_ROOT"
+)
+QUOTA = (
+    r"Disk quota exceeded; free space on that filesystem \(ckptd rm / gc, or a retention "
+    r"policy\) or move the root"
+)
+
+
+@pytest.mark.parametrize(
+    ("point", "code", "error", "message"),
+    [
+        pytest.param(WRITE, errno.EROFS, StorePermissionError, READ_ONLY, id="write-EROFS"),
+        pytest.param(FSYNC, errno.EROFS, StorePermissionError, READ_ONLY, id="fsync-EROFS"),
+        pytest.param(WRITE, errno.EDQUOT, DiskFullError, QUOTA, id="write-EDQUOT"),
+        pytest.param(FSYNC, errno.EDQUOT, DiskFullError, QUOTA, id="fsync-EDQUOT"),
+    ],
+)
+def test_read_only_and_quota_errors_fail_the_snapshot_and_lose_nothing(
+    fiu_daemons: tuple[DaemonFactory, Fiu],
+    point: str,
+    code: int,
+    error: type[CkptdError],
+    message: str,
+) -> None:
+    """A filesystem that turned read-only (EROFS) is a permission error, a quota (EDQUOT) is a
+    full disk: one snapshot fails with it, naming the object and the operation; the committed
+    checkpoint before it still verifies and the next one commits."""
+    factory, fiu = fiu_daemons
+    daemon = factory.start(config=CONFIG)
+    store = Store(daemon.root)
+    operation = "write" if point == WRITE else "fsync"
+    with connect(daemon) as client:
+        assert client.snapshot(state=STATE.at(1), step=1).wait(60).step == 1
+        fiu.ctrl(daemon.pid, f"enable name={point},failinfo={code},onetime")
+        try:
+            handle = client.snapshot(state=STATE.at(2), step=2)
+            with pytest.raises(error) as failed:
+                handle.wait(60)
+        finally:
+            fiu.ctrl(daemon.pid, f"disable name={point}", check=False)  # fired: already off
+        assert re.fullmatch(f"cannot {operation} {OBJECT}: {message}", str(failed.value)), (
+            failed.value
+        )
+        daemon.wait_idle()
+        assert tmp_files(store) == []
+        assert client.snapshot(state=STATE.at(3), step=3).wait(60).step == 3
+    daemon.wait_idle()
+    assert_committed(store, [1, 3])  # 1 intact, 2 never visible, 3 committed after the fault
+    assert tmp_files(store) == []
+
+    st = failure_status(factory, daemon)
+    assert st["failures"] == {error.__name__: 1}
+    assert st["commits"] == 2
+    assert any(
+        re.search(f"{JOB} step 2: cannot {operation} {OBJECT}: {message}", e)
         for e in st["recent_errors"]
     ), st["recent_errors"]
 
