@@ -38,7 +38,9 @@ from ckptd.errors import EXIT_CODES
 from ckptd.manifest import Manifest
 from ckptd.restore import FallbackWarning, read_tensors
 from ckptd.store import Store
+from tests import _other_uid
 from tests.conftest import TinyNet, trained
+from tests.integration.daemon_fixtures import empty_config
 
 CKPTD = Path(sys.executable).parent / "ckptd"
 NOBODY = 65534
@@ -322,6 +324,7 @@ def test_list_in_an_80_column_terminal_shows_job_and_step(root: Path) -> None:
     ckptd_client.save(LONG_JOB, {"w": torch.ones(3)}, step=7, rng=False, root=root)
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
     env |= {"CKPTD_ROOT": str(root), "TERM": "xterm-256color", "NO_COLOR": "1"}
+    env["CKPTD_CONFIG"] = str(empty_config(root.parent))  # never /etc/ckptd/ckptd.toml
     code, text = run_in_terminal(["list"], env, columns=80)
     assert code == 0, text
     rows = table_rows(text)
@@ -947,7 +950,7 @@ def test_version(cli: CLI) -> None:
 def test_console_script_lists_and_verifies(root: Path) -> None:
     save_net(root, "net", 3)
     save_net(root, "net", 5, seed=1)
-    env = {**os.environ, "CKPTD_ROOT": str(root)}
+    env = {**os.environ, "CKPTD_ROOT": str(root), "CKPTD_CONFIG": str(empty_config(root.parent))}
 
     proc = run_ckptd("list", "--json", env=env)
     assert proc.returncode == 0, proc.stderr
@@ -965,7 +968,7 @@ def test_console_script_lists_and_verifies(root: Path) -> None:
 def test_console_script_restores_with_fallback(root: Path, tmp_path: Path) -> None:
     saved, _obj = _two_steps_latest_object_corrupt(root)
     out = tmp_path / "out.safetensors"
-    env = {**os.environ}
+    env = {**os.environ, "CKPTD_CONFIG": str(empty_config(tmp_path))}
     proc = run_ckptd(
         "restore",
         "net",
@@ -994,55 +997,48 @@ def test_console_script_restores_with_fallback(root: Path, tmp_path: Path) -> No
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[Path]:
-    """A scratch directory user nobody can reach (pytest's own tmp dirs are private to root)."""
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        pytest.skip("permission tests need root (to switch to user nobody with setpriv)")
-    if shutil.which("setpriv") is None:
-        pytest.skip("setpriv (util-linux) is not installed")
+    """A scratch directory user nobody can reach (pytest's own tmp dirs are private to root).
+    Skips without root or setpriv (fails under CI=true)."""
+    from tests._requirements import missing, require
+
+    require(
+        hasattr(os, "geteuid") and os.geteuid() == 0,
+        "permission tests need root (to switch to user nobody with setpriv)",
+    )
+    require(shutil.which("setpriv") is not None, "setpriv (util-linux) is not installed")
     path = Path(tempfile.mkdtemp(prefix="ckptd-cli-perm-"))
     try:
         path.chmod(0o755)
         for parent in path.parents:
             if not parent.stat().st_mode & 0o001:
-                pytest.skip(f"{parent} is not traversable by other users; cannot test as nobody")
+                missing(f"{parent} is not traversable by other users; cannot test as nobody")
         yield path
     finally:
         shutil.rmtree(path)
 
 
+# The session's way to run this checkout's programs as another uid (a mirror of the checkout
+# when other users cannot reach it: see tests._other_uid).
+other_uid = _other_uid.other_uid
+
+
 @pytest.fixture(scope="module")
-def as_nobody(world: Path) -> tuple[str, ...]:
-    """The setpriv prefix that runs a command as nobody; skips unless nobody can run ckptd's
-    interpreter and read its packages (a cheap probe: ckptd.errors does not import torch)."""
-    prefix = ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups")
-    probe = subprocess.run(
-        [*prefix, sys.executable, "-c", "import os, ckptd.errors; print(os.getuid())"],
-        env=nobody_env(world),
-        cwd=world,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    if probe.returncode != 0 or probe.stdout.strip() != str(NOBODY):
-        pytest.skip(
-            f"user nobody cannot run {sys.executable} with ckptd importable "
-            f"(exit {probe.returncode}): {probe.stderr.strip()[-300:]}"
-        )
-    return prefix
+def as_nobody(world: Path, request: pytest.FixtureRequest) -> tuple[str, ...]:
+    """The setpriv prefix that runs a command as nobody (``sys.executable`` and ``CKPTD`` from the
+    session's mirror when there is one); skips unless nobody can run ckptd's interpreter and read
+    its packages (a cheap probe: ckptd.errors does not import torch)."""
+    from tests._requirements import require
+
+    other: _other_uid.OtherUid = request.getfixturevalue("other_uid")
+    why = other.cannot_import("ckptd.errors")
+    require(not why, why)
+    return other.prefix
 
 
 def nobody_env(world: Path, **extra: str) -> dict[str, str]:
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(world),
-        "XDG_CONFIG_HOME": str(world / "xdg"),
-        "LANG": "C.UTF-8",
-    }
-    if "PYTHONPATH" in os.environ:  # import ckptd from where this process does
-        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
-    return env | extra
+    """No config from outside (CKPTD_CONFIG names an empty file), this checkout importable."""
+    values = {"HOME": str(world), "XDG_CONFIG_HOME": str(world / "xdg")} | extra
+    return _other_uid.active().env(**values)
 
 
 SAVE_AS_NOBODY = """
@@ -1113,7 +1109,7 @@ def test_unreadable_home_config_is_a_config_error(world: Path, as_nobody: tuple[
     store = world / "store-for-config-test"
     ckptd_client.save("net", {"w": torch.ones(4)}, step=1, rng=False, root=store)
     env = nobody_env(world, HOME=str(private), CKPTD_ROOT=str(store))
-    del env["XDG_CONFIG_HOME"]
+    del env["CKPTD_CONFIG"], env["XDG_CONFIG_HOME"]  # so the lookup reaches the user config
 
     proc = run_ckptd("list", env=env, prefix=as_nobody)
     assert "Traceback" not in proc.stderr, proc.stderr

@@ -46,6 +46,7 @@ from ckptd.skeleton import flatten
 from ckptd.store import Store
 from ckptd_client import client as client_module
 from ckptd_client.client import Client
+from tests import _other_uid
 from tests.conftest import trained
 from tests.integration import daemon_fixtures
 from tests.integration.daemon_fixtures import (
@@ -590,45 +591,38 @@ for job in sys.argv[3:]:
 print(json.dumps(out))
 """
 
-SETPRIV = ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups")
+# The session's way to run this checkout's programs as another uid (a mirror of the checkout
+# when other users cannot reach it: see tests._other_uid).
+other_uid = _other_uid.other_uid
 
 
 @pytest.fixture(scope="module")
-def nobody() -> None:
-    """Skip unless this runs as root with setpriv, and uid 65534 can import ckptd_client."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root, to run a client as uid 65534 with setpriv")
-    if shutil.which("setpriv") is None:
-        pytest.skip("setpriv (util-linux) is not installed")
-    probe = subprocess.run(
-        [*SETPRIV, sys.executable, "-c", "import os, ckptd_client; print(os.getuid())"],
-        cwd="/",
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    if probe.stdout.strip() != str(NOBODY):
-        pytest.skip(f"uid {NOBODY} cannot run {sys.executable} with ckptd: {probe.stderr[-300:]}")
+def nobody(request: pytest.FixtureRequest) -> None:
+    """Skip unless this runs as root with setpriv, and uid 65534 can import ckptd_client (a
+    failure instead of a skip under CI=true)."""
+    from tests._requirements import require
+
+    require(os.geteuid() == 0, "needs root, to run a client as uid 65534 with setpriv")
+    require(shutil.which("setpriv") is not None, "setpriv (util-linux) is not installed")
+    other: _other_uid.OtherUid = request.getfixturevalue("other_uid")
+    why = other.cannot_import("ckptd_client")
+    require(not why, why)
 
 
 def nobody_env(daemons: DaemonFactory) -> dict[str, str]:
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(daemons.base),
-        "XDG_CONFIG_HOME": str(daemons.base / "xdg-nobody"),
-        "LANG": "C.UTF-8",
-        "COLUMNS": "160",
-    }
-    if "PYTHONPATH" in os.environ:
-        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
-    return env
+    """No config from outside (CKPTD_CONFIG names an empty file), this checkout importable."""
+    return _other_uid.active().env(
+        HOME=str(daemons.base),
+        XDG_CONFIG_HOME=str(daemons.base / "xdg-nobody"),
+        COLUMNS="160",
+    )
 
 
 def as_nobody(daemons: DaemonFactory, *args: str | Path) -> subprocess.CompletedProcess[str]:
-    """Run ``args`` as uid/gid 65534 with no supplementary groups."""
+    """Run ``args`` as uid/gid 65534 with no supplementary groups (``sys.executable`` and
+    ``CKPTD`` from the session's mirror when there is one)."""
     return subprocess.run(
-        [*SETPRIV, *map(str, args)],
+        [*_other_uid.active().prefix, *map(str, args)],
         env=nobody_env(daemons),
         cwd=daemons.base,
         stdin=subprocess.DEVNULL,
