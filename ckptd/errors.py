@@ -112,6 +112,14 @@ class UntrustedDaemonError(DaemonUnavailableError):
     exit_code = 17
 
 
+class DaemonNoAnswerError(DaemonUnavailableError):
+    """A request was sent to the daemon but no answer came: none within the client's
+    ``timeout_s`` (a hung or stopped daemon), or the connection closed first. The daemon may or
+    may not have acted on it; the client dropped the connection and every slot on it."""
+
+    exit_code = 19
+
+
 class SnapshotUnconfirmedError(DaemonUnavailableError):
     """The client lost its connection to the daemon (or closed it) before the daemon reported a
     snapshot's outcome: it may or may not be committed. ``ckptd list JOB`` tells."""
@@ -147,6 +155,7 @@ EXIT_CODES: dict[str, int] = {
         SnapshotSkippedError,
         UntrustedDaemonError,
         SnapshotUnconfirmedError,
+        DaemonNoAnswerError,
     )
 }
 """Exit code of each error type, as the CLI uses them (documented in the README)."""

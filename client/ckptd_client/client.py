@@ -40,6 +40,7 @@ import torch
 from ckptd.config import SYSTEM_SOCKET, load_config, resolve_root, resolve_socket
 from ckptd.errors import (
     CkptdError,
+    DaemonNoAnswerError,
     DaemonUnavailableError,
     ProtocolError,
     SnapshotSkippedError,
@@ -319,11 +320,6 @@ class _Waiter:
         self.reply: Message | None = None
 
 
-class _UnansweredError(DaemonUnavailableError):
-    """A request was sent but no reply came (timeout or lost connection): the daemon may or may
-    not have acted on it."""
-
-
 def check_daemon_peer(sock: socket.socket, path: Path) -> int:
     """The pid of the daemon behind ``sock`` if it runs as this user or as root (which can read
     this process's memory anyway); :class:`UntrustedDaemonError` otherwise."""
@@ -460,7 +456,7 @@ class _Link:
         """Send ``msg`` and return its reply (an ``error`` reply raises its exception).
 
         Raises :class:`DaemonUnavailableError` when it could not be sent, and its subclass
-        :class:`_UnansweredError` when it was sent but not answered (the link is broken then)."""
+        :class:`DaemonNoAnswerError` when it was sent but not answered (the link is broken then)."""
         waiter = _Waiter()
         with self._send_lock:
             if self.lost:
@@ -487,13 +483,13 @@ class _Link:
         if not waiter.event.wait(self.timeout_s):
             self.lost_reason = f"no answer to {msg['op']!r} within {self.timeout_s} s"
             self.break_link()
-            raise _UnansweredError(
+            raise DaemonNoAnswerError(
                 f"ckptd at {self.path} did not answer {msg['op']!r} within {self.timeout_s} s; "
                 "the connection was dropped and its slots abandoned (the next call reconnects)"
             )
         reply = waiter.reply
         if reply is None:
-            raise _UnansweredError(
+            raise DaemonNoAnswerError(
                 f"ckptd at {self.path} closed the connection during {msg['op']!r}: "
                 f"{self.lost_reason}"
             )
@@ -814,33 +810,49 @@ class Client:
     def _acquire(self, link: _Link, need: int, pin: bool, *, wait: bool) -> _Slot | None:
         """A slot of at least ``need`` bytes, now FILLING and owned by the caller; None when
         every slot is held by the daemon and ``wait`` is false. A free slot that is too small is
-        replaced by a bigger one. Trainer thread, under the call lock."""
+        replaced by a bigger one. Trainer thread, under the call lock.
+
+        Waiting for the daemon to release a slot is unbounded while the daemon is alive (a large
+        write may take long); every ``timeout_s`` of waiting the daemon is asked for its status,
+        and one that does not answer breaks the link (:class:`DaemonUnavailableError`)."""
         waited = 0.0
         ring = self._ring
         victim: _Slot | None = None
-        with ring.cond:
-            while True:
-                if link.lost:
-                    raise DaemonUnavailableError(
-                        f"the connection to ckptd at {self.socket_path} was lost: "
-                        f"{link.lost_reason}"
-                    )
-                free = ring.free()
-                fit = next((s for s in free if s.size >= need), None)
-                if fit is not None:
-                    ring.take(fit)
-                    break
-                if free or len(ring.slots) < self.n_slots:
-                    victim = free[0] if free else None
-                    if victim is not None:
-                        ring.take(victim)
-                        ring.slots.remove(victim)
-                    break
-                if not wait:
-                    return None
-                started = time.perf_counter()
-                ring.cond.wait(timeout=1.0)
-                waited += time.perf_counter() - started
+        fit: _Slot | None = None
+        while True:
+            since_ping = 0.0
+            with ring.cond:
+                while since_ping < link.timeout_s:
+                    if link.lost:
+                        raise DaemonUnavailableError(
+                            f"the connection to ckptd at {self.socket_path} was lost: "
+                            f"{link.lost_reason}"
+                        )
+                    free = ring.free()
+                    fit = next((s for s in free if s.size >= need), None)
+                    if fit is not None:
+                        ring.take(fit)
+                        break
+                    if free or len(ring.slots) < self.n_slots:
+                        victim = free[0] if free else None
+                        if victim is not None:
+                            ring.take(victim)
+                            ring.slots.remove(victim)
+                        break
+                    if not wait:
+                        return None
+                    started = time.perf_counter()
+                    ring.cond.wait(timeout=min(1.0, link.timeout_s))
+                    elapsed = time.perf_counter() - started
+                    waited += elapsed
+                    since_ping += elapsed
+                else:
+                    fit = None
+                    victim = None
+                    since_ping = -1.0  # waited timeout_s: is the daemon still alive?
+            if since_ping >= 0:
+                break
+            link.request({"op": "status", "job": self.job})  # raises when it does not answer
         self._last_wait_s = waited
         if waited:
             self.stats["blocked"] += 1
@@ -1088,7 +1100,7 @@ class Client:
                     "blocked_s": self._last_wait_s,
                 }
             )
-        except _UnansweredError as exc:
+        except DaemonNoAnswerError as exc:
             # The daemon may have accepted it: the slot left the ring with the link.
             with self._ring.cond:
                 self._pending.pop(seq, None)

@@ -133,6 +133,32 @@ def test_a_timed_out_submit_never_lets_its_slot_be_refilled(
         assert_same(got, states[step], f"step {step}")
 
 
+def test_a_blocked_snapshot_gives_up_on_a_hung_daemon(
+    daemons: DaemonFactory, stopped: list[int]
+) -> None:
+    """``on_full="block"`` waits as long as the daemon is alive, but a hung (stopped) daemon that
+    holds every slot is asked for its status every ``timeout_s``; with no answer the snapshot
+    fails instead of stalling training forever (it used to wait until the daemon came back)."""
+    d = daemons.start(config=SLOW)
+    client = connect(d, "hung", slots=1, on_full="block", timeout_s=1.0)
+    try:
+        first = client.snapshot(state=make_state(1201, 64), step=1)
+        assert first.error is None
+        os.kill(d.pid, signal.SIGSTOP)
+        stopped.append(d.pid)
+        second = client.snapshot(state=make_state(1202, 64), step=2)
+        assert isinstance(second.error, DaemonUnavailableError), second.error
+        assert "did not answer" in str(second.error)
+        assert isinstance(first.error, SnapshotUnconfirmedError), first.error
+        os.kill(d.pid, signal.SIGCONT)
+        third = client.snapshot(state=make_state(1203, 1), step=3)
+        assert third.wait(60).step == 3
+    finally:
+        client.close()
+    d.wait_idle()
+    assert {1, 3} <= set(verify_all(Store(d.root), "hung"))
+
+
 def test_replies_are_matched_by_id_and_a_stray_reply_breaks_the_link(tmp_path: Path) -> None:
     """A server that answers ``hello`` with a reply to another request id (a stale reply) is
     not believed: the client drops the connection instead of taking it as its answer. Before
