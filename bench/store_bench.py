@@ -29,29 +29,43 @@ the host may still cache them). Methods are interleaved and their order rotates 
 
 Run: ``.venv/bin/python -m bench.store_bench [--size 64MiB|256MiB|1GiB|minilm] [--reps N]
 [--quick]``.
+
+A/B of a write-pipeline change: ``--baseline-pipeline REF`` (e.g. ``HEAD``) adds the method
+``ckptd@REF``: ``ckptd`` again, but saving through ``ckptd/pipeline.py`` as it is at git ``REF``
+(loaded from ``git show`` into a module of its own; client, store, codec and reader are the
+working tree's). It is interleaved with the other methods like any of them, and the per-rep ratio
+of ``ckptd`` to ``ckptd@REF`` save seconds is printed. Use ``--out`` so the A/B run does not
+replace the committed results.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.nn.functional as nnf
 from safetensors.torch import load_file, save_file
 
 import ckptd_client
+import ckptd_client.api
 from bench._common import (
     MB,
+    REPO,
     JsonLines,
     MiB,
     Quiet,
@@ -232,9 +246,19 @@ class Method:
         return self.save_label if phase == "save" else self.load_label
 
 
-def ckptd_method(name: str, config: Config) -> Method:
+def ckptd_method(name: str, config: Config, pipeline: ModuleType | None = None) -> Method:
+    """``ckptd_client.save`` / ``load``; with ``pipeline``, saving through that module's
+    ``write_checkpoint`` instead of ``ckptd.pipeline``'s."""
+
     def save(state: State, d: Path) -> None:
-        ckptd_client.save(JOB, state=state, step=1, rng=False, root=d, config=config)
+        with ExitStack() as stack:
+            if pipeline is not None:
+                stack.enter_context(
+                    mock.patch.object(
+                        ckptd_client.api, "write_checkpoint", pipeline.write_checkpoint
+                    )
+                )
+            ckptd_client.save(JOB, state=state, step=1, rng=False, root=d, config=config)
 
     def load(d: Path) -> object:
         return ckptd_client.load(JOB, root=d)
@@ -278,6 +302,32 @@ METHODS = [
 ]
 REFERENCE = "torch"
 PHASES = ("save", "restore-warm", "restore-cold")
+
+
+def pipeline_at(ref: str) -> ModuleType:
+    """``ckptd/pipeline.py`` as it is at git ``ref``, imported as a module of its own."""
+    source = subprocess.run(
+        ["git", "show", f"{ref}:ckptd/pipeline.py"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    name = f"ckptd_pipeline_at_{''.join(c if c.isalnum() else '_' for c in ref)}"
+    spec = importlib.util.spec_from_loader(name, loader=None)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    exec(compile(source, f"{ref}:ckptd/pipeline.py", "exec"), module.__dict__)
+    return module
+
+
+def add_baseline_pipeline(ref: str) -> str:
+    """Add the method ``ckptd@ref`` right after ``ckptd``; return its name."""
+    name = f"ckptd@{ref}"
+    index = next(i for i, m in enumerate(METHODS) if m.name == "ckptd")
+    METHODS.insert(index + 1, ckptd_method(name, Config(), pipeline_at(ref)))
+    return name
 
 
 @dataclass
@@ -416,6 +466,14 @@ def report(
             rows,
         )
     )
+    for baseline in (m.name for m in METHODS if m.name.startswith("ckptd@")):
+        new, old = cells["save", "ckptd"].seconds, cells["save", baseline].seconds
+        ratio = Spread.of([n / o for n, o in zip(new, old, strict=True)])
+        print(
+            f"\nsave, ckptd / {baseline} (working tree / baseline pipeline) per rep: "
+            f"{ratio.text(3)}; medians {Spread.of(new).text(3)} s / {Spread.of(old).text(3)} s"
+        )
+        out.write({**info, "kind": "pipeline_ab", "baseline": baseline, "ratio": ratio.as_json()})
     return all_exact
 
 
@@ -430,8 +488,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=None, help="repetitions (default 5; quick 1)")
     ap.add_argument("--dir", type=Path, default=None, help="where to write (default: $TMPDIR)")
     ap.add_argument("--out", type=Path, default=None, help="JSON lines file")
+    ap.add_argument(
+        "--baseline-pipeline",
+        metavar="REF",
+        default=None,
+        help="also save through ckptd/pipeline.py as of git REF (method ckptd@REF), interleaved",
+    )
     add_quiet_args(ap)
     args = ap.parse_args(argv)
+    if args.baseline_pipeline:
+        add_baseline_pipeline(args.baseline_pipeline)
     minilm = args.size == "minilm" and not args.quick
     size = (
         QUICK_SIZE

@@ -2,14 +2,22 @@
 
 Call order: :func:`write_checkpoint` plans chunks (large tensors split into ``chunk_bytes`` pieces,
 tensors of at most ``pack_bytes`` packed together by dtype), then, on a bounded thread pool and with
-at most ``max_inflight_bytes`` of chunks being worked on at once, for each chunk: hash the raw bytes
-(blake3), skip it if the job already holds that object (dedup), else encode it and write it durably.
-When every chunk has been read it calls ``on_read_done`` (the daemon releases the shared-memory slot
-there), fsyncs the object directories it touched and commits the manifest.
+at most ``max_inflight_bytes`` of chunks being worked on at once, for each chunk: copy its bytes
+into the worker thread's private buffer, hash that copy (blake3), reuse the job's object of that
+name if its content verifies (dedup, :meth:`Store.reusable_object`), else encode the same copy and
+write it durably. When every chunk has been read it calls ``on_read_done`` (the daemon releases the
+shared-memory slot there), fsyncs the directories of every object the manifest names that the
+store does not know durable (:meth:`Store.make_durable`) and commits the manifest.
 
 Ownership: the caller owns the tensor buffers and must not mutate them until ``on_read_done`` has
-been called (or the function has returned or raised). If it raises, no manifest was written; objects
-already written stay as unreferenced garbage for :meth:`Store.gc`, and tmp files are removed.
+been called (or the function has returned or raised); a mutation that happens anyway (another
+process writing shared memory) can tear a checkpoint across chunks, but every object still holds
+exactly the bytes its name was hashed from, because a chunk's hash, encoding and write all read one
+private copy. Each worker thread owns its copy buffer (grown as needed, reused chunk after chunk
+because fresh memory costs page faults) and overwrites it with its next chunk, so a chunk is
+encoded and written before its thread takes the next one. If this function raises, no manifest was
+written; objects already written stay as unreferenced garbage for :meth:`Store.gc`, and tmp files
+are removed.
 """
 
 from __future__ import annotations
@@ -24,10 +32,10 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from ckptd.codec import CODEC_NAMES, HEADER, RAW, CodecConfig, encode
-from ckptd.errors import CorruptCheckpointError
+from ckptd.codec import CodecConfig, encode
 from ckptd.hashing import content_hash
 from ckptd.manifest import Manifest, ObjectInfo, Piece, TensorEntry, check_step, now_iso
 from ckptd.skeleton import JSON, dtype_from_name, dtype_name
@@ -102,7 +110,6 @@ class _ChunkResult:
     digest: str
     info: ObjectInfo
     written_bytes: int
-    new_shard: bool
 
 
 def plan_chunks(tensors: Sequence[TensorSource], config: PipelineConfig) -> list[_Chunk]:
@@ -215,11 +222,9 @@ def _commit(
     rank: int,
     world_size: int,
 ) -> tuple[Manifest, int, int]:
-    """fsync the object directories, then write the manifest: the checkpoint becomes visible."""
+    """Make every object it names durable, then write the manifest: the checkpoint is visible."""
     by_tensor: dict[int, list[Piece]] = defaultdict(list)
     objects: dict[str, ObjectInfo] = {}
-    shards: set[str] = set()
-    new_shard = False
     written = new_objects = 0
     for chunk, res in zip(chunks, results, strict=True):
         objects[res.digest] = res.info
@@ -230,9 +235,7 @@ def _commit(
         if res.written_bytes:
             written += res.written_bytes
             new_objects += 1
-            shards.add(res.digest[:2])
-            new_shard |= res.new_shard
-    store.sync_objects(job, shards, new_shard)
+    store.make_durable(job, objects)
     entries = tuple(
         TensorEntry(t.path, t.dtype, t.shape, sizes[i], tuple(by_tensor.get(i, ())))
         for i, t in enumerate(tensors)
@@ -261,7 +264,7 @@ def _run_chunks(
     config: PipelineConfig,
     pool: Executor,
 ) -> list[_ChunkResult]:
-    # Each chunk in flight holds up to ~3x its size (packed copy, planes, encoded output).
+    # Each chunk in flight holds up to ~3x its size (private copy, planes, encoded output).
     budget = threading.BoundedSemaphore(
         max(1, config.max_inflight_bytes // (3 * config.chunk_bytes))
     )
@@ -333,6 +336,35 @@ class _Claims:
             self._owners[digest].set()
 
 
+_local = threading.local()
+_GIL_FREE_COPY_BYTES = 256 << 10
+"""Pieces this large are copied by numpy, which releases the GIL (a memoryview slice assignment
+holds it); smaller ones by slice assignment, which costs ~0.25 us a piece against ~2 us."""
+
+
+def _private_copy(tensors: Sequence[TensorSource], chunk: _Chunk) -> memoryview:
+    """The chunk's bytes, copied into the calling thread's buffer.
+
+    The buffer belongs to the calling thread and is overwritten by its next call: whatever reads
+    the returned view (hash, encode, write) must be done before then.
+    """
+    buf: bytearray | None = getattr(_local, "copy", None)
+    if buf is None or len(buf) < chunk.nbytes:
+        # Replaced, not extended: a view of the old buffer kept alive (a traceback) would make
+        # resizing it fail.
+        buf = _local.copy = bytearray(chunk.nbytes)
+    view = memoryview(buf)
+    pos = 0
+    for index, off, length in chunk.pieces:
+        src = tensors[index].data[off : off + length]
+        if length >= _GIL_FREE_COPY_BYTES:
+            np.copyto(np.frombuffer(buf, np.uint8, length, pos), np.frombuffer(src, np.uint8))
+        else:
+            view[pos : pos + length] = src
+        pos += length
+    return view[: chunk.nbytes]
+
+
 def _write_chunk(
     store: Store,
     job: str,
@@ -341,15 +373,11 @@ def _write_chunk(
     codec: CodecConfig,
     claims: _Claims,
 ) -> _ChunkResult:
-    if len(chunk.pieces) == 1:
-        index, off, length = chunk.pieces[0]
-        raw = tensors[index].data[off : off + length]
-    else:
-        raw = memoryview(b"".join(tensors[i].data[o : o + n] for i, o, n in chunk.pieces))
+    raw = _private_copy(tensors, chunk)
     digest = content_hash(raw)
     known = claims.claim(digest)
     if known is not None:
-        return _ChunkResult(digest, known, 0, False)
+        return _ChunkResult(digest, known, 0)
     try:
         result = _produce(store, job, raw, digest, chunk.dtype, codec)
     except BaseException:
@@ -362,20 +390,14 @@ def _write_chunk(
 def _produce(
     store: Store, job: str, raw: memoryview, digest: str, dtype: str, codec: CodecConfig
 ) -> _ChunkResult:
-    """Reuse the job's object ``digest`` if it is intact, else encode and write it."""
-    if store.has_object(job, digest):
-        try:
-            codec_id, _elem, raw_len, stored = store.object_header(job, digest)
-        except CorruptCheckpointError:
-            raw_len = -1
-        intact = raw_len == len(raw) and (codec_id != RAW or stored == HEADER.size + raw_len)
-        if intact:
-            return _ChunkResult(
-                digest, ObjectInfo(len(raw), stored, CODEC_NAMES[codec_id]), 0, False
-            )
-        # A damaged object under this name: replace it (same name => these bytes).
+    """Reuse the job's object ``digest`` if its content verifies, else encode ``raw`` and write it
+    (replacing a damaged file of that name). ``raw`` is the thread's private copy, hashed to
+    ``digest``; the encoded parts may be views of it and are written before this returns."""
+    info = store.reusable_object(job, digest, len(raw))
+    if info is not None:
+        return _ChunkResult(digest, info, 0)
     component = _FLOAT_COMPONENT_BYTES.get(dtype)
     elem_size = component or dtype_from_name(dtype).itemsize
     encoded = encode(raw, elem_size=elem_size, is_float=component is not None, config=codec)
-    stored, new_shard = store.write_object(job, digest, encoded.parts)
-    return _ChunkResult(digest, ObjectInfo(len(raw), stored, encoded.codec_name), stored, new_shard)
+    stored, _new_shard = store.write_object(job, digest, encoded.parts)
+    return _ChunkResult(digest, ObjectInfo(len(raw), stored, encoded.codec_name), stored)

@@ -7,32 +7,40 @@ Layout under the root (see ``docs/format.md``)::
     <root>/<job>/tmp/                         in-flight files; anything here is garbage once no
                                               writer runs (swept by :meth:`Store.sweep_tmp`)
 
-The single invariant: a visible manifest only names objects that are durable. Writers therefore
-(1) write every object (:meth:`Store.write_object`, fsynced, renamed), (2) fsync the object
-directories they touched, (3) commit the manifest (:meth:`Store.commit_manifest`, written last).
-Deleting a checkpoint removes its manifest first; :meth:`Store.gc` then removes objects that no
-manifest names.
+The single invariant: a visible manifest only names objects that are intact and durable. Writers
+therefore (1) write every new object (:meth:`Store.write_object`, fsynced, renamed) and reuse an
+existing one only once its content has been verified (:meth:`Store.reusable_object`), (2) fsync
+the directory of every object the manifest names that is not known durable
+(:meth:`Store.make_durable`), (3) commit the manifest (:meth:`Store.commit_manifest`, written
+last). Deleting a checkpoint removes its manifest first; :meth:`Store.gc` then removes objects that
+no manifest names.
 
-Thread safety: a Store holds no mutable state besides paths; its methods may be called from any
-thread. Two writers must not write the same job's *manifest* for the same step at once (the daemon
-serializes commits per job); object writes may race freely (same name => same bytes).
+Thread safety: a Store's methods may be called from any thread. Its only mutable state is what it
+knows about object files (:class:`ObjectState`, per ``(job, digest)``) and which directories it
+has made durable; both are guarded by one lock and driven only by the Store's own methods. Two
+writers must not write the same job's *manifest* for the same step at once (the daemon serializes
+commits per job); object writes may race freely (same name => same bytes).
 """
 
 from __future__ import annotations
 
+import enum
 import fcntl
+import io
 import json
+import logging
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ckptd.codec import HEADER, read_header
+from ckptd.codec import CODEC_NAMES, HEADER, decode, read_header
 from ckptd.errors import (
     CorruptCheckpointError,
     InvalidNameError,
@@ -49,8 +57,17 @@ from ckptd.fsutil import (
     tmp_writer,
     writer_alive,
 )
-from ckptd.hashing import check_hash_name
-from ckptd.manifest import Manifest, check_step, manifest_name, parse_manifest, step_from_name
+from ckptd.hashing import check_hash_name, content_hash
+from ckptd.manifest import (
+    Manifest,
+    ObjectInfo,
+    check_step,
+    manifest_name,
+    parse_manifest,
+    step_from_name,
+)
+
+log = logging.getLogger("ckptd.store")
 
 MAX_JOB_NAME = 128
 STALE_TMP_S = 3600.0
@@ -79,6 +96,69 @@ def validate_job_name(name: object) -> str:
     return name
 
 
+class ObjectState(enum.Enum):
+    """What a Store knows about one object file of a job (:meth:`Store.object_state`).
+
+    Not known (``None``): the Store has neither written nor checked it, so it trusts neither its
+    content nor its directory entry. ``VERIFIED``: its content matches its name, because this
+    Store wrote it from bytes it hashed (:meth:`Store.write_object`) or decoded and hashed it
+    (:meth:`Store.reusable_object`); its directory entry may not be durable yet. ``DURABLE``:
+    verified, and :meth:`Store.make_durable` has since fsynced its directory.
+
+    Transitions, all made by the Store: not known -> VERIFIED (written, or checked and intact);
+    VERIFIED -> DURABLE (make_durable); any -> VERIFIED (the file was written again);
+    any -> not known (:meth:`Store.forget_objects`, which GC calls for what it deletes, or a
+    check that finds the file damaged). A file found replaced (another inode, size or mtime than
+    the one written or checked) is checked again as if it were not known.
+    """
+
+    VERIFIED = "verified"
+    DURABLE = "durable"
+
+
+@dataclass(frozen=True)
+class _Known:
+    """An object file this Store vouches for: ``identity`` is its (inode, size, mtime_ns)."""
+
+    identity: tuple[int, int, int]
+    state: ObjectState
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+_local = threading.local()
+
+
+def _scratch(name: str, size: int) -> bytearray:
+    """A buffer of at least ``size`` bytes owned by the calling thread and reused by its next
+    call with the same ``name`` (fresh memory costs page faults). Grown by replacement, so a
+    view of the old buffer that is still alive never blocks the growth."""
+    buf: bytearray | None = getattr(_local, name, None)
+    if buf is None or len(buf) < size:
+        buf = bytearray(size)
+        setattr(_local, name, buf)
+    return buf
+
+
+def _read_all(f: io.FileIO, size: int, into: bytearray | None) -> memoryview:
+    """Up to ``size`` bytes of ``f`` from its position, in ``into`` (grown as needed) or new
+    memory. Shorter only when the file is."""
+    if into is None:
+        into = bytearray(size)
+    elif len(into) < size:
+        into.extend(bytes(size - len(into)))
+    view = memoryview(into)[:size]
+    got = 0
+    while got < size:
+        n = f.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return view[:got]
+
+
 @dataclass(frozen=True)
 class GcResult:
     """What :meth:`Store.gc` removed (or would remove, with ``dry_run``)."""
@@ -89,10 +169,19 @@ class GcResult:
 
 
 class Store:
-    """A checkpoint root directory. Creating a Store touches nothing on disk."""
+    """A checkpoint root directory. Creating a Store touches nothing on disk.
+
+    A Store remembers which object files it has verified or made durable (:class:`ObjectState`),
+    so a long-lived Store (the daemon keeps one per root) checks each reused object once; a new
+    Store trusts nothing it has not checked itself.
+    """
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root).expanduser().absolute()
+        self._known_lock = threading.Lock()
+        self._known: dict[tuple[str, str], _Known] = {}
+        self._durable_dirs: set[Path] = set()
+        """Directories whose entry in their parent this Store has fsynced (shards, ``pins/``)."""
 
     # ---- paths -------------------------------------------------------------------------------
 
@@ -173,8 +262,16 @@ class Store:
 
     def pin(self, job: str, step: int) -> None:
         """Protect ``step`` from retention (the step need not exist yet: snapshot(pin=True))."""
-        pins = self.open_job(job) / "pins"
-        ensure_dir(pins)
+        job_dir = self.open_job(job)
+        pins = job_dir / "pins"
+        created = ensure_dir(pins)
+        with self._known_lock:
+            known = pins in self._durable_dirs and not created
+        if not known:
+            # pins/ may be new, or left by a pin() that died before this fsync.
+            fsync_dir(job_dir)
+            with self._known_lock:
+                self._durable_dirs.add(pins)
         durable_write(pins / manifest_name(check_step(step)), [b""], tmp_dir=self.tmp_dir(job))
 
     def unpin(self, job: str, step: int) -> bool:
@@ -190,10 +287,13 @@ class Store:
         return True
 
     def pinned_steps(self, job: str) -> set[int]:
+        pins = self.job_dir(job) / "pins"
         try:
-            names = os.listdir(self.job_dir(job) / "pins")
+            names = os.listdir(pins)
         except FileNotFoundError:
             return set()
+        except OSError as exc:
+            raise os_error(exc, "list", pins) from exc
         return {s for s in map(step_from_name, names) if s is not None}
 
     # ---- job metadata --------------------------------------------------------------------
@@ -312,6 +412,7 @@ class Store:
     # ---- objects -----------------------------------------------------------------------------
 
     def has_object(self, job: str, digest: str) -> bool:
+        """Whether a file exists under the object's name (its content is not checked)."""
         return self.object_path(job, digest).is_file()
 
     def object_header(self, job: str, digest: str) -> tuple[int, int, int, int]:
@@ -326,24 +427,131 @@ class Store:
         codec, elem_size, raw_len = read_header(head, where=str(path))
         return codec, elem_size, raw_len, stored
 
-    def write_object(self, job: str, digest: str, parts: Iterable[Buffer]) -> tuple[int, bool]:
-        """Durably write object ``digest`` (its directory fsync is left to :meth:`sync_objects`).
+    def object_state(self, job: str, digest: str) -> ObjectState | None:
+        """What this Store knows about object ``digest`` (None: nothing; see ObjectState)."""
+        with self._known_lock:
+            known = self._known.get((job, digest))
+        return None if known is None else known.state
 
-        Returns ``(stored_bytes, new_shard)``; ``new_shard`` tells that the ``objects/ab``
-        directory was created, so ``objects/`` itself needs an fsync too.
+    def reusable_object(self, job: str, digest: str, raw_bytes: int) -> ObjectInfo | None:
+        """The job's object ``digest`` if a writer may name it in a manifest, else None.
+
+        None when there is no such file, or when its content does not decode to ``raw_bytes``
+        bytes that hash to ``digest`` (damaged, truncated, or written from bytes that changed
+        while they were read): the caller writes the object again, replacing the file. The first
+        check of a file reads, decodes and hashes it (on per-thread buffers that the calling
+        thread keeps for its next check); afterwards, while the file keeps its inode, size and
+        mtime, this Store only reads its header. Raises :class:`FormatVersionError` for an object
+        of a newer format and a StoreIOError / StorePermissionError when it cannot be read.
+        """
+        path = self.object_path(job, digest)
+        key = (job, digest)
+        try:
+            with path.open("rb", buffering=0) as f:
+                st = os.fstat(f.fileno())
+                identity = _identity(st)
+                with self._known_lock:
+                    known = self._known.get(key)
+                if known is not None and known.identity == identity:
+                    head = f.read(HEADER.size)
+                    data = None
+                else:
+                    data = _read_all(f, st.st_size, _scratch("file", st.st_size))
+                    head = data
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise os_error(exc, "read", path) from exc
+        where = f"object {path}"
+        try:
+            codec, _elem, raw_len = read_header(head, where=where)
+            if raw_len != raw_bytes:
+                raise CorruptCheckpointError(
+                    f"{where}: holds {raw_len} raw bytes, its chunk has {raw_bytes}"
+                )
+            if data is not None:
+                out = memoryview(_scratch("raw", raw_bytes))[:raw_bytes]
+                decode(data, out, where=where)
+                if content_hash(out) != digest:
+                    raise CorruptCheckpointError(f"{where}: its content does not hash to its name")
+        except CorruptCheckpointError as exc:
+            log.warning("%s; writing it again", exc)
+            with self._known_lock:
+                if self._known.get(key) is known:
+                    self._known.pop(key, None)
+            return None
+        if data is not None:
+            with self._known_lock:
+                current = self._known.get(key)
+                if current is None or current.identity != identity:
+                    self._known[key] = _Known(identity, ObjectState.VERIFIED)
+        return ObjectInfo(raw_bytes, st.st_size, CODEC_NAMES[codec])
+
+    def write_object(self, job: str, digest: str, parts: Iterable[Buffer]) -> tuple[int, bool]:
+        """Durably write object ``digest`` (its directory fsync is left to :meth:`make_durable`).
+
+        The caller vouches that ``parts`` encode bytes that hash to ``digest`` (the pipeline
+        hashes and encodes one private copy), and must not change them until this returns; the
+        Store records the file as VERIFIED. Returns ``(stored_bytes, new_shard)``; ``new_shard``
+        tells that the ``objects/ab`` directory was created.
         """
         path = self.object_path(job, digest)
         new_shard = ensure_dir(path.parent)
+        if new_shard:
+            with self._known_lock:
+                self._durable_dirs.discard(path.parent)
         size = durable_write(path, parts, tmp_dir=self.tmp_dir(job), sync_dir=False)
+        try:
+            identity = _identity(path.stat())
+        except OSError as exc:
+            raise os_error(exc, "stat", path) from exc
+        with self._known_lock:
+            self._known[job, digest] = _Known(identity, ObjectState.VERIFIED)
         return size, new_shard
 
     def sync_objects(self, job: str, shards: Iterable[str], objects_dir_changed: bool) -> None:
-        """fsync the object shard directories (``"ab"``) that received new objects."""
+        """fsync the object shard directories ``shards`` (``"ab"``), and ``objects/`` itself when
+        ``objects_dir_changed``. Records nothing: writers call :meth:`make_durable`."""
         base = self.job_dir(job) / "objects"
         for shard in sorted(set(shards)):
             fsync_dir(base / shard)
         if objects_dir_changed:
             fsync_dir(base)
+
+    def make_durable(self, job: str, digests: Iterable[str]) -> None:
+        """Make the directory entries of the objects ``digests`` durable; a writer calls this
+        with every object its manifest names, after the last object write and before
+        :meth:`commit_manifest`.
+
+        fsyncs, once each, every shard directory holding an object that is not DURABLE to this
+        Store, and ``objects/`` when one of those shard directories is not known durable in it
+        (new, or never fsynced by this Store). An object this Store did not write or make durable
+        itself (e.g. one left by a writer killed before its directory fsync) counts as not
+        durable. The caller holds the job lock (shared), so none of them is deleted meanwhile.
+        """
+        with self._known_lock:
+            seen = {d: self._known.get((job, d)) for d in set(digests)}
+            pending = {
+                d: known
+                for d, known in seen.items()
+                if known is None or known.state is not ObjectState.DURABLE
+            }
+            shards = sorted({d[:2] for d in pending})
+            base = self.job_dir(job) / "objects"
+            new_dirs = any(base / shard not in self._durable_dirs for shard in shards)
+        self.sync_objects(job, shards, new_dirs)
+        with self._known_lock:
+            self._durable_dirs.update(base / shard for shard in shards)
+            for d, known in pending.items():
+                # Only the file that was fsynced: a concurrent rewrite stays VERIFIED.
+                if known is not None and self._known.get((job, d)) is known:
+                    self._known[job, d] = replace(known, state=ObjectState.DURABLE)
+
+    def forget_objects(self, job: str, digests: Iterable[str]) -> None:
+        """Drop what this Store knows about the objects ``digests`` (they are being deleted)."""
+        with self._known_lock:
+            for d in digests:
+                self._known.pop((job, d), None)
 
     def read_object(self, job: str, digest: str, into: bytearray | None = None) -> memoryview:
         """The object file's bytes. With ``into`` (a buffer reused by the caller, grown as
@@ -351,19 +559,7 @@ class Store:
         path = self.object_path(job, digest)
         try:
             with path.open("rb", buffering=0) as f:
-                size = os.fstat(f.fileno()).st_size
-                if into is None:
-                    into = bytearray(size)
-                elif len(into) < size:
-                    into.extend(bytes(size - len(into)))
-                view = memoryview(into)[:size]
-                got = 0
-                while got < size:
-                    n = f.readinto(view[got:])
-                    if not n:
-                        break
-                    got += n
-                return view[:got]
+                return _read_all(f, os.fstat(f.fileno()).st_size, into)
         except OSError as exc:
             if isinstance(exc, FileNotFoundError):
                 raise CorruptCheckpointError(f"missing object {path}") from exc
@@ -374,7 +570,7 @@ class Store:
     def commit_manifest(self, manifest: Manifest) -> Path:
         """Make ``manifest`` visible: the last step of every checkpoint write.
 
-        The caller must have made every object durable first (write_object + sync_objects).
+        The caller must have made every object durable first (write_object + make_durable).
         """
         path = self.manifest_path(manifest.job, manifest.step)
         durable_write(path, [manifest.to_json()], tmp_dir=self.tmp_dir(manifest.job))
@@ -419,26 +615,31 @@ class Store:
         now = time.time()
         count = size = 0
         touched: set[Path] = set()
-        for shard in sorted(base.glob("??")):
-            for obj in sorted(shard.iterdir()):
-                if obj.name in refs:
-                    continue
-                try:
-                    st = obj.stat()
-                except FileNotFoundError:
-                    continue
-                if now - st.st_mtime < min_age_s:
-                    continue
-                count += 1
-                size += st.st_size
-                if not dry_run:
+        deleted: list[str] = []
+        try:
+            for shard in sorted(base.glob("??")):
+                for obj in sorted(shard.iterdir()):
+                    if obj.name in refs:
+                        continue
                     try:
-                        obj.unlink()
+                        st = obj.stat()
                     except FileNotFoundError:
                         continue
-                    except OSError as exc:
-                        raise os_error(exc, "delete", obj) from exc
-                    touched.add(shard)
+                    if now - st.st_mtime < min_age_s:
+                        continue
+                    count += 1
+                    size += st.st_size
+                    if not dry_run:
+                        deleted.append(obj.name)
+                        try:
+                            obj.unlink()
+                        except FileNotFoundError:
+                            continue
+                        except OSError as exc:
+                            raise os_error(exc, "delete", obj) from exc
+                        touched.add(shard)
+        finally:
+            self.forget_objects(job, deleted)
         for shard in touched:
             fsync_dir(shard)
         # Metadata writes (job.json, pins) do not take the job lock: spare fresh tmp files.

@@ -6,6 +6,7 @@ asynchronous path through the ckptd daemon (``Client.snapshot``) writes the same
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,19 @@ from ckptd.skeleton import flatten
 from ckptd.store import Store, validate_job_name
 from ckptd_client.state import Stateful, apply, collect
 
+_stores: dict[Path, Store] = {}
+_stores_lock = threading.Lock()
+
 
 def _store(root: Path | str | None, config: Config | None = None) -> Store:
-    return Store(resolve_root(root, config))
+    """One Store per root for this process: a Store remembers which objects it has verified
+    and made durable, so repeated in-process saves do not re-read the objects they reuse."""
+    path = Store(resolve_root(root, config)).root
+    with _stores_lock:
+        store = _stores.get(path)
+        if store is None:
+            store = _stores[path] = Store(path)
+        return store
 
 
 def save(

@@ -338,16 +338,10 @@ def test_a_retention_error_after_the_commit_never_fails_the_snapshot(
     assert f"{JOB}: retention not applied" in daemon.log_text()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=SnapshotFailedError,
-    reason="product bug: Store.pinned_steps does not map OSError to a ckptd error: a pinned "
-    "snapshot fails with 'internal error: NotADirectoryError(20, ...)', naming no path",
-)
 def test_a_pins_path_that_is_not_a_directory_fails_a_pinned_snapshot_naming_it(
     daemons: DaemonFactory,
 ) -> None:
-    daemons.expect_traceback("NotADirectoryError")
+    """It once failed with 'internal error: NotADirectoryError(20, ...)', naming no path."""
     daemon = daemons.start()
     with connect(daemon) as client:
         assert client.snapshot(state=state(1), step=1, rng=False).wait(WAIT_S).step == 1

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import pytest
 import torch
 
+from ckptd import pipeline as pipeline_module
 from ckptd.codec import CodecConfig
 from ckptd.errors import (
     CorruptCheckpointError,
@@ -303,19 +304,21 @@ def test_identical_chunks_in_one_checkpoint_are_counted_once(
 ) -> None:
     """BUG (ckptd/pipeline.py write_checkpoint/_write_chunk): two chunks of one checkpoint with
     the same content (a zero tensor bigger than chunk_bytes, two identical buffers) can both miss
-    has_object and both be written; written_bytes then counts the object twice and
-    reused_objects goes negative. The seam below only forces that interleaving."""
+    the dedup check and both be written; written_bytes then counts the object twice and
+    reused_objects goes negative. The seam below forces that interleaving: both chunks' hashes
+    are done before either asks the store whether the object can be reused."""
     barrier = threading.Barrier(2, timeout=5)
-    real_has_object = Store.has_object
+    real_hash = pipeline_module.content_hash  # type: ignore[attr-defined]
 
-    def has_object_in_lockstep(self: Store, job: str, digest: str) -> bool:
+    def hash_in_lockstep(data: Any) -> str:
+        digest = real_hash(data)
         try:
             barrier.wait()
         except threading.BrokenBarrierError:
             pass
-        return real_has_object(self, job, digest)
+        return digest
 
-    monkeypatch.setattr(Store, "has_object", has_object_in_lockstep)
+    monkeypatch.setattr(pipeline_module, "content_hash", hash_in_lockstep)
     zeros = torch.zeros(2 * 64 * KiB // 4)  # two identical 64 KiB chunks
     result = save(store, "zeros", 1, {"m": zeros})
     on_disk = object_files(store, "zeros")
