@@ -85,6 +85,12 @@ def verify_all(store: Store, job: str) -> list[int]:
     return steps
 
 
+def error_of(handle: Any) -> BaseException | None:
+    """``handle.error`` read afresh (mypy would narrow it across the calls that change it)."""
+    error: BaseException | None = handle.error
+    return error
+
+
 @pytest.fixture
 def stopped() -> Iterator[list[int]]:
     """pids the test SIGSTOPs; every one is continued again, whatever the test did."""
@@ -149,7 +155,9 @@ def test_a_blocked_snapshot_gives_up_on_a_hung_daemon(
         second = client.snapshot(state=make_state(1202, 64), step=2)
         assert isinstance(second.error, DaemonUnavailableError), second.error
         assert "did not answer" in str(second.error)
-        assert isinstance(first.error, SnapshotUnconfirmedError), first.error
+        # Step 1 is unconfirmed, unless it committed before the daemon was stopped.
+        assert first.done()
+        assert error_of(first) is None or isinstance(error_of(first), SnapshotUnconfirmedError)
         os.kill(d.pid, signal.SIGCONT)
         third = client.snapshot(state=make_state(1203, 1), step=3)
         assert third.wait(60).step == 3
@@ -612,28 +620,26 @@ def test_an_admission_stuck_on_the_filesystem_does_not_stall_the_daemon(
 # ---- 10. restore() waits for the job's in-flight snapshots ----------------------------------
 
 
-def big_model(fill: float) -> torch.nn.Linear:
-    """128 MiB of parameters: long enough to write that a test can act while it is written."""
-    model = torch.nn.Linear(8192, 4096)
-    with torch.no_grad():
-        model.weight.fill_(fill)
-        model.bias.fill_(fill)
-    return model
+def big_model(seed: int) -> torch.nn.Linear:
+    """128 MiB of random parameters (they compress poorly): long enough to write that a test
+    can act while it is written."""
+    torch.manual_seed(seed)
+    return torch.nn.Linear(8192, 4096)
 
 
 def test_restore_waits_for_what_the_daemon_still_commits(daemons: DaemonFactory) -> None:
     """After a trainer handed off a snapshot and died, a new trainer's ``restore()`` ran while
     the daemon was still committing it: training resumed from an older step."""
     d = daemons.start(config=SLOW)
-    model = big_model(1.0)
+    model = big_model(1)
     first = connect(d, "resume")
     first.snapshot(model, step=1).wait(120)
     with torch.no_grad():
-        model.weight.fill_(2.0)
+        model.weight.add_(1.0)
     handle = first.snapshot(model, step=2)
     assert handle.error is None
     first.close(timeout=0)  # the trainer is gone; the daemon owns step 2
-    resumed = big_model(0.0)
+    resumed = big_model(2)
     with connect(d, "resume") as second:
         extra = second.restore(resumed, wait_s=120)
     assert extra["__step__"] == 2
@@ -643,7 +649,7 @@ def test_restore_waits_for_what_the_daemon_still_commits(daemons: DaemonFactory)
 def test_restore_names_the_steps_still_pending_after_its_wait(daemons: DaemonFactory) -> None:
     d = daemons.start(config=SLOW)
     first = connect(d, "late")
-    first.snapshot(big_model(3.0), step=7)
+    first.snapshot(big_model(3), step=7)
     first.close(timeout=0)
     with connect(d, "late") as second:
         with pytest.raises(TimeoutError, match=r"still committing late step\(s\) \[7\]"):
