@@ -483,12 +483,16 @@ class _Link:
         if not waiter.event.wait(self.timeout_s):
             self.lost_reason = f"no answer to {msg['op']!r} within {self.timeout_s} s"
             self.break_link()
+            # The reader reports the loss (every other handle of this link resolves) before
+            # the caller hears of it.
+            self._reader.join(timeout=5)
             raise DaemonNoAnswerError(
                 f"ckptd at {self.path} did not answer {msg['op']!r} within {self.timeout_s} s; "
                 "the connection was dropped and its slots abandoned (the next call reconnects)"
             )
         reply = waiter.reply
         if reply is None:
+            self._reader.join(timeout=5)
             raise DaemonNoAnswerError(
                 f"ckptd at {self.path} closed the connection during {msg['op']!r}: "
                 f"{self.lost_reason}"
