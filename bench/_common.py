@@ -208,19 +208,27 @@ class Repeated(Generic[T]):
     redone: int = 0
 
 
-def repeat(reps: int, warmup: bool, quiet: Quiet, body: Callable[[int], T]) -> Repeated[T]:
-    """Call ``body(rep)`` for rep 0..reps-1 (after an untimed ``body(-1)`` if ``warmup``)."""
+def repeat(
+    reps: int,
+    warmup: bool,
+    quiet: Quiet,
+    body: Callable[[int], T],
+    watch_type: type[CpuWatch] = CpuWatch,
+) -> Repeated[T]:
+    """Call ``body(rep)`` for rep 0..reps-1 (after an untimed ``body(-1)`` if ``warmup``).
+    ``watch_type`` decides what counts as this bench's own CPU time (a subclass may count its
+    daemons too)."""
     out: Repeated[T] = Repeated([], [])
     rep = -1 if warmup else 0
     while rep < reps:
         waited = wait_for_quiet(quiet.wait_s)
         if waited > 3:
             log(f"waited {waited:.0f}s for other processes to quieten down")
-        watch = CpuWatch()
+        watch = watch_type()
         result = body(rep)
         busy = watch.foreign()
         if rep < 0:
-            log("warm-up rep done")
+            log(f"warm-up rep done (other processes' CPU: {show_cpu(busy)})")
         elif busy is not None and busy > quiet.max_foreign and out.redone < quiet.max_redos:
             out.redone += 1
             log(f"rep {rep + 1}: other processes used {busy:.0%} of the CPUs; doing it again")

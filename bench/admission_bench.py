@@ -81,10 +81,10 @@ from bench._common import (
     log,
     markdown_table,
     quiet_of,
+    repeat,
     rotated,
     run_info,
     show_cpu,
-    wait_for_quiet,
 )
 from ckptd.manifest import sign_manifest
 from ckptd.protocol import can_connect, close_fds, recv_message, send_message
@@ -318,27 +318,7 @@ class OwnCpuWatch(CpuWatch):
 
 def measure(reps: int, warmup: bool, quiet: Quiet, body: Callable[[int], T]) -> Repeated[T]:
     """:func:`bench._common.repeat`, counting the daemons' CPU as ours (:class:`OwnCpuWatch`)."""
-    out: Repeated[T] = Repeated([], [])
-    rep = -1 if warmup else 0
-    while rep < reps:
-        waited = wait_for_quiet(quiet.wait_s)
-        if waited > 3:
-            log(f"waited {waited:.0f}s for other processes to quieten down")
-        watch = OwnCpuWatch()
-        result = body(rep)
-        busy = watch.foreign()
-        if rep < 0:
-            log(f"warm-up rep done (other processes' CPU: {show_cpu(busy)})")
-        elif busy is not None and busy > quiet.max_foreign and out.redone < quiet.max_redos:
-            out.redone += 1
-            log(f"rep {rep + 1}: other processes used {busy:.0%} of the CPUs; doing it again")
-            continue
-        else:
-            out.reps.append(result)
-            out.foreign.append(busy)
-            log(f"rep {rep + 1}/{reps} done (other processes' CPU: {show_cpu(busy)})")
-        rep += 1
-    return out
+    return repeat(reps, warmup, quiet, body, OwnCpuWatch)
 
 
 def p99(values: Sequence[float]) -> float:
