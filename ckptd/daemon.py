@@ -157,6 +157,7 @@ class Daemon:
         self._admitting_bytes: dict[Path, int] = {}
         self._accept_backoff_s = 0.0
         self.memory_bytes = psutil.virtual_memory().total
+        self._space_check: asyncio.Future[bool] | None = None
         self.loop: asyncio.AbstractEventLoop  # set by run()
         self._listener: socket.socket | None = None
         self._lock_fd: int | None = None
@@ -695,19 +696,27 @@ class Daemon:
             await asyncio.sleep(period)
             if interval is not None:
                 notify("WATCHDOG=1")
-            if self.degraded is not None:
-                stores = list(self.stores.values())
-                recovered = await self.loop.run_in_executor(
-                    self.control_pool, self.guard.recovered, stores
+            if self.degraded is not None and self._space_check is None:
+                # Not awaited: a hung filesystem must not stop the watchdog pings.
+                self._space_check = self.loop.run_in_executor(
+                    self.control_pool, self.guard.recovered, list(self.stores.values())
                 )
-                if recovered and self.degraded is not None:
-                    log.info("disk space is back above the guard; accepting snapshots again")
-                    self.degraded = None
+                self._space_check.add_done_callback(self._space_checked)
             busy = self.connections or self.queue or self.writing
             if busy:
                 self._idle_since = time.monotonic()
             elif self.idle_exit_s and time.monotonic() - self._idle_since >= self.idle_exit_s:
                 self.request_stop(f"idle for {self.idle_exit_s:.0f} s with no client")
+
+    def _space_checked(self, fut: asyncio.Future[bool]) -> None:
+        self._space_check = None
+        if fut.cancelled():
+            return
+        if fut.exception() is not None:
+            log.warning("disk guard: cannot check free space: %r", fut.exception())
+        elif fut.result() and self.degraded is not None:
+            log.info("disk space is back above the guard; accepting snapshots again")
+            self.degraded = None
 
     def _status_line(self) -> None:
         last = next(reversed(self.stats.last_commit.values()), None)

@@ -452,25 +452,27 @@ class Connection:
         first_use = self.daemon.first_use(root, job)
 
         def attach() -> None:  # control thread: reads and fsyncs job.json, creates directories
-            with self.daemon.job_mutex(root, job):
-                attach_unlocked()
-
-        def attach_unlocked() -> None:
-            owner = root.job_owner(job)
-            if owner is None:
-                root.claim_job(job, uid)
-            elif uid not in (owner, 0):
-                raise StorePermissionError(
-                    f"job {job!r} in {root.root} belongs to uid {owner}; uid {uid} may not "
-                    "write it. Use another job name"
-                )
-            if policy is not None and root.job_info(job).get("retention") != policy:
-                root.update_job_info(job, retention=policy)
-            if first_use:
-                root.open_job(job)
-                swept = root.sweep_tmp(job)
-                if swept:
-                    log.info("%s: swept %d stale tmp file(s)", job, swept)
+            try:
+                with self.daemon.job_mutex(root, job):
+                    owner = root.job_owner(job)
+                    if owner is None:
+                        root.claim_job(job, uid)
+                    elif uid not in (owner, 0):
+                        raise StorePermissionError(
+                            f"job {job!r} in {root.root} belongs to uid {owner}; uid {uid} may "
+                            "not write it. Use another job name"
+                        )
+                    if policy is not None and root.job_info(job).get("retention") != policy:
+                        root.update_job_info(job, retention=policy)
+                    if first_use:
+                        root.open_job(job)
+                        swept = root.sweep_tmp(job)
+                        if swept:
+                            log.info("%s: swept %d stale tmp file(s)", job, swept)
+            except BaseException:
+                if first_use:  # the next client of the job opens it again
+                    self.daemon.loop.call_soon_threadsafe(self.daemon.forget_use, root, job)
+                raise
 
         def attached(_: None) -> None:
             if self.closed:
@@ -489,15 +491,7 @@ class Connection:
                 },
             )
 
-        def work() -> None:
-            try:
-                attach()
-            except BaseException:
-                if first_use:
-                    self.daemon.loop.call_soon_threadsafe(self.daemon.forget_use, root, job)
-                raise
-
-        self.blocking(rid, work, attached)
+        self.blocking(rid, attach, attached)
 
     def _register(self, msg: Message, fds: list[int], rid: int | None) -> None:
         slot_id = get_int(msg, "slot", 0, 2**31)

@@ -841,7 +841,7 @@ class Client:
                         victim = free[0] if free else None
                         if victim is not None:
                             ring.take(victim)
-                            ring.slots.remove(victim)
+                            ring.remove(victim)
                         break
                     if not wait:
                         return None
