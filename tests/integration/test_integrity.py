@@ -392,6 +392,9 @@ def test_a_client_that_never_reads_is_disconnected(daemon: Daemon) -> None:
 def test_accept_backs_off_when_out_of_descriptors(daemon: Daemon) -> None:
     """``accept()`` failing with EMFILE made the loop spin and log about 2 MB/s."""
     require(os.getuid() == 0, "running as root (to lower the daemon's open-file limit)")
+    # An answer means startup is over (the socket accepts connections into its backlog before
+    # the daemon has opened everything it needs, e.g. the config watcher's inotify descriptors).
+    assert query(daemon.socket)["op"] == "status"
     open_fds = len(os.listdir(f"/proc/{daemon.pid}/fd"))
     soft, hard = resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE)
     resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, (open_fds + 2, hard))
