@@ -32,6 +32,15 @@ class NotFoundError(CkptdError):
     exit_code = 5
 
 
+class NoStoreError(NotFoundError):
+    """The checkpoint root does not exist, or is not a ckptd store (no ``.ckptd-store`` marker
+    and no job directory): most often a mistyped ``--root``, which must not read as an empty
+    store. A NotFoundError, so code that handles a missing checkpoint handles it too; its own exit
+    code lets scripts tell "wrong root" from "no such checkpoint"."""
+
+    exit_code = 20
+
+
 class NothingToDoError(CkptdError):
     """A command found nothing to act on (no jobs, no checkpoints, no garbage)."""
 
@@ -142,6 +151,7 @@ EXIT_CODES: dict[str, int] = {
         ConfigError,
         InvalidNameError,
         NotFoundError,
+        NoStoreError,
         NothingToDoError,
         CorruptCheckpointError,
         FormatVersionError,

@@ -5,15 +5,25 @@ each tensor (key path, dtype, shape, byte length) as a sequence of pieces of con
 objects, the objects it needs (raw and stored length, codec), the skeleton of the non-tensor state
 (see :mod:`ckptd.skeleton`) and totals. It is written last, atomically, after every object it names
 is durable. Field by field documentation: ``docs/format.md``.
+
+Two keys order and identify checkpoints: ``seq``, the job's commit sequence number (what
+``latest`` means: the checkpoint committed last, whatever its step), and ``digest``, one hash of
+the tensors and the skeleton that does not depend on chunking or codec (:func:`compute_digest`).
+Manifests written before either existed parse with ``seq`` 0 and ``digest`` None.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
+import struct
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+
+import blake3
 
 from ckptd.errors import FormatVersionError, ManifestError
 from ckptd.hashing import check_hash_name, content_hash
@@ -76,9 +86,15 @@ class TensorEntry:
     pieces: tuple[Piece, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Manifest:
-    """An immutable checkpoint description. ``created`` is an ISO 8601 UTC timestamp."""
+    """An immutable checkpoint description. ``created`` is an ISO 8601 UTC timestamp.
+
+    ``seq`` is the job's commit sequence number, assigned by the committer
+    (:meth:`ckptd.store.Store.commit_lock`): 0 for a manifest not committed yet or written before
+    seq existed. ``digest`` is the checkpoint digest (:func:`compute_digest`), None for manifests
+    written before it existed.
+    """
 
     job: str
     step: int
@@ -90,6 +106,18 @@ class Manifest:
     rank: int = 0
     world_size: int = 1
     written_bytes: int = 0
+    seq: int = 0
+    digest: str | None = None
+
+    def __repr__(self) -> str:
+        # Short on purpose: the skeleton (RNG states as arrays) and the tensor list would make
+        # print(client.list()) unreadable.
+        digest = "None" if self.digest is None else repr(self.digest[:12] + "...")
+        return (
+            f"Manifest(job={self.job!r}, step={self.step}, seq={self.seq}, "
+            f"created={self.created!r}, tensors={len(self.tensors)}, "
+            f"raw_bytes={self.raw_bytes}, digest={digest})"
+        )
 
     @property
     def raw_bytes(self) -> int:
@@ -112,10 +140,20 @@ class Manifest:
             "checksum": _PLACEHOLDER,
             "job": self.job,
             "step": self.step,
+        }
+        # seq and digest only when there is one: a manifest written before they existed
+        # re-serializes to its own bytes (its checksum stays valid).
+        if self.seq:
+            doc["seq"] = self.seq
+        doc |= {
             "created": self.created,
             "rank": self.rank,
             "world_size": self.world_size,
             "metric": _metric_to_json(self.metric),
+        }
+        if self.digest is not None:
+            doc["digest"] = self.digest
+        doc |= {
             "totals": {
                 "tensors": len(self.tensors),
                 "objects": len(self.objects),
@@ -306,4 +344,145 @@ def _build(doc: dict[str, Any], where: str) -> Manifest:
         rank=_int(doc.get("rank", 0), "rank"),
         world_size=_int(doc.get("world_size", 1), "world_size", 1),
         written_bytes=_int(doc.get("totals", {}).get("written_bytes", 0), "totals.written_bytes"),
+        seq=_int(doc["seq"], "seq", 1) if "seq" in doc else 0,
+        digest=_digest_field(doc["digest"]) if "digest" in doc else None,
+    )
+
+
+def _digest_field(value: object) -> str:
+    if not isinstance(value, str) or not _HEX64.fullmatch(value):
+        raise ValueError(f"digest must be 64 lowercase hex digits, got {value!r}")
+    return value
+
+
+# ---- commit order: the seq of a manifest, cheaply ------------------------------------------------
+
+_HEAD = re.compile(
+    rb'\{\n "format": "ckptd\.manifest",\n "version": 1,\n "checksum": "([0-9a-f]{64})",\n'
+    rb' "job": "[^"\\\n]*",\n "step": (0|[1-9][0-9]*),\n'
+    rb'(?: "seq": ([1-9][0-9]*),\n)? "created": "'
+)
+"""The first lines of a manifest as :meth:`Manifest.to_json` writes them."""
+_SEQ_LINE = re.compile(rb'\n "seq": ([0-9]{1,18}),\n')
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def commit_seq(data: bytes, *, where: str) -> tuple[int, int]:
+    """``(step, seq)`` of the manifest bytes ``data``, checksum verified; ``seq`` is 0 for a
+    manifest written before seq existed.
+
+    Ordering a job's checkpoints by commit reads every manifest, so this avoids parsing the JSON:
+    when the manifest starts as :meth:`Manifest.to_json` writes it, the step and seq come from
+    its first lines and only the checksum (a hash of the bytes) is checked; any other layout is
+    parsed in full. Raises like :func:`parse_manifest` (:class:`ManifestError`,
+    :class:`FormatVersionError`) for a damaged or newer manifest.
+    """
+    head = _HEAD.match(data)
+    if head is None:
+        manifest = parse_manifest(data, where=where)
+        return manifest.step, manifest.seq
+    checksum = head.group(1).decode()
+    blanked = data.replace(_field(checksum), _field(_PLACEHOLDER), 1)
+    if blanked == data or content_hash(blanked) != checksum:
+        # The same verdict parse_manifest gives, with its message.
+        _check_checksum(data, {"checksum": checksum}, where)
+    seq = head.group(3)
+    return int(head.group(2)), 0 if seq is None else int(seq)
+
+
+def claimed_seq(data: bytes) -> int | None:
+    """What the ``seq`` line of a (possibly damaged) manifest says, unverified; None when no
+    such line is found near the start. Only for ordering a manifest whose checksum fails."""
+    found = _SEQ_LINE.search(data, 0, 1024)
+    return None if found is None else int(found.group(1))
+
+
+# ---- the checkpoint digest -------------------------------------------------------------------
+
+LEAF_BYTES = 8 << 20
+"""Tensor bytes are hashed in leaves of this size (the default ``chunk_bytes``, so a chunk of a
+large tensor written with the default configuration is exactly one leaf and its object name is
+the leaf's hash)."""
+DIGEST_DOMAIN = b"ckptd.digest.v1\0"
+"""Prefix of the hashed encoding: the digest's definition and version (``docs/format.md``)."""
+_U64 = struct.Struct("<Q")
+
+TensorHash = tuple[str, str, Sequence[int], bytes]
+"""``(path, dtype, shape, tensor hash)`` of one tensor, in manifest order."""
+
+
+def leaf_count(nbytes: int) -> int:
+    """How many leaves a tensor of ``nbytes`` bytes has (an empty tensor has none)."""
+    return -(-nbytes // LEAF_BYTES)
+
+
+def leaf_hash(data: bytes | bytearray | memoryview) -> bytes:
+    """The BLAKE3-256 digest (32 bytes) of one leaf."""
+    return blake3.blake3(data).digest()
+
+
+def tensor_hash_of_leaves(leaves: Iterable[bytes]) -> bytes:
+    """BLAKE3 of the concatenated 32-byte leaf digests of one tensor, in order."""
+    h = blake3.blake3()
+    for leaf in leaves:
+        h.update(leaf)
+    return h.digest()
+
+
+def tensor_hash(data: bytes | bytearray | memoryview) -> bytes:
+    """The tensor hash of a tensor's raw C-order bytes ``data``."""
+    view = memoryview(data).cast("B")
+    return tensor_hash_of_leaves(
+        leaf_hash(view[off : off + LEAF_BYTES]) for off in range(0, len(view), LEAF_BYTES)
+    )
+
+
+def skeleton_bytes(skeleton: JSON) -> bytes:
+    """The skeleton's canonical JSON, as the digest hashes it: sorted keys, no whitespace,
+    non-ASCII characters as themselves, UTF-8 (Python's ``json.dumps(skeleton, sort_keys=True,
+    separators=(",", ":"), ensure_ascii=False, allow_nan=False)``)."""
+    text = json.dumps(
+        skeleton, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+    return text.encode()
+
+
+def checkpoint_digest(tensors: Iterable[TensorHash], skeleton: JSON) -> str:
+    """The checkpoint digest (lowercase hex) from each tensor's hash and the skeleton.
+
+    BLAKE3 of: :data:`DIGEST_DOMAIN`, the number of tensors (u64), then per tensor its path and
+    dtype (each a u64 byte length and UTF-8), its number of dimensions and each dimension (u64)
+    and its 32-byte tensor hash; then the skeleton's canonical JSON (u64 length and bytes). All
+    integers little-endian. Step, created time, metric, chunking and codec are not part of it.
+    """
+    items = list(tensors)
+    h = blake3.blake3(DIGEST_DOMAIN)
+    h.update(_U64.pack(len(items)))
+    for path, dtype, shape, th in items:
+        if len(th) != 32:
+            raise ValueError(f"{path}: a tensor hash has 32 bytes, got {len(th)}")
+        for text in (path, dtype):
+            raw = text.encode()
+            h.update(_U64.pack(len(raw)))
+            h.update(raw)
+        h.update(_U64.pack(len(shape)))
+        for dim in shape:
+            h.update(_U64.pack(dim))
+        h.update(th)
+    body = skeleton_bytes(skeleton)
+    h.update(_U64.pack(len(body)))
+    h.update(body)
+    return h.hexdigest()
+
+
+def compute_digest(
+    tensors: Iterable[tuple[str, str, Sequence[int], bytes | bytearray | memoryview]],
+    skeleton: JSON,
+) -> str:
+    """The checkpoint digest recomputed from the data: ``(path, dtype, shape, raw C-order
+    bytes)`` of every tensor in manifest order, and the skeleton. Equal to a manifest's
+    ``digest`` when its tensors and skeleton are what was saved."""
+    return checkpoint_digest(
+        ((path, dtype, shape, tensor_hash(data)) for path, dtype, shape, data in tensors),
+        skeleton,
     )

@@ -7,7 +7,15 @@ into the worker thread's private buffer, hash that copy (blake3), reuse the job'
 name if its content verifies (dedup, :meth:`Store.reusable_object`), else encode the same copy and
 write it durably. When every chunk has been read it calls ``on_read_done`` (the daemon releases the
 shared-memory slot there), fsyncs the directories of every object the manifest names that the
-store does not know durable (:meth:`Store.make_durable`) and commits the manifest.
+store does not know durable (:meth:`Store.make_durable`) and commits the manifest, numbered with
+the job's next commit sequence number (:meth:`Store.commit_lock`).
+
+The checkpoint digest (:func:`ckptd.manifest.checkpoint_digest`) hashes each tensor in leaves of
+:data:`~ckptd.manifest.LEAF_BYTES`, computed from the same private copies, never from the source
+again nor from disk: a chunk that is exactly one leaf (a large tensor's chunk with the default
+``chunk_bytes``) gives the object name it already hashed; a leaf inside a chunk (a packed small
+tensor) is hashed from the copy; a leaf that spans chunks (other chunk sizes) is assembled from
+the copies of its pieces and hashed by the thread that completes it (:class:`_SpanningLeaves`).
 
 Ownership: the caller owns the tensor buffers and must not mutate them until ``on_read_done`` has
 been called (or the function has returned or raised); a mutation that happens anyway (another
@@ -29,7 +37,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +45,20 @@ import torch
 
 from ckptd.codec import CodecConfig, encode
 from ckptd.hashing import content_hash
-from ckptd.manifest import Manifest, ObjectInfo, Piece, TensorEntry, check_step, now_iso
+from ckptd.manifest import (
+    LEAF_BYTES,
+    Manifest,
+    ObjectInfo,
+    Piece,
+    TensorEntry,
+    check_step,
+    checkpoint_digest,
+    compute_digest,
+    leaf_count,
+    leaf_hash,
+    now_iso,
+    tensor_hash_of_leaves,
+)
 from ckptd.skeleton import JSON, dtype_from_name, dtype_name
 from ckptd.store import Store, validate_job_name
 
@@ -98,6 +119,23 @@ def tensor_source(path: str, tensor: torch.Tensor) -> TensorSource:
     return TensorSource(path, dtype_name(t.dtype), tuple(t.shape), flat.numpy().data)
 
 
+def state_digest(tensors: Sequence[TensorSource], skeleton: JSON) -> str:
+    """The checkpoint digest of a flattened state (what a save of it records as ``digest``)."""
+    return compute_digest(((t.path, t.dtype, t.shape, t.data) for t in tensors), skeleton)
+
+
+def recompute_digest(manifest: Manifest, tensors: Sequence[torch.Tensor]) -> str:
+    """The checkpoint digest of ``manifest``'s skeleton and ``tensors`` (its tensors as read
+    back, in manifest order, e.g. by :func:`ckptd.restore.read_tensors`): equal to
+    ``manifest.digest`` when the data is what was saved."""
+    if len(tensors) != len(manifest.tensors):
+        raise ValueError(
+            f"{len(tensors)} tensors given for a manifest of {len(manifest.tensors)} tensors"
+        )
+    sources = [tensor_source(e.path, t) for e, t in zip(manifest.tensors, tensors, strict=True)]
+    return state_digest(sources, manifest.skeleton)
+
+
 @dataclass
 class _Chunk:
     dtype: str
@@ -105,11 +143,16 @@ class _Chunk:
     nbytes: int = 0
 
 
+LeafHash = tuple[int, int, bytes]
+"""``(tensor index, leaf index, 32-byte leaf hash)``."""
+
+
 @dataclass(frozen=True)
 class _ChunkResult:
     digest: str
     info: ObjectInfo
     written_bytes: int
+    leaves: tuple[LeafHash, ...] = ()
 
 
 def plan_chunks(tensors: Sequence[TensorSource], config: PipelineConfig) -> list[_Chunk]:
@@ -240,6 +283,7 @@ def _commit(
         TensorEntry(t.path, t.dtype, t.shape, sizes[i], tuple(by_tensor.get(i, ())))
         for i, t in enumerate(tensors)
     )
+    digest = _digest(entries, results, skeleton)
     manifest = Manifest(
         job=job,
         step=step,
@@ -251,9 +295,26 @@ def _commit(
         rank=rank,
         world_size=world_size,
         written_bytes=written,
+        digest=digest,
     )
-    store.commit_manifest(manifest)
+    with store.commit_lock(job) as seq:
+        manifest = replace(manifest, seq=seq)
+        store.commit_manifest(manifest)
     return manifest, written, new_objects
+
+
+def _digest(entries: Sequence[TensorEntry], results: Sequence[_ChunkResult], skeleton: JSON) -> str:
+    """The checkpoint digest from the leaf hashes the chunk workers computed."""
+    leaves: list[list[bytes | None]] = [[None] * leaf_count(e.nbytes) for e in entries]
+    for res in results:
+        for index, k, h in res.leaves:
+            leaves[index][k] = h
+    hashes = []
+    for e, row in zip(entries, leaves, strict=True):
+        if any(h is None for h in row):
+            raise AssertionError(f"{e.path}: a leaf of the checkpoint digest was not hashed")
+        hashes.append((e.path, e.dtype, e.shape, tensor_hash_of_leaves(h for h in row if h)))
+    return checkpoint_digest(hashes, skeleton)
 
 
 def _run_chunks(
@@ -271,12 +332,14 @@ def _run_chunks(
     failed = threading.Event()
     futures: list[Future[_ChunkResult]] = []
     claims = _Claims()
+    spanning = _SpanningLeaves()
+    sizes = [len(t.data) for t in tensors]
 
     def work(chunk: _Chunk) -> _ChunkResult:
         try:
             if failed.is_set():
                 raise _CancelledError
-            return _write_chunk(store, job, tensors, chunk, config.codec, claims)
+            return _write_chunk(store, job, tensors, sizes, chunk, config.codec, claims, spanning)
         except BaseException:
             failed.set()
             raise
@@ -365,26 +428,92 @@ def _private_copy(tensors: Sequence[TensorSource], chunk: _Chunk) -> memoryview:
     return view[: chunk.nbytes]
 
 
+class _SpanningLeaves:
+    """Digest leaves that span chunk boundaries, assembled from the chunks' private copies.
+
+    Each chunk copies its part of such a leaf into the leaf's buffer; the thread whose part
+    completes it hashes it and drops the buffer. Only leaves with some but not all parts copied
+    hold memory, about one per chunk in flight.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: dict[tuple[int, int], tuple[bytearray, list[int]]] = {}
+
+    def add(self, index: int, k: int, size: int, at: int, part: memoryview) -> bytes | None:
+        """Copy ``part`` to offset ``at`` of leaf ``k`` (``size`` bytes) of tensor ``index``;
+        the leaf's hash once this completed it, else None."""
+        key = (index, k)
+        with self._lock:
+            entry = self._open.get(key)
+            if entry is None:
+                entry = self._open[key] = (bytearray(size), [size])
+        buf, missing = entry
+        if len(part) >= _GIL_FREE_COPY_BYTES:
+            np.copyto(np.frombuffer(buf, np.uint8, len(part), at), np.frombuffer(part, np.uint8))
+        else:
+            memoryview(buf)[at : at + len(part)] = part
+        with self._lock:
+            missing[0] -= len(part)
+            if missing[0]:
+                return None
+            del self._open[key]
+        return leaf_hash(buf)
+
+
+def _leaf_hashes(
+    sizes: Sequence[int],
+    chunk: _Chunk,
+    raw: memoryview,
+    digest: str,
+    spanning: _SpanningLeaves,
+) -> tuple[LeafHash, ...]:
+    """The digest leaves this chunk completes, hashed from its private copy ``raw``."""
+    out: list[LeafHash] = []
+    pos = 0
+    for index, off, length in chunk.pieces:
+        end = off + length
+        for k in range(off // LEAF_BYTES, (end - 1) // LEAF_BYTES + 1):
+            lo, hi = k * LEAF_BYTES, min((k + 1) * LEAF_BYTES, sizes[index])
+            if lo >= off and hi <= end:
+                if hi - lo == len(raw):
+                    h = bytes.fromhex(digest)  # the chunk is this leaf: its name is the hash
+                else:
+                    h = leaf_hash(raw[pos + lo - off : pos + hi - off])
+            else:
+                a, b = max(lo, off), min(hi, end)
+                done = spanning.add(index, k, hi - lo, a - lo, raw[pos + a - off : pos + b - off])
+                if done is None:
+                    continue
+                h = done
+            out.append((index, k, h))
+        pos += length
+    return tuple(out)
+
+
 def _write_chunk(
     store: Store,
     job: str,
     tensors: Sequence[TensorSource],
+    sizes: Sequence[int],
     chunk: _Chunk,
     codec: CodecConfig,
     claims: _Claims,
+    spanning: _SpanningLeaves,
 ) -> _ChunkResult:
     raw = _private_copy(tensors, chunk)
     digest = content_hash(raw)
+    leaves = _leaf_hashes(sizes, chunk, raw, digest, spanning)
     known = claims.claim(digest)
     if known is not None:
-        return _ChunkResult(digest, known, 0)
+        return _ChunkResult(digest, known, 0, leaves)
     try:
         result = _produce(store, job, raw, digest, chunk.dtype, codec)
     except BaseException:
         claims.settle(digest, None)
         raise
     claims.settle(digest, result.info)
-    return result
+    return replace(result, leaves=leaves)
 
 
 def _produce(

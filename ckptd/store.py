@@ -2,8 +2,10 @@
 
 Layout under the root (see ``docs/format.md``)::
 
+    <root>/.ckptd-store                       marks the directory as a store (see check_store)
     <root>/<job>/objects/ab/<blake3 hex>      immutable chunk objects, shared between checkpoints
     <root>/<job>/manifests/step-000000001200.json   a checkpoint; it exists iff this file exists
+    <root>/<job>/quarantine/<blake3 hex>      damaged objects moved aside (never read, never GCed)
     <root>/<job>/tmp/                         in-flight files; anything here is garbage once no
                                               writer runs (swept by :meth:`Store.sweep_tmp`)
 
@@ -12,18 +14,21 @@ therefore (1) write every new object (:meth:`Store.write_object`, fsynced, renam
 existing one only once its content has been verified (:meth:`Store.reusable_object`), (2) fsync
 the directory of every object the manifest names that is not known durable
 (:meth:`Store.make_durable`), (3) commit the manifest (:meth:`Store.commit_manifest`, written
-last). Deleting a checkpoint removes its manifest first; :meth:`Store.gc` then removes objects that
-no manifest names.
+last, numbered with the job's next commit sequence number under :meth:`Store.commit_lock`).
+Deleting a checkpoint removes its manifest first; :meth:`Store.gc` then removes objects that no
+manifest names.
 
-Thread safety: a Store's methods may be called from any thread. Its only mutable state is what it
-knows about object files (:class:`ObjectState`, per ``(job, digest)``) and which directories it
-has made durable; both are guarded by one lock and driven only by the Store's own methods. Two
-writers must not write the same job's *manifest* for the same step at once (the daemon serializes
-commits per job); object writes may race freely (same name => same bytes).
+Thread safety: a Store's methods may be called from any thread. Its mutable state is what it
+knows about object files (:class:`ObjectState`, per ``(job, digest)``), which directories it has
+made durable and the commit sequence numbers of manifests it has read; all are guarded by one lock
+and driven only by the Store's own methods. Commits of one job are serialized across threads and
+processes by the job's commit lock (only the numbering and the manifest's rename); object writes
+may race freely (same name => same bytes).
 """
 
 from __future__ import annotations
 
+import bisect
 import enum
 import fcntl
 import io
@@ -32,19 +37,22 @@ import logging
 import os
 import re
 import shutil
+import stat
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from ckptd.codec import CODEC_NAMES, HEADER, decode, read_header
 from ckptd.errors import (
     CorruptCheckpointError,
+    FormatVersionError,
     InvalidNameError,
     ManifestError,
+    NoStoreError,
     NotFoundError,
     StorePermissionError,
 )
@@ -59,9 +67,12 @@ from ckptd.fsutil import (
 )
 from ckptd.hashing import check_hash_name, content_hash
 from ckptd.manifest import (
+    FORMAT_VERSION,
     Manifest,
     ObjectInfo,
     check_step,
+    claimed_seq,
+    commit_seq,
     manifest_name,
     parse_manifest,
     step_from_name,
@@ -73,6 +84,15 @@ MAX_JOB_NAME = 128
 STALE_TMP_S = 3600.0
 TMP_GRACE_S = 60.0
 """A tmp file this old is a dead writer's leftover (swept when a writer opens the job)."""
+STORE_MARKER = ".ckptd-store"
+"""The file that marks a directory as a ckptd store (not a valid job name, so never a job)."""
+STORE_FORMAT = "ckptd.store"
+_RACY_NS = 10**8
+"""A manifest modified less than this long ago is read again at every scan: a file replacing it
+within the same timestamp tick (Linux stamps files with a clock of 1-10 ms resolution) could reuse
+its inode number and size and look unchanged. Once a file is older, any replacement has a later
+mtime. :data:`_RACY_COARSE_NS` applies to whole-second mtimes (filesystems that store seconds)."""
+_RACY_COARSE_NS = 3 * 10**9
 _JOB_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -128,6 +148,19 @@ def _identity(st: os.stat_result) -> tuple[int, int, int]:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
+@dataclass(frozen=True)
+class _Commit:
+    """The commit sequence number of one manifest file, as far as it can be known.
+
+    ``seq``: verified by the manifest's checksum (0: written before seq existed); None when the
+    manifest is damaged or unreadable as a manifest. ``claimed``: what the seq line of a damaged
+    manifest says (unverified; None if there is none).
+    """
+
+    seq: int | None
+    claimed: int | None = None
+
+
 _local = threading.local()
 
 
@@ -179,9 +212,13 @@ class Store:
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root).expanduser().absolute()
         self._known_lock = threading.Lock()
+        self._thread = threading.local()
         self._known: dict[tuple[str, str], _Known] = {}
         self._durable_dirs: set[Path] = set()
         """Directories whose entry in their parent this Store has fsynced (shards, ``pins/``)."""
+        self._commits: dict[str, dict[str, tuple[int, tuple[int, int, int], _Commit]]] = {}
+        """Per job, per manifest file name: its step, identity and commit sequence number, kept
+        for files old enough (:data:`_RACY_NS`; manifest files are replaced, never modified)."""
 
     # ---- paths -------------------------------------------------------------------------------
 
@@ -211,12 +248,59 @@ class Store:
             )
         return job_dir
 
+    def initialize(self) -> Path:
+        """Make the root a ckptd store: create it (with its parents) and its marker file
+        (:data:`STORE_MARKER`), durably. Idempotent; returns the root."""
+        self._mark(ensure_dir(self.root))
+        return self.root
+
+    def _mark(self, root_created: bool) -> None:
+        """Write the store marker unless it is there (and the root's own entry when the root was
+        just created), so a store that was written to is recognized as one."""
+        marker = self.root / STORE_MARKER
+        if not root_created and os.path.lexists(marker):
+            return
+        body = json.dumps({"format": STORE_FORMAT, "version": FORMAT_VERSION}) + "\n"
+        # A tmp file of a writer that dies here is left in the root; its name is not a job name.
+        durable_write(marker, [body.encode()], tmp_dir=self.root)
+        if root_created:
+            fsync_dir(self.root.parent)
+
+    def check_store(self) -> None:
+        """Raise :class:`NoStoreError` unless the root is a ckptd store: a directory with the
+        marker file, or (written by versions without the marker) with at least one job directory.
+
+        Readers call this before they report "nothing there", so that a mistyped root does not
+        look like an empty store.
+        """
+        try:
+            st = self.root.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            raise NoStoreError(
+                f"no ckptd store at {self.root}: the directory does not exist; pass --root DIR "
+                "or set CKPTD_ROOT / store.root"
+            ) from None
+        except OSError as exc:
+            raise os_error(exc, "stat", self.root) from exc
+        if not stat.S_ISDIR(st.st_mode):
+            raise NoStoreError(
+                f"{self.root} is not a ckptd store (not a directory); pass --root DIR or set "
+                "CKPTD_ROOT / store.root"
+            )
+        if os.path.lexists(self.root / STORE_MARKER) or self.jobs():
+            return
+        raise NoStoreError(
+            f"{self.root} is not a ckptd store (no {STORE_MARKER} marker, no job directories); "
+            "pass --root DIR or set CKPTD_ROOT / store.root"
+        )
+
     def open_job(self, job: str) -> Path:
         """Create the job's directories if needed (writers call this first); return the job dir.
 
-        Refuses a job directory that is a symlink, so a replaced directory is never written into.
+        Also marks the root as a store (:meth:`initialize`) if it is not marked yet. Refuses a
+        job directory that is a symlink, so a replaced directory is never written into.
         """
-        ensure_dir(self.root)
+        root_created = ensure_dir(self.root)
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise StorePermissionError(
                 f"cannot write to checkpoint root {self.root}: permission denied for uid "
@@ -224,6 +308,7 @@ class Store:
                 "CKPTD_ROOT"
             )
         job_dir = self.real_job_dir(job)
+        self._mark(root_created)
         created = ensure_dir(job_dir)
         for sub in ("objects", "manifests", "tmp"):
             created |= ensure_dir(job_dir / sub)
@@ -365,23 +450,62 @@ class Store:
         return sorted(s for s in map(step_from_name, names) if s is not None)
 
     def require_steps(self, job: str) -> list[int]:
-        """Like :meth:`steps` but raise :class:`NotFoundError` when there is no checkpoint."""
+        """Like :meth:`steps` but raise :class:`NotFoundError` when there is no checkpoint
+        (:class:`NoStoreError` when the root is not a store at all)."""
         steps = self.steps(job)
         if not steps:
-            known = ", ".join(self.jobs()) or "none"
-            raise NotFoundError(
-                f"job {job!r} has no checkpoints under {self.root} (jobs there: {known})"
-            )
+            self._no_checkpoints(job)
         return steps
 
+    def _no_checkpoints(self, job: str) -> NoReturn:
+        self.check_store()
+        known = ", ".join(self.jobs()) or "none"
+        raise NotFoundError(
+            f"job {job!r} has no checkpoints under {self.root} (jobs there: {known})"
+        )
+
+    def steps_by_commit(self, job: str) -> list[int]:
+        """The committed steps of ``job`` in commit order, oldest first (the last one is what
+        ``"latest"`` means). Empty if the job does not exist.
+
+        Ordered by commit sequence number, then step: manifests written before seq existed
+        (seq 0) come first, by step. A damaged manifest (checksum fails) is placed by what its
+        own seq line says or where its step puts it (right after the newest commit of a lower
+        step), whichever is later, so that a damaged newest checkpoint is reported when read
+        rather than silently passed over. Reads every manifest the first time; a long-lived
+        Store then only stats them.
+        """
+        commits = self._manifest_commits(job)
+        verified = sorted((step, c.seq) for step, c in commits.items() if c.seq is not None)
+        verified_steps = [step for step, _ in verified]
+        keys: dict[int, tuple[int, int]] = {}
+        for step, c in commits.items():
+            if c.seq is not None:
+                keys[step] = (c.seq, step)
+                continue
+            below = bisect.bisect_left(verified_steps, step)
+            estimate = verified[below - 1][1] if below else 0
+            keys[step] = (max(estimate, c.claimed or 0), step)
+        return sorted(keys, key=keys.__getitem__)
+
     def resolve_step(self, job: str, step: int | str) -> int:
-        """Turn ``"latest"`` or a step number into an existing step, or raise NotFoundError."""
-        steps = self.require_steps(job)
+        """Turn a step number, ``"latest"`` (the checkpoint committed last,
+        :meth:`steps_by_commit`) or ``"highest"`` (the highest step number) into an existing
+        step, or raise NotFoundError."""
         if step == "latest":
+            order = self.steps_by_commit(job)
+            if not order:
+                self._no_checkpoints(job)
+            return order[-1]
+        steps = self.require_steps(job)
+        if step == "highest":
             return steps[-1]
         if isinstance(step, str):
             if not step.isdigit():
-                raise NotFoundError(f"step must be a number or 'latest', got {step!r}")
+                raise NotFoundError(
+                    f"step must be a number or 'latest', got {step!r} ('latest' is the "
+                    "checkpoint committed last, 'highest' the highest step number)"
+                )
             step = int(step)
         if step not in steps:
             raise NotFoundError(
@@ -553,6 +677,56 @@ class Store:
             for d in digests:
                 self._known.pop((job, d), None)
 
+    def quarantine_object(
+        self, job: str, digest: str, *, still_damaged: Callable[[], bool] | None = None
+    ) -> Path | None:
+        """Move the job's object ``digest`` (found damaged) to ``<job>/quarantine/`` and return
+        its new path; ``<digest>.1``, ``.2``, ... when that name is taken there already.
+
+        From then on no write can dedup against it: the next checkpoint with that content writes
+        the object anew (:meth:`reusable_object` finds no file), which also repairs every
+        checkpoint that names it. The move is a rename within the job (same filesystem), made
+        durable; it takes the job lock exclusively, as GC does, so no write in progress has
+        deduped against the object. GC never touches ``quarantine/``: operators delete it.
+        ``still_damaged`` is called under that lock, right before the move: a verify run can
+        take hours, and a writer that found the object damaged may have written it anew meanwhile
+        (then moving it would break the checkpoints that now rely on it). When it returns False
+        nothing is moved and the result is None.
+        Raises :class:`NotFoundError` when the job has no such object.
+        """
+        source = self.object_path(job, digest)
+        job_dir = self.real_job_dir(job)
+        quarantine = job_dir / "quarantine"
+        with self.job_lock(job, exclusive=True):
+            if still_damaged is not None and not still_damaged():
+                return None
+            created = ensure_dir(quarantine)
+            with self._known_lock:
+                known = quarantine in self._durable_dirs and not created
+            if not known:
+                fsync_dir(job_dir)
+                with self._known_lock:
+                    self._durable_dirs.add(quarantine)
+            dest = quarantine / digest
+            n = 0
+            while os.path.lexists(dest):
+                n += 1
+                dest = quarantine / f"{digest}.{n}"
+            self.forget_objects(job, [digest])
+            try:
+                source.rename(dest)
+            except FileNotFoundError:
+                raise NotFoundError(
+                    f"job {job!r} has no object {digest} ({source} does not exist): nothing to "
+                    "quarantine"
+                ) from None
+            except OSError as exc:
+                raise os_error(exc, "move to quarantine", source) from exc
+            fsync_dir(quarantine)
+            fsync_dir(source.parent)
+        log.warning("%s: moved damaged object %s to %s", job, digest, dest)
+        return dest
+
     def read_object(self, job: str, digest: str, into: bytearray | None = None) -> memoryview:
         """The object file's bytes. With ``into`` (a buffer reused by the caller, grown as
         needed) no memory is allocated per object: fresh memory costs page faults."""
@@ -567,14 +741,139 @@ class Store:
 
     # ---- commit and delete ---------------------------------------------------------------------
 
+    @contextmanager
+    def commit_lock(self, job: str) -> Iterator[int]:
+        """Hold the job's commit lock and yield the next commit sequence number: 1 + the highest
+        seq among the job's manifests, read under the lock.
+
+        A writer numbers its manifest with it and calls :meth:`commit_manifest` before leaving
+        the block, so seq grows strictly in commit order across every thread and process
+        committing the job (two daemons on one root, an in-process save). The lock is its own
+        file (``commit.lock``), not the job lock that writers hold shared for the whole write and
+        GC exclusive: only the numbering and the manifest's rename are serialized, never the
+        object writes of concurrent checkpoints.
+        """
+        if any(held_job == job for held_job, _ in self._held_commit_locks()):
+            # flock on a second descriptor of the same file would wait for this thread forever.
+            raise RuntimeError(f"this thread already holds the commit lock of job {job!r}")
+        path = self.real_job_dir(job) / "commit.lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            raise os_error(exc, "open lock", path) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            # A damaged manifest's claimed seq counts too: never reuse a number a commit may hold.
+            top = max(
+                (
+                    c.seq if c.seq is not None else c.claimed or 0
+                    for c in self._manifest_commits(job).values()
+                ),
+                default=0,
+            )
+            held: list[tuple[str, int]] = self._held_commit_locks()
+            held.append((job, top + 1))
+            try:
+                yield top + 1
+            finally:
+                held.pop()
+        finally:
+            os.close(fd)
+
+    def _held_commit_locks(self) -> list[tuple[str, int]]:
+        """``(job, seq)`` of the commit locks the calling thread holds in this Store."""
+        held: list[tuple[str, int]] | None = getattr(self._thread, "commit_locks", None)
+        if held is None:
+            held = self._thread.commit_locks = []
+        return held
+
     def commit_manifest(self, manifest: Manifest) -> Path:
         """Make ``manifest`` visible: the last step of every checkpoint write.
 
-        The caller must have made every object durable first (write_object + make_durable).
+        The caller must have made every object durable first (write_object + make_durable). A
+        manifest with ``seq`` 0 is numbered here, under the job's commit lock; a writer that
+        needs to know the number (the pipeline returns the committed manifest) takes
+        :meth:`commit_lock` itself and commits the manifest numbered with the seq it yields,
+        inside the block. A manifest of a step that exists replaces it (atomically): the newer
+        commit wins.
         """
+        if manifest.seq == 0:
+            with self.commit_lock(manifest.job) as seq:
+                return self.commit_manifest(replace(manifest, seq=seq))
+        if (manifest.job, manifest.seq) not in self._held_commit_locks():
+            raise ValueError(
+                f"job {manifest.job!r} step {manifest.step}: seq {manifest.seq} is not the number "
+                "Store.commit_lock yielded to this thread; commit inside that block, or pass "
+                "seq 0 to have the manifest numbered here"
+            )
         path = self.manifest_path(manifest.job, manifest.step)
+        replaced = os.path.lexists(path)
         durable_write(path, [manifest.to_json()], tmp_dir=self.tmp_dir(manifest.job))
+        if replaced:
+            log.info(
+                "%s: step %d committed again (seq %d); it replaced an earlier commit of that step",
+                manifest.job,
+                manifest.step,
+                manifest.seq,
+            )
         return path
+
+    def _manifest_commits(self, job: str) -> dict[int, _Commit]:
+        """Per step, the commit sequence number of the job's manifest (see :class:`_Commit`).
+
+        Each manifest is read once (its checksum verified, see :func:`commit_seq`); a file is
+        read again when its inode, size or mtime change, or while it is younger than
+        :data:`_RACY_NS`. A scan of unchanged files costs one ``fstatat`` per manifest.
+        """
+        directory = self.job_dir(job) / "manifests"
+        try:
+            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise os_error(exc, "list", directory) from exc
+        with self._known_lock:
+            cached = self._commits.get(job, {})
+        now = time.time_ns()
+        out: dict[int, _Commit] = {}
+        keep: dict[str, tuple[int, tuple[int, int, int], _Commit]] = {}
+        try:
+            for entry in os.scandir(dir_fd):
+                name = entry.name
+                try:
+                    hit = cached.get(name)
+                    if hit is not None and hit[1] == _identity(entry.stat()):
+                        out[hit[0]] = hit[2]
+                        keep[name] = hit
+                        continue
+                    step = step_from_name(name)
+                    if step is None:
+                        continue
+                    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+                    with os.fdopen(fd, "rb") as f:
+                        st = os.fstat(fd)  # the identity of the bytes read
+                        data = f.read()
+                except FileNotFoundError:
+                    continue  # deleted since the listing
+                except OSError as exc:
+                    raise os_error(exc, "read", directory / name) from exc
+                where = str(directory / name)
+                try:
+                    found, seq = commit_seq(data, where=where)
+                    commit = _Commit(seq) if found == step else _Commit(None, claimed_seq(data))
+                except (ManifestError, FormatVersionError):
+                    commit = _Commit(None, claimed_seq(data))
+                out[step] = commit
+                racy = _RACY_COARSE_NS if st.st_mtime_ns % 10**9 == 0 else _RACY_NS
+                if now - st.st_mtime_ns > racy:
+                    keep[name] = (step, _identity(st), commit)
+        except OSError as exc:
+            raise os_error(exc, "list", directory) from exc
+        finally:
+            os.close(dir_fd)
+        with self._known_lock:
+            self._commits[job] = keep
+        return out
 
     def delete_checkpoint(self, job: str, step: int) -> None:
         """Remove a checkpoint's manifest (atomically, durably); objects stay until :meth:`gc`."""
