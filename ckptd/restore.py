@@ -5,6 +5,14 @@ Every object is decoded and its BLAKE3 hash compared with its name before its by
 a mismatch raises :class:`CorruptCheckpointError` naming the object file and the tensors it holds.
 Objects are read and decoded in parallel on a small thread pool (file reads, zstd and blake3 release
 the GIL), straight into the destination tensor's memory when an object holds one tensor's bytes.
+
+``map_location`` takes every form :func:`torch.load` takes (a string, a :class:`torch.device`, a
+dict remapping location tags, a callable ``(storage, location) -> storage | None``) with one
+difference that follows from the format: every stored tensor's *location tag* is ``"cpu"``. The
+client copies each tensor to CPU memory before it is written and the device it came from is not
+recorded, so a dict key other than ``"cpu"`` (``{"cuda:1": "cuda:0"}``) never matches and a
+callable always receives ``"cpu"``. Without ``map_location`` tensors come back on the CPU (where
+``torch.load`` would put them back on the saving device).
 """
 
 from __future__ import annotations
@@ -21,7 +29,13 @@ from typing import Any
 import torch
 
 from ckptd.codec import decode
-from ckptd.errors import CkptdError, CorruptCheckpointError, FormatVersionError, NotFoundError
+from ckptd.errors import (
+    CkptdError,
+    ConfigError,
+    CorruptCheckpointError,
+    FormatVersionError,
+    NotFoundError,
+)
 from ckptd.hashing import content_hash
 from ckptd.manifest import Manifest, ObjectInfo
 from ckptd.skeleton import dtype_from_name, unflatten
@@ -29,7 +43,19 @@ from ckptd.store import Store
 
 log = logging.getLogger("ckptd.restore")
 
-MapLocation = str | torch.device | None
+MapLocation = (
+    str
+    | torch.device
+    | dict[str, str]
+    | Callable[[torch.UntypedStorage, str], torch.UntypedStorage | None]
+    | None
+)
+"""What :func:`torch.load` accepts as ``map_location`` (see the module docstring)."""
+STORED_LOCATION = "cpu"
+"""The location tag of every stored tensor: the device a tensor was snapshotted from is not
+recorded (its bytes are always copied to CPU memory first)."""
+Relocate = Callable[[torch.Tensor], torch.Tensor]
+"""Moves one restored (CPU) tensor where ``map_location`` says."""
 Progress = Callable[[int], None]
 """Called with a number of raw bytes just processed (from worker threads)."""
 
@@ -195,20 +221,22 @@ def load_checkpoint(
 ) -> Loaded:
     """Load a checkpoint's state, verified.
 
+    ``map_location`` is checked before anything is read: a device this machine does not have
+    raises :class:`ConfigError` at once rather than after reading gigabytes.
+
     With ``fallback=True`` and ``step="latest"``, a checkpoint that fails verification (corrupt
     object, damaged manifest) is skipped for the next older one; a :class:`FallbackWarning` (and a
     log line) names the steps skipped and the one used. Raises :class:`NotFoundError` when the job
     or step does not exist, :class:`CorruptCheckpointError` when verification fails (and, with
     fallback, when no checkpoint verifies).
     """
+    relocate = relocator(map_location)
     if fallback and step == "latest":
         steps = store.require_steps(job)
         skipped: list[str] = []
-        for candidate in reversed(steps):
+        for candidate in reversed(store.steps_by_commit(job)):  # newest commit first
             try:
-                loaded = _load_one(
-                    store, job, candidate, map_location, allow_pickle, threads, progress
-                )
+                loaded = _load_one(store, job, candidate, relocate, allow_pickle, threads, progress)
             except (CorruptCheckpointError, FormatVersionError) as exc:
                 skipped.append(f"step {candidate}: {exc}")
                 continue
@@ -224,32 +252,165 @@ def load_checkpoint(
             f"job {job!r}: none of its {len(steps)} checkpoint(s) verifies: " + "; ".join(skipped)
         )
     resolved = store.resolve_step(job, step)
-    return _load_one(store, job, resolved, map_location, allow_pickle, threads, progress)
+    return _load_one(store, job, resolved, relocate, allow_pickle, threads, progress)
 
 
 def _load_one(
     store: Store,
     job: str,
     step: int,
-    map_location: MapLocation,
+    relocate: Relocate | None,
     allow_pickle: bool,
     threads: int,
     progress: Progress | None,
 ) -> Loaded:
     manifest = store.read_manifest(job, step)
     tensors = read_tensors(store, manifest, threads=threads, progress=progress)
-    if map_location is not None:
-        device = torch.device(map_location)
-        tensors = [t.to(device) for t in tensors]
+    if relocate is not None:
+        # numpy arrays are stored as tensors but are not torch storages: torch.load leaves them
+        # alone, and moving them would fail on "meta" (their bytes are needed) or copy them to a
+        # GPU and back.
+        arrays = _ndarray_indices(manifest.skeleton)
+        tensors = [t if i in arrays else relocate(t) for i, t in enumerate(tensors)]
     state = unflatten(manifest.skeleton, tensors, allow_pickle=allow_pickle)
     return Loaded(state, manifest)
 
 
+# ---- map_location ------------------------------------------------------------------------------
+
+
+def relocator(map_location: MapLocation) -> Relocate | None:
+    """How each restored tensor is moved for ``map_location``, decided (and the device checked)
+    before anything is read; None means the tensors stay where they are read, on the CPU.
+
+    Follows ``torch.load``: a string or device names the target of every tensor; a dict maps a
+    tensor's location tag (always ``"cpu"`` here) to a target, tags it lacks stay where they are;
+    a callable gets ``(storage, "cpu")`` per tensor and returns a storage, or None for the default.
+    """
+    if map_location is None:
+        return None
+    if isinstance(map_location, dict):
+        return _to_device(map_location.get(STORED_LOCATION, STORED_LOCATION), map_location)
+    if isinstance(map_location, str | torch.device):
+        return _to_device(map_location, map_location)
+    if callable(map_location):
+        return _through_callable(map_location)
+    raise ConfigError(
+        f"map_location must be what torch.load accepts (a device string such as 'cpu', a "
+        f"torch.device, a dict such as {{'cpu': 'cuda:0'}}, or a callable (storage, location) -> "
+        f"storage), got a {type(map_location).__qualname__}: {map_location!r}"
+    )
+
+
+def check_device(location: str, asked: object) -> torch.device:
+    """The device ``location`` names, if this machine has it; else :class:`ConfigError` saying
+    which device is missing and what to pass instead (torch itself would fail later, with an
+    ``AssertionError`` from a CPU-only build or a ``RuntimeError`` from a missing device index)."""
+    shown = "" if asked == location else f" ({asked!r})"
+    try:
+        device = torch.device(location)
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"map_location{shown} asks for {location!r}, which is not a device torch knows "
+            f"({exc}); pass map_location='cpu' or a device such as 'cuda:0'"
+        ) from exc
+    if device.type in ("cpu", "meta"):
+        return device
+    backend = getattr(torch, device.type, None)
+    is_available = getattr(backend, "is_available", None)
+    if not callable(is_available):
+        raise ConfigError(
+            f"map_location{shown} asks for {location} but this torch ({torch.__version__}) has "
+            f"no torch.{device.type} backend to check it with; pass map_location='cpu' and move "
+            "the tensors yourself"
+        )
+    if not is_available():
+        raise ConfigError(
+            f"map_location{shown} asks for {location} but torch.{device.type}.is_available() is "
+            "False on this machine; pass map_location='cpu'"
+        )
+    device_count = getattr(backend, "device_count", None)
+    if device.index is not None and callable(device_count):
+        count = int(device_count())
+        if device.index >= count:
+            raise ConfigError(
+                f"map_location{shown} asks for {location} but this machine has {count} "
+                f"{device.type} device(s) (torch.{device.type}.device_count()); pass "
+                f"map_location='{device.type}:0', a dict such as {{'cpu': '{device.type}:0'}}, "
+                "or 'cpu'"
+            )
+    return device
+
+
+def _to_device(target: object, asked: object) -> Relocate | None:
+    if isinstance(target, torch.device):
+        target = str(target)
+    if not isinstance(target, str):
+        raise ConfigError(
+            f"map_location {asked!r} maps {STORED_LOCATION!r} to {target!r}; a dict must map "
+            "location strings to location strings such as 'cpu' or 'cuda:0'"
+        )
+    device = check_device(target, asked)
+    if device.type == "cpu":
+        return None  # read_tensors already made CPU tensors: no copy
+
+    def relocate(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device)
+
+    return relocate
+
+
+def _through_callable(
+    fn: Callable[[torch.UntypedStorage, str], torch.UntypedStorage | None],
+) -> Relocate:
+    def relocate(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        result: object = fn(storage, STORED_LOCATION)
+        if result is None or result is storage:
+            return t  # torch.load: None means "the default", which is the CPU here
+        if isinstance(result, torch.TypedStorage):
+            result = result._untyped_storage
+        if not isinstance(result, torch.UntypedStorage):
+            raise ConfigError(
+                f"the map_location callable returned a {type(result).__qualname__}; it must "
+                "return a storage (e.g. storage.cuda(0)) or None to keep the tensor on the CPU"
+            )
+        if result.nbytes() != storage.nbytes():
+            raise ConfigError(
+                f"the map_location callable returned a storage of {result.nbytes()} bytes for "
+                f"one of {storage.nbytes()}; it must return the storage it was given, moved"
+            )
+        out = torch.empty(0, dtype=t.dtype, device=result.device)
+        return out.set_(result, 0, t.shape, t.stride())
+
+    return relocate
+
+
+def _ndarray_indices(skeleton: Any) -> set[int]:
+    """Indices of the tensors that hold numpy arrays (``{"$ndarray": i}`` in the skeleton)."""
+    found: set[int] = set()
+    stack = [skeleton]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            index = node.get("$ndarray")
+            if isinstance(index, int):
+                found.add(index)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return found
+
+
 __all__ = [
+    "STORED_LOCATION",
     "FallbackWarning",
     "Loaded",
+    "MapLocation",
     "NotFoundError",
+    "check_device",
     "load_checkpoint",
     "read_tensors",
+    "relocator",
     "verify_manifest",
 ]

@@ -3,17 +3,30 @@
 ``collect`` builds the nested dict a snapshot stores; ``apply`` loads a restored one into the
 objects. RNG states cover torch (CPU, and CUDA when available), numpy's global generator and
 Python's ``random``, so a resumed run draws the same numbers as an uninterrupted one.
+
+``apply(..., strict=False)`` loads a model whose layers changed since the checkpoint (added or
+removed modules): it passes ``strict=False`` to the model's ``load_state_dict`` and reports what
+torch reports, the missing and unexpected keys.
 """
 
 from __future__ import annotations
 
+import logging
 import random
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
 
+from ckptd.errors import CkptdError
+
+log = logging.getLogger("ckptd_client")
+
 STATE_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "extra")
+INCOMPATIBLE_KEYS = "__incompatible_keys__"
+"""The key of ``extra`` under which ``apply(..., strict=False)`` returns what the model's
+``load_state_dict`` returned: for a ``torch.nn.Module``, torch's ``_IncompatibleKeys``
+``(missing_keys, unexpected_keys)`` named tuple."""
 
 
 class Stateful(Protocol):
@@ -110,26 +123,93 @@ def apply(
     scheduler: Stateful | None = None,
     scaler: Stateful | None = None,
     rng: bool = True,
+    strict: bool = True,
     where: str = "checkpoint",
 ) -> dict[str, Any]:
-    """Load ``state`` (as :func:`collect` built it) into the objects; return its ``extra``."""
+    """Load ``state`` (as :func:`collect` built it) into the objects; return its ``extra``.
+
+    ``strict`` is passed to the model's ``load_state_dict`` (only when False, so a model-like
+    object whose ``load_state_dict`` takes no ``strict`` still works by default). With
+    ``strict=False`` keys the checkpoint has and the model lacks are ignored and the model's own
+    keys the checkpoint lacks keep their values; a WARNING names both, and the returned dict
+    carries what ``load_state_dict`` returned under ``"__incompatible_keys__"`` (unless the
+    checkpoint's ``extra`` has that key itself), so a caller can act on it. With the default
+    ``strict=True`` the returned dict is ``extra`` alone: any mismatch raises instead.
+
+    Every requested part is checked to be present, and a torch optimizer's parameter groups to
+    match the checkpoint's, before anything is loaded: a model that gained or lost layers cannot
+    take its old optimizer state, and that error leaves every object as it was.
+    """
     if not isinstance(state, dict) or not set(state) <= set(STATE_KEYS):
         raise ValueError(
             f"{where} was taken with state=...; load it with ckptd_client.load() and apply it "
             "yourself"
         )
-    for name, obj in (
-        ("model", model),
-        ("optimizer", optimizer),
-        ("scheduler", scheduler),
-        ("scaler", scaler),
-    ):
-        if obj is None:
-            continue
+    parts = [
+        (name, obj)
+        for name, obj in (
+            ("model", model),
+            ("optimizer", optimizer),
+            ("scheduler", scheduler),
+            ("scaler", scaler),
+        )
+        if obj is not None
+    ]
+    for name, _obj in parts:
         if name not in state:
             raise ValueError(f"{where} holds no {name} state (it has: {', '.join(state)})")
-        obj.load_state_dict(state[name])
+    if optimizer is not None:
+        _check_optimizer_fits(state["optimizer"], optimizer, where)
+    incompatible: Any = None
+    for name, obj in parts:
+        if name == "model" and not strict:
+            incompatible = cast(Any, obj).load_state_dict(state[name], strict=False)
+            _warn_incompatible(incompatible, where)
+        else:
+            obj.load_state_dict(state[name])
     if rng and "rng" in state:
         set_rng_state(state["rng"])
     extra = state.get("extra", {})
-    return dict(extra) if isinstance(extra, dict) else {}
+    out = dict(extra) if isinstance(extra, dict) else {}
+    if model is not None and not strict:
+        out.setdefault(INCOMPATIBLE_KEYS, incompatible)
+    return out
+
+
+def _check_optimizer_fits(saved: Any, optimizer: Stateful, where: str) -> None:
+    """The checks ``torch.optim.Optimizer.load_state_dict`` makes (same number of parameter
+    groups, same number of parameters in each), made before the model is loaded and raised as a
+    ckptd error that says what to do. Optimizers without ``param_groups`` are left to their own
+    ``load_state_dict``."""
+    groups = getattr(optimizer, "param_groups", None)
+    saved_groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if not isinstance(groups, list) or not isinstance(saved_groups, list):
+        return
+    have, had = _group_sizes(groups), _group_sizes(saved_groups)
+    if have != had:
+        raise CkptdError(
+            f"{where}: its optimizer state does not fit this optimizer: parameters per group "
+            f"{had} in the checkpoint, {have} in this optimizer (the model changed since the "
+            "checkpoint). Nothing was loaded. Pass optimizer=None to restore only the model "
+            "(with strict=False if layers were added or removed); the optimizer then starts "
+            "fresh"
+        )
+
+
+def _group_sizes(groups: list[Any]) -> list[int]:
+    return [len(g.get("params", ())) if isinstance(g, dict) else 0 for g in groups]
+
+
+def _warn_incompatible(result: Any, where: str) -> None:
+    missing = list(getattr(result, "missing_keys", ()))
+    unexpected = list(getattr(result, "unexpected_keys", ()))
+    if missing or unexpected:
+        log.warning(
+            "ckptd: %s loaded into the model with strict=False: %d missing key(s) (kept as "
+            "the model has them): %s; %d unexpected key(s) (in the checkpoint, ignored): %s",
+            where,
+            len(missing),
+            ", ".join(missing) or "none",
+            len(unexpected),
+            ", ".join(unexpected) or "none",
+        )

@@ -191,6 +191,17 @@ def test_apply_names_missing_parts() -> None:
         apply({"model": {}, "rng": {}}, None, opt, where="job 'x' step 3")
 
 
+def test_apply_checks_every_part_before_loading_any(store: Store) -> None:
+    """A checkpoint without the optimizer state asked for leaves the model as it was."""
+    model, _, _ = trained(steps=2, seed=0)
+    restored = _through_store(store, collect(model, rng=False))
+    fresh, fresh_opt, _ = trained(steps=0, seed=1)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ValueError, match=r"holds no optimizer state \(it has: model\)$"):
+        apply(restored, fresh, fresh_opt)
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+
+
 @pytest.mark.parametrize("state", [{"weights": 1}, [1, 2], torch.zeros(1), None])
 def test_apply_refuses_a_state_snapshot(state: Any) -> None:
     with pytest.raises(
