@@ -6,7 +6,7 @@ A checkpoint is kept if *any* rule keeps it:
 rule               keeps
 =================  =================================================================
 ``newest``         the most recently committed checkpoint, always, whatever the policy says
-``latest step``    the highest step (what ``step="latest"`` restores), always
+``highest step``   the highest step (what ``step="highest"`` restores), always
 ``pinned``         checkpoints pinned with ``ckptd pin`` or ``snapshot(pin=True)``
 ``keep_last``      the N most recently committed
 ``keep_every``     steps divisible by K, forever
@@ -131,7 +131,7 @@ def decide(policy: RetentionPolicy, checkpoints: Sequence[CheckpointFacts]) -> d
     reasons[ordered[0].step].append("newest")
     latest = max(c.step for c in ordered)
     if latest != ordered[0].step:
-        reasons[latest].append("latest step")
+        reasons[latest].append("highest step")
     for c in ordered:
         if c.pinned:
             reasons[c.step].append("pinned")

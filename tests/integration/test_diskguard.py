@@ -48,7 +48,6 @@ MiB = 1 << 20
 TMPFS_MIB = 48
 GUARD_BYTES = 4 * MiB
 GUARD = '[disk]\nmin_free_bytes = "4MiB"\n'
-NOTHING_TO_DO = EXIT_CODES["NothingToDoError"]
 WAIT_S = 120.0
 
 
@@ -203,7 +202,9 @@ def test_full_disk_without_policy_refuses_snapshots_then_recovers(
 
         # Free space by hand: remove the two oldest checkpoints and collect their objects.
         for old in committed[:2]:
-            assert f"removed fill step {old}" in ok(cli("rm", "fill", old, "--root", daemon.root))
+            assert f"removed fill step {old}" in ok(
+                cli("rm", "fill", old, "--yes", "--root", daemon.root)
+            )
         assert daemon.status()["degraded"] is not None  # removing manifests frees nothing yet
         assert "fill: removed 2 object(s)" in ok(cli("gc", "fill", "--root", daemon.root))
         # The daemon re-checks the free space about once a second, without any new snapshot.
@@ -336,9 +337,10 @@ def test_pin_survives_keep_last_until_unpinned_and_pruned(
 
     # Everything is kept: nothing to prune, dry run or not.
     for extra in (["--dry-run"], []):
-        result = cli("prune", "pins", *extra, "--root", root)
-        assert result.code == NOTHING_TO_DO, result
-        assert "nothing to prune: every checkpoint is kept by a retention rule" in result.err
+        out = ok(cli("prune", "pins", *extra, "--root", root))
+        assert (
+            out == "nothing to prune in job 'pins': every checkpoint is kept by a retention rule\n"
+        )
 
     assert "unpinned pins step 1" in ok(cli("unpin", "pins", "1", "--root", root))
     assert kept_by(cli, "pins", root, config) == {1: [], 4: ["newest", "last 1"]}
@@ -354,9 +356,9 @@ def test_pin_survives_keep_last_until_unpinned_and_pruned(
     assert verify_job(store, "pins") == [4]
     assert object_files(store, "pins") == store.referenced_objects("pins")
 
-    result = cli("unpin", "pins", "1", "--root", root)
-    assert result.code == NOTHING_TO_DO
-    assert "pins step 1 is not pinned (pinned steps: none)" in result.err
+    result = cli("unpin", "pins", "1", "--root", root)  # step 1 is gone: pruned, not pinned
+    assert result.code == EXIT_CODES["NotFoundError"], result
+    assert "job 'pins' has neither a checkpoint nor a pin at step 1" in result.err
 
     # A pin set by the operator protects step 4 from the next commits' pruning.
     assert "pinned pins step 4" in ok(cli("pin", "pins", "4", "--root", root))

@@ -136,7 +136,7 @@ def test_a_symlinked_job_directory_is_never_written_or_deleted_through(
     problems = []
     for job in ("evil", "swapped"):
         for args in (
-            ("rm", job, "2"),
+            ("rm", job, "2", "--yes"),
             ("gc", job),
             ("prune", job),
             ("pin", job, "3"),
