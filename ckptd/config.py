@@ -7,7 +7,8 @@ the value found and what is expected (``store.chunk_bytes: expected a size >= 64
 Where the file is: ``--config`` / ``CKPTD_CONFIG``, else ``$XDG_CONFIG_HOME/ckptd/ckptd.toml``
 (``~/.config``), else ``/etc/ckptd/ckptd.toml``; none of them existing means all defaults.
 Where checkpoints go: ``--root`` / ``root=``, else ``CKPTD_ROOT``, else ``store.root`` of the
-config, else ``./checkpoints`` under the working directory.
+config (:func:`configured_root`); with none of them set, where the daemon writes (asked on its
+socket, see :mod:`ckptd.locate`), else ``./checkpoints`` under the working directory.
 """
 
 from __future__ import annotations
@@ -280,20 +281,27 @@ def user_socket() -> Path:
     return Path(tmp) / f"ckptd-{os.getuid()}" / "ckptd.sock"
 
 
-def resolve_socket(explicit: Path | str | None, config: Config | None = None) -> Path:
-    """The socket a client connects to: explicit, ``CKPTD_SOCKET``, ``daemon.socket``, the system
-    socket if it exists, else the per-user socket (where an embedded daemon is spawned)."""
+def locate_socket(explicit: Path | str | None, config: Config | None = None) -> tuple[Path, str]:
+    """The socket a client connects to, and where that choice came from: ``"socket="`` (explicit),
+    ``"CKPTD_SOCKET"``, ``"daemon.socket"`` (the config), ``"system"`` (the system socket exists),
+    else ``"default"``: the per-user socket, the only one where a client spawns a daemon on its
+    own. A socket someone named means that daemon; a typo there must not start another one."""
     if explicit is not None:
-        return Path(explicit)
+        return Path(explicit), "socket="
     env = os.environ.get("CKPTD_SOCKET")
     if env:
-        return Path(env)
+        return Path(env), "CKPTD_SOCKET"
     cfg = config if config is not None else load_config()
     if cfg.daemon.socket is not None:
-        return cfg.daemon.socket
+        return cfg.daemon.socket, "daemon.socket"
     if SYSTEM_SOCKET.exists():
-        return SYSTEM_SOCKET
-    return user_socket()
+        return SYSTEM_SOCKET, "system"
+    return user_socket(), "default"
+
+
+def resolve_socket(explicit: Path | str | None, config: Config | None = None) -> Path:
+    """The socket a client connects to (see :func:`locate_socket`)."""
+    return locate_socket(explicit, config)[0]
 
 
 def config_path(explicit: Path | str | None = None) -> Path | None:
@@ -341,12 +349,19 @@ def load_config(explicit: Path | str | None = None) -> Config:
         raise ConfigError(f"config file {path}: {exc}") from exc
 
 
-def resolve_root(explicit: Path | str | None, config: Config | None = None) -> Path:
-    """Where checkpoints live: explicit, ``CKPTD_ROOT``, ``store.root``, or ``./checkpoints``."""
+def configured_root(explicit: Path | str | None, config: Config | None = None) -> Path | None:
+    """The root someone asked for: explicit, ``CKPTD_ROOT`` or ``store.root``; None when none of
+    them is set (then the daemon's root applies, see :mod:`ckptd.locate`)."""
     if explicit is not None:
         return Path(explicit).expanduser()
     env = os.environ.get("CKPTD_ROOT")
     if env:
         return Path(env).expanduser()
     cfg = config if config is not None else load_config()
-    return cfg.store.root if cfg.store.root is not None else DEFAULT_ROOT
+    return cfg.store.root
+
+
+def resolve_root(explicit: Path | str | None, config: Config | None = None) -> Path:
+    """The root a daemon serves: :func:`configured_root`, else ``./checkpoints``."""
+    root = configured_root(explicit, config)
+    return root if root is not None else DEFAULT_ROOT

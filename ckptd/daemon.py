@@ -122,11 +122,13 @@ class Daemon:
         socket_path: Path,
         user: bool,
         idle_exit_s: float = 0.0,
+        on_demand: bool = False,
     ) -> None:
         self.config = config
         self.root = root.absolute()
         self.socket_path = socket_path
         self.user = user
+        self.on_demand = on_demand
         self.idle_exit_s = idle_exit_s or config.daemon.idle_exit_s
         self.version = __version__
         self.stats = Stats()
@@ -180,6 +182,10 @@ class Daemon:
 
     async def startup(self) -> None:
         store = self.store_for(str(self.root), None)
+        # The root exists and is marked as a store from the start, so that `ckptd list` finds an
+        # empty store there (not "no store") before the first snapshot; a root that cannot be
+        # made stops the daemon here, with the reason, rather than failing every snapshot.
+        store.initialize()
         swept = 0
         for job in store.jobs():
             swept += store.sweep_tmp(job)
@@ -342,6 +348,16 @@ class Daemon:
             log.info("%s: disconnected", conn.name)
         self._idle_since = time.monotonic()
 
+    def client_root(self, root: object, default_root: object) -> str:
+        """The root a ``hello`` asks for. A client that names none writes to this daemon's root,
+        except on a daemon a client spawned on demand: that one has no root of its own to impose,
+        so the client's default (its ``./checkpoints``) applies."""
+        if root is None:
+            root = default_root if self.on_demand and default_root is not None else str(self.root)
+        if not isinstance(root, str):
+            raise ProtocolError(f"hello.root: expected a path or null, got {root!r:.80}")
+        return root
+
     def store_for(self, root: str, peer: Peer | None) -> Store:
         """The store for a client's root. A user daemon writes where its client asks (same uid);
         a system daemon only to its own root."""
@@ -350,8 +366,8 @@ class Daemon:
             raise StorePermissionError(f"root must be an absolute path, got {root!r}")
         if peer is not None and not self.user and path != self.root:
             raise StorePermissionError(
-                f"this daemon writes checkpoints to {self.root}, not {path}; use root="
-                f"{str(self.root)!r} (or store.root in the shared config)"
+                f"this daemon writes checkpoints to {self.root}, not {path}; name no root (the "
+                f"daemon's applies) or use root={str(self.root)!r}"
             )
         store = self.stores.get(path)
         if store is None:
@@ -740,6 +756,7 @@ class Daemon:
             "socket": str(self.socket_path),
             "root": str(self.root),
             "mode": "user" if self.user else "system",
+            "on_demand": self.on_demand,
             "uptime_s": round(time.time() - s.started, 3),
             "stopping": self.stopping,
             "clients": [
@@ -804,7 +821,13 @@ def _clear_frames(exc: BaseException | None) -> None:
 
 
 def run_daemon(
-    config: Config, *, root: Path, socket_path: Path, user: bool, idle_exit_s: float = 0.0
+    config: Config,
+    *,
+    root: Path,
+    socket_path: Path,
+    user: bool,
+    idle_exit_s: float = 0.0,
+    on_demand: bool = False,
 ) -> int:
     """Run a daemon in this process until it stops; return its exit code."""
     logging.basicConfig(
@@ -812,5 +835,12 @@ def run_daemon(
         format="%(asctime)s ckptd[%(process)d] %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    daemon = Daemon(config, root=root, socket_path=socket_path, user=user, idle_exit_s=idle_exit_s)
+    daemon = Daemon(
+        config,
+        root=root,
+        socket_path=socket_path,
+        user=user,
+        idle_exit_s=idle_exit_s,
+        on_demand=on_demand,
+    )
     return asyncio.run(daemon.run())

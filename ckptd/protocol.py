@@ -11,7 +11,9 @@ its reply (``welcome``, ``registered``, ``unregistered``, ``accepted``, ``refuse
 ``status``, ``stopping``, ``error``) echoes it, so a client matches each reply to its request and
 never takes a late reply for the answer to a later request. Events carry no ``id``::
 
-    hello {id, version, job, root, pid}       -> welcome {id, version, root, pid, daemon}
+    hello {id, version, job, root, pid,       -> welcome {id, version, root, pid, daemon}
+           default_root}                         (root null: the daemon's root; on a daemon
+                                                 spawned on demand, the client's default_root)
     register {id, slot, size} + memfd         -> registered {id, slot}
     submit {id, seq, slot, step, meta_offset, -> accepted {id, seq}
             meta_length, metric}                 | refused {id, seq, type, message}
@@ -22,7 +24,7 @@ never takes a late reply for the answer to a later request. Events carry no ``id
     unregister {id, slot}                     -> unregistered {id, slot}
     drain {id, timeout_s}                     -> drained {id, pending: [steps]} once the job has no
                                                  accepted, uncommitted snapshot (or at the timeout)
-    status {id, job?}                         -> status {id, ...}
+    status {id, job?}                         -> status {id, root, on_demand, ...}
     stop {id}                                 -> stopping {id}
 
 A client that gives up waiting for a reply must drop the connection and every slot it registered
@@ -48,12 +50,13 @@ import json
 import math
 import os
 import socket
+import struct
 from dataclasses import dataclass
 from typing import Any
 
-from ckptd.errors import ProtocolError
+from ckptd.errors import ProtocolError, UntrustedDaemonError
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAX_MESSAGE_BYTES = 64 << 10
 MAX_FDS = 1
 MAX_META_BYTES = 64 << 20
@@ -303,3 +306,18 @@ def _depth(node: Any) -> int:
                 below.extend(value)
         level = below
     return depth
+
+
+def check_daemon_peer(sock: socket.socket, path: str | os.PathLike[str]) -> int:
+    """The pid of the daemon behind ``sock`` if it runs as this user or as root (which can read
+    this process's memory anyway); :class:`UntrustedDaemonError` otherwise."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, _gid = (int(v) for v in struct.unpack("3i", creds))
+    if uid not in (os.getuid(), 0):
+        raise UntrustedDaemonError(
+            f"the process listening on {path} (pid {pid}) runs as uid {uid}, not as this user "
+            f"(uid {os.getuid()}) or root; refusing to hand it any state. Another user may have "
+            f"created the directory of {path}: remove it, or set XDG_RUNTIME_DIR or socket= to a "
+            "directory only you can write"
+        )
+    return pid

@@ -46,7 +46,6 @@ from ckptd.protocol import (
     get_int,
     get_metric,
     get_seconds,
-    get_str,
     parse_layout,
     recv_packet,
 )
@@ -162,29 +161,52 @@ def peer_allowed(peer: Peer, gids: set[int]) -> bool:
 
 
 def bind_socket(path: Path, *, user: bool) -> tuple[socket.socket, int]:
-    """Create the runtime dir (0700 user / 0750 system), take the lock, remove a stale socket,
-    bind and listen. Returns the listening socket and the lock fd (keep it open).
+    """Create the socket's directory when it is missing (0700 user / 0750 system), take the
+    lock, remove a stale socket, bind and listen. Returns the listening socket and the lock fd
+    (keep it open).
 
-    Raises :class:`DaemonUnavailableError` when another daemon already serves ``path``.
+    A directory that exists is never changed: it may be shared (``/tmp``) or managed by someone
+    else (systemd's ``RuntimeDirectory``). The socket's own mode (0600 user / 0660 system, set
+    atomically by the umask at ``bind``) is what keeps other users out, and clients check the
+    daemon's uid (``SO_PEERCRED``) whatever the directory. A directory anyone may write without
+    the sticky bit is refused: anyone could replace the socket in it.
+
+    Raises :class:`DaemonUnavailableError` when another daemon already serves ``path``,
+    :class:`ConfigError` when the directory cannot be used.
     """
     directory = path.parent
     dir_mode, sock_mode = (0o700, 0o600) if user else (0o750, 0o660)
     if directory.is_symlink():
         raise ConfigError(f"socket directory {directory} is a symlink; refusing to use it")
     try:
-        directory.mkdir(mode=dir_mode, parents=True, exist_ok=True)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=dir_mode)
+        # Ours, just created: set the documented mode whatever the umask narrowed (not through
+        # a symlink that replaced it meanwhile).
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fchmod(dir_fd, dir_mode)
+        finally:
+            os.close(dir_fd)
+    except FileExistsError:
+        pass
     except OSError as exc:
-        raise ConfigError(f"cannot create socket directory {directory}: {exc.strerror}") from exc
-    st = directory.stat()
-    if st.st_uid != os.getuid():
         raise ConfigError(
-            f"socket directory {directory} belongs to uid {st.st_uid}, not {os.getuid()}; "
-            "choose another --socket"
+            f"cannot create socket directory {directory}: {exc.strerror}; create it, or choose "
+            "another --socket"
+        ) from exc
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(
+            f"socket directory {directory} is not a directory; choose another --socket"
         )
-    if stat.S_IMODE(st.st_mode) & 0o7777 != dir_mode and directory != Path(
-        os.environ.get("XDG_RUNTIME_DIR", "/nonexistent")
-    ):
-        os.chmod(directory, dir_mode)
+    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+        raise ConfigError(
+            f"socket directory {directory} is writable by everyone without the sticky bit "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}): anyone could replace the socket. Choose a "
+            "--socket in a directory of your own (ckptd creates a missing one with mode "
+            f"{dir_mode:04o})"
+        )
     try:
         lock_fd = os.open(
             f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
@@ -204,19 +226,25 @@ def bind_socket(path: Path, *, user: bool) -> tuple[socket.socket, int]:
                 f"{path}) or choose another --socket"
             ) from exc
         raise
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
-        if path.exists() or path.is_symlink():
-            path.unlink()  # stale: we hold the lock, so no live daemon owns it
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        old_umask = os.umask(0o777 & ~sock_mode)
         try:
-            sock.bind(str(path))
-        finally:
-            os.umask(old_umask)
-        os.chmod(path, sock_mode)
+            if path.exists() or path.is_symlink():
+                path.unlink()  # stale: we hold the lock, so no live daemon owns it
+            old_umask = os.umask(0o777 & ~sock_mode)
+            try:
+                sock.bind(str(path))  # created with sock_mode exactly; no chmod (follows links)
+            finally:
+                os.umask(old_umask)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create the socket {path} ({exc.strerror}); remove what is there if it "
+                "is yours, or choose another --socket"
+            ) from exc
         sock.listen(128)
         sock.setblocking(False)
     except BaseException:
+        sock.close()
         os.close(lock_fd)
         raise
     return sock, lock_fd
@@ -441,7 +469,9 @@ class Connection:
             job = validate_job_name(msg.get("job"))
         except InvalidNameError as exc:
             raise ProtocolError(f"hello.job: {exc}") from exc
-        root = self.daemon.store_for(get_str(msg, "root"), self.peer)
+        root = self.daemon.store_for(
+            self.daemon.client_root(msg.get("root"), msg.get("default_root")), self.peer
+        )
         retention = msg.get("retention")
         policy = None
         if retention is not None:

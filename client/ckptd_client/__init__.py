@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from ckptd.errors import (
     CkptdError,
+    ConfigError,
     CorruptCheckpointError,
     DaemonUnavailableError,
     DiskFullError,
@@ -25,13 +26,15 @@ from ckptd.errors import (
 )
 from ckptd.restore import FallbackWarning
 from ckptd_client.api import list_checkpoints, load, restore, save
-from ckptd_client.client import CheckpointInfo, Client, PendingSnapshot
+from ckptd_client.client import CheckpointInfo, CheckpointSummary, Client, PendingSnapshot
 from ckptd_client.state import collect, rng_state, set_rng_state
 
 __all__ = [
     "CheckpointInfo",
+    "CheckpointSummary",
     "CkptdError",
     "Client",
+    "ConfigError",
     "CorruptCheckpointError",
     "DaemonUnavailableError",
     "DiskFullError",

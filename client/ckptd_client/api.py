@@ -10,7 +10,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ckptd.config import Config, load_config, resolve_root
+from ckptd.config import Config, load_config
+from ckptd.locate import store_root
 from ckptd.manifest import Manifest
 from ckptd.pipeline import WriteResult, tensor_source, write_checkpoint
 from ckptd.restore import MapLocation, load_checkpoint
@@ -23,9 +24,10 @@ _stores_lock = threading.Lock()
 
 
 def _store(root: Path | str | None, config: Config | None = None) -> Store:
-    """One Store per root for this process: a Store remembers which objects it has verified
-    and made durable, so repeated in-process saves do not re-read the objects they reuse."""
-    path = Store(resolve_root(root, config)).root
+    """The store at ``root`` or, when none was asked for, the daemon's (see :mod:`ckptd.locate`).
+    One Store per root for this process: a Store remembers which objects it has verified and
+    made durable, so repeated in-process saves do not re-read the objects they reuse."""
+    path = Store(store_root(root, config)).root
     with _stores_lock:
         store = _stores.get(path)
         if store is None:
@@ -83,6 +85,14 @@ def load(
     dict with the keys ``model``, ``optimizer``, ``scheduler``, ``scaler``, ``rng``, ``extra`` for
     what was given. ``step`` is a step number or ``"latest"``; ``fallback=True`` falls back from
     a ``latest`` that does not verify to the newest one that does (with a FallbackWarning).
+
+    ``map_location`` takes what ``torch.load`` takes: a device string, a ``torch.device``, a dict
+    remapping location tags, or a callable ``(storage, location) -> storage``. Every stored
+    tensor's location tag is ``"cpu"`` (the device it was snapshotted from is not recorded), so
+    tensors come back on the CPU by default, a dict acts through its ``"cpu"`` key only and a
+    callable receives ``"cpu"``. Numpy arrays in the state stay numpy arrays. A device this
+    machine lacks (``"cuda"`` without CUDA) raises :class:`~ckptd.errors.ConfigError` before
+    anything is read.
     """
     return load_checkpoint(
         _store(root),
@@ -106,11 +116,20 @@ def restore(
     map_location: MapLocation = None,
     fallback: bool = False,
     rng: bool = True,
+    strict: bool = True,
 ) -> dict[str, Any]:
     """Load a checkpoint into the objects (and the RNG states, when saved); return its ``extra``.
 
     ``extra`` also carries ``"step"`` (under the key ``"__step__"`` only if the user did not use
     that key), so a loop can resume with ``start = restore(...)["__step__"] + 1``.
+
+    ``strict=False`` loads into a model whose layers changed (passed to the model's
+    ``load_state_dict``): the checkpoint's keys the model lacks are ignored, the model's keys the
+    checkpoint lacks keep their values, a WARNING names both, and the returned dict also carries
+    ``"__incompatible_keys__"``: torch's ``(missing_keys, unexpected_keys)`` named tuple. The
+    optimizer state of a changed model does not fit its optimizer (a ``CkptdError`` says so
+    before anything is loaded): pass ``optimizer=None`` to restore only the model.
+    ``map_location`` is as for :func:`load`.
     """
     loaded = load_checkpoint(_store(root), job, step, map_location=map_location, fallback=fallback)
     extra = apply(
@@ -120,6 +139,7 @@ def restore(
         scheduler=scheduler,
         scaler=scaler,
         rng=rng,
+        strict=strict,
         where=f"job {job!r} step {loaded.step}",
     )
     extra.setdefault("__step__", loaded.step)

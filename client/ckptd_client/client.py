@@ -25,7 +25,6 @@ import mmap
 import os
 import socket
 import stat
-import struct
 import subprocess
 import sys
 import threading
@@ -37,7 +36,7 @@ from typing import Any, Literal
 
 import torch
 
-from ckptd.config import SYSTEM_SOCKET, load_config, resolve_root, resolve_socket
+from ckptd.config import DEFAULT_ROOT, SYSTEM_SOCKET, configured_root, load_config, locate_socket
 from ckptd.errors import (
     CkptdError,
     DaemonNoAnswerError,
@@ -48,18 +47,19 @@ from ckptd.errors import (
     UntrustedDaemonError,
     error_from_reply,
 )
-from ckptd.manifest import Manifest
 from ckptd.protocol import (
     PROTOCOL_VERSION,
     LayoutEntry,
     Message,
     align,
     can_connect,
+    check_daemon_peer,
     encode_layout,
     metric_to_wire,
     recv_message,
     send_message,
 )
+from ckptd.restore import MapLocation
 from ckptd.skeleton import dtype_name, flatten
 from ckptd_client.api import list_checkpoints, restore
 from ckptd_client.state import Stateful, collect
@@ -71,6 +71,7 @@ _MAX_VIEWS = 1 << 16  # cached slot views before the cache is dropped (a layout 
 _PAGE = mmap.PAGESIZE
 _SLOT_ROUND = 1 << 20
 _spawned: list[subprocess.Popen[bytes]] = []
+SPAWN_IDLE_EXIT_S = 60
 
 
 def error_from(msg: Message) -> CkptdError:
@@ -90,6 +91,23 @@ class CheckpointInfo:
     written_bytes: int
     stall_s: float
     persist_s: float
+
+
+@dataclass(frozen=True)
+class CheckpointSummary:
+    """A committed checkpoint as :meth:`Client.list` shows it: the manifest without its tensors
+    and state. ``seq`` orders commits (0 for checkpoints written before ckptd recorded it);
+    ``digest`` is the content hash of the tensors and state (None for those older ones)."""
+
+    job: str
+    step: int
+    created: str
+    seq: int
+    digest: str | None
+    raw_bytes: int
+    stored_bytes: int
+    metric: float | None
+    latest: bool
 
 
 class PendingSnapshot:
@@ -320,21 +338,6 @@ class _Waiter:
         self.reply: Message | None = None
 
 
-def check_daemon_peer(sock: socket.socket, path: Path) -> int:
-    """The pid of the daemon behind ``sock`` if it runs as this user or as root (which can read
-    this process's memory anyway); :class:`UntrustedDaemonError` otherwise."""
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, _gid = (int(v) for v in struct.unpack("3i", creds))
-    if uid not in (os.getuid(), 0):
-        raise UntrustedDaemonError(
-            f"the process listening on {path} (pid {pid}) runs as uid {uid}, not as this user "
-            f"(uid {os.getuid()}) or root; refusing to hand it any state. Another user may have "
-            f"created {path.parent}: remove it, or set XDG_RUNTIME_DIR or socket= to a directory "
-            "only you can write"
-        )
-    return pid
-
-
 def check_private_dir(socket_path: Path) -> None:
     """Create the socket's directory (mode 0700) or check that it is a real directory (not a
     symlink) of this user that no one else may write: the client puts the spawned daemon's
@@ -545,7 +548,8 @@ def spawn_daemon(socket_path: Path, root: Path, timeout_s: float = 60.0) -> None
         "--root",
         str(root),
         "--idle-exit",
-        "60",
+        str(SPAWN_IDLE_EXIT_S),
+        "--on-demand",
     ]
     flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
     try:
@@ -572,11 +576,14 @@ def spawn_daemon(socket_path: Path, root: Path, timeout_s: float = 60.0) -> None
     finally:
         os.close(fd)
     _spawned.append(proc)
-    log.info(
-        "started ckptd (pid %d) on %s writing checkpoints to %s; log %s",
-        proc.pid,
+    # One line a user sees by default: a background process now runs on their behalf.
+    log.warning(
+        "ckptd_client: no daemon answered on %s; started one (pid %d) writing checkpoints to %s "
+        "(exits after %d s idle; log %s)",
         socket_path,
+        proc.pid,
         root,
+        SPAWN_IDLE_EXIT_S,
         log_path,
     )
     deadline = time.monotonic() + timeout_s
@@ -606,11 +613,15 @@ class Client:
 
     ``socket``: the daemon socket (default: ``CKPTD_SOCKET``, ``daemon.socket`` in the config, the
     system socket if present, else the per-user socket). ``root``: where checkpoints go (default:
-    ``CKPTD_ROOT``, ``store.root``, ``./checkpoints``). ``slots``: shared-memory buffers in the
-    ring; with ``slots=2`` one snapshot can be written while the next is copied. ``on_full``:
-    when every slot is still being read, ``"block"`` waits (the wait counts as stall) and
-    ``"skip"`` drops the snapshot (the handle says so). ``spawn``: start a per-user daemon when
-    none answers (default: yes, unless the socket is the system one). ``strict``: raise daemon
+    ``CKPTD_ROOT``, ``store.root``; with none of them, where the daemon writes, and
+    ``./checkpoints`` with a daemon this client spawned; see :mod:`ckptd.locate`). After the
+    connection, ``self.root`` is the root the daemon writes this job to. ``slots``:
+    shared-memory buffers in the ring; with ``slots=2`` one snapshot can be written while the
+    next is copied. ``on_full``: when every slot is still being read, ``"block"`` waits (the wait
+    counts as stall) and ``"skip"`` drops the snapshot (the handle says so). ``spawn``: start a
+    per-user daemon when none answers; the default is yes only for the per-user socket nobody
+    named (a socket given as ``socket=``, ``CKPTD_SOCKET`` or ``daemon.socket`` means that
+    daemon: it not answering is a :class:`DaemonUnavailableError`). ``strict``: raise daemon
     failures from ``snapshot()`` instead of logging them.
     """
 
@@ -636,9 +647,16 @@ class Client:
         if on_full not in ("block", "skip"):
             raise ValueError(f"on_full must be 'block' or 'skip', got {on_full!r}")
         config = load_config()
-        self.root = resolve_root(root, config).absolute()
-        self.socket_path = resolve_socket(socket, config)
-        self.spawn = (self.socket_path != SYSTEM_SOCKET) if spawn is None else spawn
+        asked = configured_root(root, config)
+        self._asked_root = None if asked is None else asked.absolute()
+        # The embedded default, fixed now (a later chdir must not move it); until the daemon
+        # answers, self.root is the root a daemon spawned by this client writes to.
+        self._default_root = DEFAULT_ROOT.absolute()
+        self.root = self._asked_root or self._default_root
+        self.socket_path, self._socket_source = locate_socket(socket, config)
+        if spawn is None:
+            spawn = self._socket_source == "default" and self.socket_path != SYSTEM_SOCKET
+        self.spawn = spawn
         self.n_slots = slots
         self.on_full = on_full
         self.strict = strict
@@ -672,13 +690,20 @@ class Client:
             raise
         except OSError as exc:
             if not self.spawn:
+                named = {
+                    "socket=": "the socket= argument",
+                    "CKPTD_SOCKET": "CKPTD_SOCKET",
+                    "daemon.socket": "daemon.socket in the config",
+                    "system": "the system daemon's socket",
+                }.get(self._socket_source, "default (the per-user socket)")
                 raise DaemonUnavailableError(
-                    f"no ckptd daemon answers on {self.socket_path} ({exc.strerror or exc}); "
-                    "start one (`ckptd start --user`, or `systemctl start ckptd`), or let the "
-                    "client start one with Client(..., spawn=True)"
+                    f"no ckptd daemon answers on {self.socket_path} ({exc.strerror or exc}), "
+                    f"named by {named}. Start that daemon (`ckptd start --socket "
+                    f"{self.socket_path}`, or `systemctl start ckptd`), correct the path, or "
+                    "let the client start a private one with Client(..., spawn=True)"
                 ) from exc
             try:
-                spawn_daemon(self.socket_path, self.root)
+                spawn_daemon(self.socket_path, self._asked_root or self._default_root)
                 link = _Link(self.socket_path, self.timeout_s, self._on_event, self._ring.answered)
             except OSError as spawn_exc:
                 raise DaemonUnavailableError(
@@ -693,7 +718,8 @@ class Client:
                     "op": "hello",
                     "version": PROTOCOL_VERSION,
                     "job": self.job,
-                    "root": str(self.root),
+                    "root": None if self._asked_root is None else str(self._asked_root),
+                    "default_root": str(self._default_root),
                     "pid": os.getpid(),
                     "retention": self.retention,
                 }
@@ -1199,9 +1225,10 @@ class Client:
         step: int | str = "latest",
         scheduler: Stateful | None = None,
         scaler: Stateful | None = None,
-        map_location: str | torch.device | None = None,
+        map_location: MapLocation = None,
         fallback: bool = False,
         rng: bool = True,
+        strict: bool = True,
         wait_s: float = 60.0,
     ) -> dict[str, Any]:
         """:func:`ckptd_client.restore` for this client's job and root.
@@ -1226,8 +1253,26 @@ class Client:
             map_location=map_location,
             fallback=fallback,
             rng=rng,
+            strict=strict,
         )
 
-    def list(self) -> list[Manifest]:
-        """Manifests of this job's checkpoints, oldest first."""
-        return list_checkpoints(self.job, root=self.root)
+    def list(self) -> list[CheckpointSummary]:
+        """This job's checkpoints in commit order (the last one is ``latest``), as summaries;
+        ``ckptd_client.list_checkpoints`` returns whole manifests."""
+        manifests = sorted(
+            list_checkpoints(self.job, root=self.root), key=lambda m: (m.seq, m.step)
+        )
+        return [
+            CheckpointSummary(
+                job=m.job,
+                step=m.step,
+                created=m.created,
+                seq=m.seq,
+                digest=m.digest,
+                raw_bytes=m.raw_bytes,
+                stored_bytes=m.stored_bytes,
+                metric=m.metric,
+                latest=i == len(manifests) - 1,
+            )
+            for i, m in enumerate(manifests)
+        ]

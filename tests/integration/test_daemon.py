@@ -458,7 +458,7 @@ def test_no_daemon_and_spawn_false_names_the_socket(daemons: DaemonFactory) -> N
 def test_client_spawns_a_detached_daemon_when_none_runs(daemons: DaemonFactory) -> None:
     sock = daemons.base / "emb" / "s.sock"
     root = daemons.default_root
-    with Client("embedded", socket=sock, root=root) as client:
+    with Client("embedded", socket=sock, root=root, spawn=True) as client:
         info = client.snapshot(state={"w": torch.arange(10.0)}, step=4).wait(timeout=60)
         assert info.step == 4
         st = status_json(sock, daemons.env)
@@ -488,7 +488,7 @@ def test_a_spawn_that_cannot_start_is_a_daemon_unavailable_error(
     blocked.write_text("a file where the socket directory should be")
     sock = blocked / "s.sock"
     with pytest.raises(DaemonUnavailableError) as info:
-        Client("spawnfail", socket=sock, root=daemons.default_root)  # spawn: the default
+        Client("spawnfail", socket=sock, root=daemons.default_root, spawn=True)
     assert str(sock) in str(info.value)
 
 
@@ -496,7 +496,7 @@ def test_snapshot_never_raises_when_the_daemon_cannot_be_respawned(
     daemon: Daemon,
 ) -> None:
     """strict=False: daemon trouble stays on the handle, including a failed re-spawn."""
-    client = Client("respawn", socket=daemon.socket, root=daemon.root)  # spawn: the default
+    client = Client("respawn", socket=daemon.socket, root=daemon.root, spawn=True)
     try:
         assert client.snapshot(state={"w": torch.ones(2)}, step=1).wait(timeout=60).step == 1
         daemon.proc.kill()
@@ -1106,8 +1106,11 @@ def test_status_json_and_stop(daemon: Daemon, daemons: DaemonFactory) -> None:
 
 @pytest.mark.slow
 def test_readme_demo_runs(daemons: DaemonFactory) -> None:
-    sock = daemons.base / "demo" / "d.sock"
-    env = clean_env(daemons.base, CKPTD_SOCKET=str(sock))
+    # The per-user default socket (nothing names one), so the demo's client spawns the daemon.
+    runtime = daemons.base / "demo-run"
+    runtime.mkdir(mode=0o700)
+    sock = runtime / "ckptd" / "ckptd.sock"
+    env = clean_env(daemons.base, XDG_RUNTIME_DIR=str(runtime))
     proc = subprocess.run(
         [sys.executable, str(REPO / "examples" / "demo.py"), "--root", str(daemons.default_root)],
         cwd=daemons.base,

@@ -125,7 +125,7 @@ sock, root, job, ready, go = sys.argv[1:6]
 Path(ready).touch()
 while not Path(go).exists():
     time.sleep(0.001)
-with Client(job, socket=sock, root=root, strict=True) as client:  # spawn: the default
+with Client(job, socket=sock, root=root, strict=True, spawn=True) as client:
     info = client.snapshot(state={"w": torch.full((256,), 7.0)}, step=1, rng=False).wait(120)
     pid = query(Path(sock))["pid"]
 print(json.dumps({"job": job, "step": info.step, "daemon": pid}), flush=True)

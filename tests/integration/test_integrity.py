@@ -324,17 +324,17 @@ def test_a_symlinked_log_or_socket_dir_is_refused(monkeypatch: pytest.MonkeyPatc
         run.mkdir(mode=0o700)
         (run / "ckptd.log").symlink_to(victim)
         with pytest.raises(UntrustedDaemonError, match="not a symlink"):
-            Client("link", socket=run / "d.sock", root=base / "root")
+            Client("link", socket=run / "d.sock", root=base / "root", spawn=True)
         assert victim.read_text() == "precious\n"
 
         (base / "elsewhere").mkdir(mode=0o700)
         (base / "linked").symlink_to(base / "elsewhere")
         with pytest.raises(UntrustedDaemonError, match="is a symlink"):
-            Client("link", socket=base / "linked" / "d.sock", root=base / "root")
+            Client("link", socket=base / "linked" / "d.sock", root=base / "root", spawn=True)
         (base / "open").mkdir()
         (base / "open").chmod(0o777)
         with pytest.raises(UntrustedDaemonError, match=r"writable by others \(mode 0777\)"):
-            Client("link", socket=base / "open" / "d.sock", root=base / "root")
+            Client("link", socket=base / "open" / "d.sock", root=base / "root", spawn=True)
         assert not daemon_fixtures.processes_mentioning(str(base))
     finally:
         shutil.rmtree(base)

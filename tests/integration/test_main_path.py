@@ -1,0 +1,280 @@
+"""The main path as users run it (issue 11, items 1-3): an operator's daemon plus the README's
+loop with no root, sockets in shared directories, and no silent private daemon on a typo.
+
+1. the daemon never changes the mode of a directory it did not create (a sticky, world-writable
+   directory keeps its mode through start, stop and a client's spawn);
+2. a client given no root writes where the daemon writes, and ``ckptd list`` /
+   ``ckptd_client.load`` find those checkpoints from any working directory;
+3. a socket someone named means that daemon: it not answering is an error naming it, and only
+   the per-user default socket spawns a daemon (with one log line saying where it writes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ckptd_client
+import ckptd_client.client as client_module
+from ckptd.errors import DaemonUnavailableError, StorePermissionError
+from ckptd_client import Client
+from tests.integration import daemon_fixtures
+from tests.integration.daemon_fixtures import (
+    CKPTD,
+    DaemonFactory,
+    assert_same,
+    clean_env,
+    pid_alive,
+    processes_mentioning,
+    query,
+    wait_until,
+)
+
+ckptd_env = daemon_fixtures.ckptd_env
+daemons = daemon_fixtures.daemons
+pytestmark = pytest.mark.usefixtures("ckptd_env")
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode) | (os.lstat(path).st_mode & stat.S_ISVTX)
+
+
+def stop_spawned(sock: Path) -> None:
+    """Stop the daemon a client spawned on ``sock`` and reap it."""
+    pid = query(sock)["pid"]
+    query(sock, "stop")
+    for proc in [p for p in client_module._spawned if p.pid == pid]:
+        assert proc.wait(30) == 0
+        client_module._spawned.remove(proc)
+    wait_until(lambda: not pid_alive(pid), 30, f"spawned daemon {pid} to exit")
+
+
+# ---- 1. directories the daemon did not create ---------------------------------------------------
+
+
+def test_a_shared_sticky_directory_keeps_its_mode_through_start_stop_and_spawn(
+    daemons: DaemonFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before the fix ``ckptd start --socket /tmp-like/x.sock`` chmodded the shared directory
+    to 0700 (0750 for a system daemon), locking every other user out of it for good."""
+    shared = daemons.base / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    for user, sock_mode in ((True, 0o600), (False, 0o660)):
+        d = daemons.start(socket_path=shared / f"{'u' if user else 's'}.sock", user=user)
+        assert mode(shared) == 0o1777
+        assert mode(d.socket) == sock_mode  # the socket's own mode keeps others out
+        with Client("sticky", socket=d.socket, root=d.root, spawn=False) as client:
+            client.snapshot(state={"w": torch.ones(3)}, step=1).wait(timeout=60)
+        assert daemons.stop(d) == 0
+        assert mode(shared) == 0o1777
+
+    # A client spawning on the per-user default socket under a shared TMPDIR creates its own
+    # private directory inside and leaves the shared one alone.
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setenv("TMPDIR", str(shared))
+    with Client("spawned", root=daemons.default_root) as client:
+        client.snapshot(state={"w": torch.ones(3)}, step=1).wait(timeout=60)
+        sock = client.socket_path
+    assert sock.parent == shared / f"ckptd-{os.getuid()}"
+    assert mode(sock.parent) == 0o700 and mode(sock) == 0o600
+    stop_spawned(sock)
+    assert mode(shared) == 0o1777
+
+
+def test_existing_directories_are_used_as_they_are_or_refused_when_anyone_may_replace_the_socket(
+    daemons: DaemonFactory,
+) -> None:
+    mine = daemons.base / "mine"
+    mine.mkdir(mode=0o755)
+    mine.chmod(0o755)
+    d = daemons.start(socket_path=mine / "d.sock")
+    assert mode(mine) == 0o755  # not narrowed to 0700 (before the fix it was)
+    assert daemons.stop(d) == 0
+    assert mode(mine) == 0o755
+
+    fresh = daemons.base / "fresh" / "deeper"
+    d = daemons.start(socket_path=fresh / "d.sock", user=False)
+    assert mode(fresh) == 0o750  # created by the daemon: the documented mode
+    assert daemons.stop(d) == 0
+
+    open_dir = daemons.base / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    proc = subprocess.run(
+        [str(CKPTD), "start", "--user", "--socket", str(open_dir / "d.sock"), "--root",
+         str(daemons.default_root)],
+        env=daemons.env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 3, proc.stderr  # ConfigError
+    assert "writable by everyone without the sticky bit" in proc.stderr
+    assert mode(open_dir) == 0o777
+    assert not (open_dir / "d.sock").exists()
+
+
+# ---- 2. the root follows the daemon --------------------------------------------------------------
+
+README_LOOP = """
+import sys
+import torch
+import ckptd_client
+
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3)
+client = ckptd_client.Client("my-run", retention={"keep_last": 3, "keep_every": 1000})
+extra = client.restore(model, opt, scheduler=sched) if client.list() else {"__step__": 0}
+start = extra["__step__"]
+for step in range(start + 1, start + 7):
+    loss = model(torch.randn(4, 8)).pow(2).mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    sched.step()
+    if step % 2 == 0:
+        client.snapshot(model, opt, step=step, scheduler=sched, metric=float(loss))
+client.close()
+print("ROOT", client.root)
+torch.save(model.state_dict(), sys.argv[1])
+"""
+
+
+def test_the_readme_loop_with_no_root_writes_where_an_operators_daemon_writes(
+    daemons: DaemonFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon started as the shipped unit starts it (system mode, ``--config``, ``--root``,
+    ``--socket``). Before the fix the loop sent ``<cwd>/checkpoints`` and the daemon refused it
+    (StorePermissionError), and ``ckptd list`` looked in the current directory."""
+    config = tmp_path / "etc-ckptd.toml"
+    config.write_text("")
+    d = daemons.start("--config", str(config), user=False)
+    env = clean_env(daemons.base, CKPTD_SOCKET=str(d.socket))  # where the unit's socket is
+    trainer_dir, elsewhere = tmp_path / "trainer", tmp_path / "elsewhere"
+    trainer_dir.mkdir()
+    elsewhere.mkdir()
+    script = tmp_path / "loop.py"
+    script.write_text(README_LOOP)
+    for run in (1, 2):  # the second run resumes from the first one's latest checkpoint
+        proc = subprocess.run(
+            [sys.executable, str(script), str(tmp_path / f"model-{run}.pt")],
+            cwd=trainer_dir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"ROOT {d.root}" in proc.stdout
+    assert not (trainer_dir / "checkpoints").exists()
+    steps = sorted(int(p.name[5:17]) for p in (d.root / "my-run" / "manifests").iterdir())
+    assert steps == [8, 10, 12]  # run 2 went on from step 6; keep_last 3
+
+    listed = subprocess.run(
+        [str(CKPTD), "list", "my-run", "--json"],
+        cwd=elsewhere,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert [c["step"] for c in json.loads(listed.stdout)] == [8, 10, 12]
+
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("CKPTD_SOCKET", str(d.socket))
+    state = ckptd_client.load("my-run")
+    assert_same(state["model"], torch.load(tmp_path / "model-2.pt"), "model")
+    assert [m.step for m in ckptd_client.list_checkpoints("my-run")] == [8, 10, 12]
+
+    # Only a root the caller asked for is checked against the system daemon's.
+    with pytest.raises(StorePermissionError, match="name no root"):
+        Client("my-run", root=tmp_path / "mine", spawn=False)
+
+
+def test_a_client_of_a_spawned_daemon_writes_under_its_own_working_directory(
+    daemons: DaemonFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A daemon spawned on demand has no root of its own to impose: a second trainer (another
+    working directory, no root) joining it writes to its own ``./checkpoints``, and the spawn
+    is announced in one log line naming the socket and the root."""
+    runtime = daemons.base / "xdg"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    monkeypatch.chdir(first)
+    with caplog.at_level(logging.WARNING, logger="ckptd_client"):
+        a = Client("a")
+    spawned = [r.getMessage() for r in caplog.records if "started one" in r.getMessage()]
+    assert len(spawned) == 1, caplog.text
+    assert str(a.socket_path) in spawned[0] and str(first / "checkpoints") in spawned[0]
+    try:
+        monkeypatch.chdir(second)
+        with Client("b") as b:
+            b.snapshot(state={"w": torch.ones(2)}, step=1).wait(timeout=60)
+        with a:
+            a.snapshot(state={"w": torch.zeros(2)}, step=1).wait(timeout=60)
+        assert a.root == first / "checkpoints" and b.root == second / "checkpoints"
+        assert (second / "checkpoints" / "b").is_dir() and (first / "checkpoints" / "a").is_dir()
+        assert query(a.socket_path)["on_demand"] is True
+    finally:
+        stop_spawned(runtime / "ckptd" / "ckptd.sock")
+
+
+# ---- 3. a socket someone named means that daemon ------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["argument", "CKPTD_SOCKET", "config"])
+def test_a_named_socket_that_does_not_answer_is_an_error_not_a_private_daemon(
+    how: str, daemons: DaemonFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before the fix ``Client(..., socket="/run/typo.sock")`` silently spawned a private daemon
+    writing to ./checkpoints."""
+    typo = daemons.base / "typo" / "ckptd.sock"
+    monkeypatch.chdir(tmp_path)
+    kwargs: dict[str, object] = {}
+    if how == "argument":
+        kwargs["socket"] = typo
+    elif how == "CKPTD_SOCKET":
+        monkeypatch.setenv("CKPTD_SOCKET", str(typo))
+    else:
+        config = tmp_path / "ckptd.toml"
+        config.write_text(f'[daemon]\nsocket = "{typo}"\n')
+        monkeypatch.setenv("CKPTD_CONFIG", str(config))
+    named = {"argument": "socket= argument", "CKPTD_SOCKET": "CKPTD_SOCKET", "config": "config"}
+    with pytest.raises(DaemonUnavailableError, match=named[how]) as info:
+        Client("typo", **kwargs)  # type: ignore[arg-type]
+    assert str(typo) in str(info.value)
+    assert not typo.parent.exists()  # nothing was started there
+    assert not (tmp_path / "checkpoints").exists()
+    assert processes_mentioning(str(typo)) == []
+
+
+def test_spawn_true_still_starts_a_daemon_on_a_named_socket(daemons: DaemonFactory) -> None:
+    sock = daemons.base / "named" / "d.sock"
+    with Client("named", socket=sock, root=daemons.default_root, spawn=True) as client:
+        client.snapshot(state={"w": torch.ones(2)}, step=1).wait(timeout=60)
+    stop_spawned(sock)
+    assert not sock.exists()
