@@ -592,6 +592,10 @@ def report_damage(store: Store, job: str, damage: Damage, quarantine: bool) -> N
                 continue
             broken_steps.update(steps)
             moved.append(dest)
+        except NotFoundError:
+            broken_steps.update(steps)  # another verify moved it first
+            lines.append(f"  not moved   {digest}: already moved to quarantine (another verify?)")
+            continue
         except CkptdError as exc:
             broken_steps.update(steps)
             lines.append(
@@ -893,7 +897,17 @@ def prune_cmd(job: str | None, dry_run: bool, root: str | None, config: str | No
     help="Bytes to copy, compress (at most 256MiB), write and save, e.g. 256MiB.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object for scripts.")
-@store_options
+@click.option(
+    "--config", "config", metavar="FILE", default=None, help="Config file (for store.root)."
+)
+@click.option(
+    "--root",
+    "root",
+    metavar="DIR",
+    default=None,
+    help="Where to write the benchmark's scratch files and its daemon's checkpoints (default: "
+    "CKPTD_ROOT, then store.root, then ./checkpoints; never a running daemon's root).",
+)
 def bench_cmd(size: str, as_json: bool, root: str | None, config: str | None) -> None:
     """Measure this machine (memory copy, codec, disk, ckptd save) and suggest config values.
 
@@ -944,6 +958,11 @@ def start_cmd(
     from ckptd.config import SYSTEM_SOCKET, user_socket
     from ckptd.daemon import run_daemon
 
+    if on_demand and not user:
+        raise click.UsageError(
+            "--on-demand needs --user: a system daemon writes only to its own root, so it cannot "
+            "serve clients' default roots"
+        )
     cfg = load_config(config)
     if socket_path is None:
         env = os.environ.get("CKPTD_SOCKET")

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from ckptd.config import DiskConfig
 from ckptd.errors import CkptdError, DiskFullError, NotFoundError
 from ckptd.prune import delete_unprotected, job_facts
-from ckptd.retention import decide, deletable
+from ckptd.retention import commit_order, decide, deletable
 from ckptd.store import Store
 
 if TYPE_CHECKING:
@@ -103,7 +103,8 @@ class DiskGuard:
                         continue
                     reasons = decide(self.daemon.policy_for(other, job), facts)
                     created = {f.step: f.created for f in facts}
-                    newest[(other.root, job)] = max(facts, key=lambda f: (f.created, f.step)).step
+                    # The job's newest is its last commit (seq); across jobs, oldest time first.
+                    newest[(other.root, job)] = max(facts, key=commit_order).step
                     for step in deletable(reasons):
                         candidates.append((created[step], other, job, step))
                 except CkptdError as exc:

@@ -7,7 +7,8 @@ list_checkpoints``, the ``ckptd`` CLI):
 2. else the root of the daemon answering on the socket (``socket=`` / ``--socket``,
    ``CKPTD_SOCKET``, ``daemon.socket``, the system socket, the per-user socket), asked with a
    ``status`` request. A daemon a client spawned on demand does not count: it writes wherever its
-   clients ask, so it has no root of its own to impose;
+   clients ask, so it has no root of its own to impose. A socket someone named (or the system
+   socket, when it exists) that does not answer is an error, not a reason to look elsewhere;
 3. else ``./checkpoints`` under the working directory (the embedded default).
 
 So a trainer's ``Client("run")`` writes where an operator's ``ckptd start --root DIR`` (or the
@@ -23,10 +24,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ckptd.config import DEFAULT_ROOT, Config, configured_root, load_config, locate_socket
-from ckptd.errors import DaemonNoAnswerError
+from ckptd.errors import DaemonNoAnswerError, DaemonUnavailableError, error_from_reply
 from ckptd.protocol import check_daemon_peer, recv_message, send_message
 
 ASK_TIMEOUT_S = 10.0
+SOURCES = {
+    "socket=": "named by --socket / socket=",
+    "CKPTD_SOCKET": "named by CKPTD_SOCKET",
+    "daemon.socket": "named by daemon.socket in the config",
+    "system": "the system daemon's socket, which exists",
+    "default": "the per-user default socket",
+}
+"""How :func:`ckptd.config.locate_socket` found a socket, in words for error messages."""
 
 
 @dataclass(frozen=True)
@@ -39,10 +48,10 @@ class DaemonRoot:
 
 
 def ask_daemon_root(socket_path: Path, timeout_s: float = ASK_TIMEOUT_S) -> DaemonRoot | None:
-    """The root of the daemon on ``socket_path``; None when nothing listens there or the daemon
-    does not admit this user. Raises :class:`~ckptd.errors.UntrustedDaemonError` for a listener
-    of another user (its answer could point anywhere) and
-    :class:`~ckptd.errors.DaemonNoAnswerError` when a daemon accepts but does not answer."""
+    """The root of the daemon on ``socket_path``; None when nothing listens there. Raises
+    :class:`~ckptd.errors.UntrustedDaemonError` for a listener of another user (its answer could
+    point anywhere), :class:`~ckptd.errors.DaemonNoAnswerError` when a daemon accepts but does
+    not answer, and the daemon's own error when it refuses this user."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
         sock.settimeout(timeout_s)
@@ -60,11 +69,16 @@ def ask_daemon_root(socket_path: Path, timeout_s: float = ASK_TIMEOUT_S) -> Daem
                 f"checkpoints within {timeout_s:.0f} s; pass root= / --root, or set CKPTD_ROOT"
             ) from exc
         except OSError:
-            return None  # refused this user: it is not this user's daemon
+            reply = None  # the daemon closed on us (it refuses this user): its reason is lost
     finally:
         sock.close()
+    if reply is not None and reply.get("op") == "error":
+        raise error_from_reply(reply.get("type"), reply.get("message"))
     if reply is None or reply.get("op") != "status" or not isinstance(reply.get("root"), str):
-        return None
+        raise DaemonUnavailableError(
+            f"the ckptd daemon on {socket_path} (pid {pid}) did not say where it writes "
+            "checkpoints; pass root= / --root, or set CKPTD_ROOT"
+        )
     return DaemonRoot(Path(reply["root"]), bool(reply.get("on_demand", False)), pid)
 
 
@@ -78,8 +92,16 @@ def store_root(
     cfg = config if config is not None else load_config()
     root = configured_root(explicit, cfg)
     if root is None:
-        socket_path, _source = locate_socket(socket, cfg)
+        socket_path, source = locate_socket(socket, cfg)
         daemon = ask_daemon_root(socket_path)
+        if daemon is None and source != "default":
+            # A socket someone named (or the installed system daemon's) means that daemon's
+            # checkpoints; reading ./checkpoints instead would act on the wrong store silently.
+            raise DaemonUnavailableError(
+                f"no ckptd daemon answers on {socket_path} ({SOURCES[source]}), so where its "
+                "checkpoints are is unknown: start it, or name the root (--root DIR / root=, "
+                "or CKPTD_ROOT)"
+            )
         if daemon is not None and not daemon.on_demand:
             root = daemon.root
     return (root if root is not None else DEFAULT_ROOT).absolute()

@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 
 from ckptd.errors import NotFoundError
-from ckptd.retention import CheckpointFacts, RetentionPolicy, decide, deletable
+from ckptd.retention import CheckpointFacts, RetentionPolicy, commit_order, decide, deletable
 from ckptd.store import GcResult, Store
 
 log = logging.getLogger("ckptd.prune")
@@ -42,6 +42,7 @@ def job_facts(store: Store, job: str) -> list[CheckpointFacts]:
                 step in pins,
                 {h: o.stored_bytes for h, o in m.objects.items()},
                 m.created,
+                m.seq,
             )
         )
     return facts
@@ -72,7 +73,7 @@ def prune(
     the job (it runs at the next prune)."""
     facts = job_facts(store, job)
     reasons = decide(policy, facts)
-    newest = max(facts, key=lambda f: (f.created, f.step)).step if facts else None
+    newest = max(facts, key=commit_order).step if facts else None
     victims = deletable(reasons)
     if limit is not None:
         victims = victims[:limit]

@@ -118,13 +118,22 @@ class CheckpointFacts:
     """object hash -> stored bytes"""
     created: str = ""
     """commit time (ISO 8601 UTC, sorts as text); "" when unknown (then steps order)"""
+    seq: int = 0
+    """the job's commit sequence number (what ``latest`` follows); 0 for old manifests"""
+
+
+def commit_order(c: CheckpointFacts) -> tuple[int, str, int]:
+    """Sort key, oldest commit first: the commit sequence number, which is what ``latest``
+    means (a wall clock that steps back, or two writers racing for the commit lock, cannot
+    reorder it), then the commit time and the step for checkpoints written before it existed."""
+    return (c.seq, c.created, c.step)
 
 
 def decide(policy: RetentionPolicy, checkpoints: Sequence[CheckpointFacts]) -> dict[int, list[str]]:
     """For each step, the rules that keep it (in a fixed order); an empty list may be deleted."""
-    # Newest first by commit time: a run resumed from an older step commits steps below the
+    # Newest commit first: a run resumed from an older step commits steps below the
     # highest one, and those are its newest checkpoints.
-    ordered = sorted(checkpoints, key=lambda c: (c.created, c.step), reverse=True)
+    ordered = sorted(checkpoints, key=commit_order, reverse=True)
     reasons: dict[int, list[str]] = {c.step: [] for c in ordered}
     if not ordered:
         return reasons

@@ -149,5 +149,6 @@ def restore(
 def list_checkpoints(job: str | None = None, *, root: Path | str | None = None) -> list[Manifest]:
     """Manifests of every checkpoint (of ``job``, or of all jobs), oldest step first per job."""
     store = _store(root)
+    store.check_store()  # a mistyped root raises NoStoreError instead of looking empty
     jobs = [validate_job_name(job)] if job is not None else store.jobs()
     return [store.read_manifest(j, s) for j in jobs for s in store.steps(j)]

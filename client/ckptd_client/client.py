@@ -734,6 +734,10 @@ class Client:
                 f"{PROTOCOL_VERSION}; install matching ckptd versions"
             )
         self.root = Path(str(welcome.get("root", self.root)))
+        # From now on this client's root is this one, also after a reconnect to another daemon
+        # (a restarted service, or one spawned on demand meanwhile): a run's checkpoints stay in
+        # one place, or the reconnect fails saying why.
+        self._asked_root = self.root
         self._link = link
         return link
 

@@ -25,6 +25,8 @@ import torch
 import ckptd_client
 import ckptd_client.client as client_module
 from ckptd.errors import DaemonUnavailableError, StorePermissionError
+from ckptd.protocol import can_connect
+from ckptd.store import Store
 from ckptd_client import Client
 from tests.integration import daemon_fixtures
 from tests.integration.daemon_fixtures import (
@@ -153,31 +155,58 @@ torch.save(model.state_dict(), sys.argv[1])
 """
 
 
+# Runs a script or ``-m module`` as on a machine where the shipped unit is installed: the system
+# socket (``/run/ckptd/ckptd.sock``, not writable for a test) is the given path. Nothing in the
+# environment names a socket or a root.
+AS_INSTALLED = """
+import pathlib, runpy, sys
+import ckptd.config
+ckptd.config.SYSTEM_SOCKET = pathlib.Path(sys.argv.pop(1))
+target = sys.argv.pop(1)
+if target == "-m":
+    sys.argv[0] = sys.argv.pop(1)
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+else:
+    sys.argv[0] = target
+    runpy.run_path(target, run_name="__main__")
+"""
+
+
+def as_installed(
+    system_socket: Path, *args: str | Path, cwd: Path, env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", AS_INSTALLED, str(system_socket), *map(str, args)],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 def test_the_readme_loop_with_no_root_writes_where_an_operators_daemon_writes(
     daemons: DaemonFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A daemon started as the shipped unit starts it (system mode, ``--config``, ``--root``,
-    ``--socket``). Before the fix the loop sent ``<cwd>/checkpoints`` and the daemon refused it
-    (StorePermissionError), and ``ckptd list`` looked in the current directory."""
+    ``--socket`` on the system socket). Before the fix the loop sent ``<cwd>/checkpoints`` and
+    the daemon refused it (StorePermissionError), and ``ckptd list`` looked in the current
+    directory."""
     config = tmp_path / "etc-ckptd.toml"
     config.write_text("")
     d = daemons.start("--config", str(config), user=False)
-    env = clean_env(daemons.base, CKPTD_SOCKET=str(d.socket))  # where the unit's socket is
+    env = clean_env(daemons.base)  # no CKPTD_SOCKET, no CKPTD_ROOT
+    assert not any(k in env for k in ("CKPTD_SOCKET", "CKPTD_ROOT"))
     trainer_dir, elsewhere = tmp_path / "trainer", tmp_path / "elsewhere"
     trainer_dir.mkdir()
     elsewhere.mkdir()
     script = tmp_path / "loop.py"
     script.write_text(README_LOOP)
     for run in (1, 2):  # the second run resumes from the first one's latest checkpoint
-        proc = subprocess.run(
-            [sys.executable, str(script), str(tmp_path / f"model-{run}.pt")],
-            cwd=trainer_dir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
+        proc = as_installed(
+            d.socket, script, tmp_path / f"model-{run}.pt", cwd=trainer_dir, env=env
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"ROOT {d.root}" in proc.stdout
@@ -185,21 +214,14 @@ def test_the_readme_loop_with_no_root_writes_where_an_operators_daemon_writes(
     steps = sorted(int(p.name[5:17]) for p in (d.root / "my-run" / "manifests").iterdir())
     assert steps == [8, 10, 12]  # run 2 went on from step 6; keep_last 3
 
-    listed = subprocess.run(
-        [str(CKPTD), "list", "my-run", "--json"],
-        cwd=elsewhere,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    listed = as_installed(
+        d.socket, "-m", "ckptd", "list", "my-run", "--json", cwd=elsewhere, env=env
     )
     assert listed.returncode == 0, listed.stderr
     assert [c["step"] for c in json.loads(listed.stdout)] == [8, 10, 12]
 
     monkeypatch.chdir(elsewhere)
-    monkeypatch.setenv("CKPTD_SOCKET", str(d.socket))
+    monkeypatch.setattr("ckptd.config.SYSTEM_SOCKET", d.socket)
     state = ckptd_client.load("my-run")
     assert_same(state["model"], torch.load(tmp_path / "model-2.pt"), "model")
     assert [m.step for m in ckptd_client.list_checkpoints("my-run")] == [8, 10, 12]
@@ -207,6 +229,32 @@ def test_the_readme_loop_with_no_root_writes_where_an_operators_daemon_writes(
     # Only a root the caller asked for is checked against the system daemon's.
     with pytest.raises(StorePermissionError, match="name no root"):
         Client("my-run", root=tmp_path / "mine", spawn=False)
+
+    # The service stopped: readers refuse to guess rather than read ./checkpoints.
+    ckptd_client.save("decoy", state={"w": torch.ones(1)}, step=1, root=elsewhere / "checkpoints")
+    assert daemons.stop(d) == 0
+    d.socket.touch()  # a stale socket file, as after a crash
+    listed = as_installed(d.socket, "-m", "ckptd", "list", cwd=elsewhere, env=env)
+    assert listed.returncode == DaemonUnavailableError.exit_code, (listed.stdout, listed.stderr)
+    assert f"no ckptd daemon answers on {d.socket}" in " ".join(listed.stderr.split())
+    with pytest.raises(DaemonUnavailableError, match="name the root"):
+        ckptd_client.list_checkpoints()
+
+
+def test_a_named_socket_that_does_not_answer_never_makes_readers_use_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``CKPTD_SOCKET`` names a daemon that is not running and ``./checkpoints`` holds a store:
+    ``ckptd gc`` / ``list`` and ``load`` must not quietly act on that other store."""
+    monkeypatch.chdir(tmp_path)
+    ckptd_client.save("decoy", state={"w": torch.ones(1)}, step=1, root=tmp_path / "checkpoints")
+    monkeypatch.setenv("CKPTD_SOCKET", str(tmp_path / "typo" / "ckptd.sock"))
+    for call in (ckptd_client.list_checkpoints, lambda: ckptd_client.load("decoy")):
+        with pytest.raises(DaemonUnavailableError, match="named by CKPTD_SOCKET"):
+            call()
+    monkeypatch.delenv("CKPTD_SOCKET")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg"))  # the default socket: no daemon
+    assert [m.step for m in ckptd_client.list_checkpoints("decoy")] == [1]
 
 
 def test_a_client_of_a_spawned_daemon_writes_under_its_own_working_directory(
@@ -278,3 +326,29 @@ def test_spawn_true_still_starts_a_daemon_on_a_named_socket(daemons: DaemonFacto
         client.snapshot(state={"w": torch.ones(2)}, step=1).wait(timeout=60)
     stop_spawned(sock)
     assert not sock.exists()
+
+
+def test_a_reconnect_keeps_the_root_the_client_got_first(
+    daemons: DaemonFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The per-user service (a daemon with its own --root on the default socket) restarts; the
+    client's next snapshot spawns a daemon on demand. Without pinning, ``root: null`` then went
+    to the spawned daemon's default, ./checkpoints, and the run's history was split in two."""
+    runtime = daemons.base / "xdg"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    monkeypatch.chdir(tmp_path)
+    service_root = daemons.base / "service-root"
+    d = daemons.start(socket_path=runtime / "ckptd" / "ckptd.sock", root=service_root)
+    with Client("pinned") as client:
+        assert client.root == service_root
+        client.snapshot(state={"w": torch.ones(2)}, step=1).wait(timeout=60)
+        assert daemons.stop(d) == 0
+        try:
+            client.snapshot(state={"w": torch.ones(2)}, step=2).wait(timeout=60)
+        finally:
+            if can_connect(d.socket):
+                stop_spawned(d.socket)
+    assert client.root == service_root
+    assert Store(service_root).steps("pinned") == [1, 2]
+    assert not (tmp_path / "checkpoints").exists()

@@ -357,3 +357,24 @@ def test_no_store_error_has_its_own_exit_code_and_crosses_the_protocol() -> None
     assert issubclass(NoStoreError, NotFoundError)
     error = error_from_reply("NoStoreError", "no ckptd store at /x")
     assert type(error) is NoStoreError and str(error) == "no ckptd store at /x"
+
+
+def test_retention_keeps_the_latest_commit_when_the_clock_disagrees(store: Store) -> None:
+    """``newest`` and ``keep_last`` follow the commit order, like ``latest``: with commit times
+    out of order (a clock stepped back, two writers racing for the commit lock) retention used
+    to delete the checkpoint just committed, and ``latest`` then moved to an older one."""
+    from ckptd.prune import prune
+    from ckptd.retention import policy_from_dict
+
+    for step, created in ((100, "2026-01-01T00:00:00Z"), (200, "2099-01-01T00:00:00Z")):
+        flat = flatten({"w": torch.full((8,), float(step))})
+        sources = [tensor_source(p, t) for p, t in zip(flat.paths, flat.tensors, strict=True)]
+        write_checkpoint(store, JOB, step, flat.skeleton, sources, config=CONFIG, created=created)
+    save(store, 150)  # committed last, stamped now: before 200's (future) time
+    assert store.resolve_step(JOB, "latest") == 150
+
+    result = prune(store, JOB, policy_from_dict({"keep_last": 1}, "retention"))
+
+    assert store.steps(JOB) == [150, 200]  # 150: newest commit; 200: the highest step
+    assert result.reasons[150] == ["newest", "last 1"]
+    assert store.resolve_step(JOB, "latest") == 150
