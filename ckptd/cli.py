@@ -536,6 +536,20 @@ class Damage:
     """Steps whose manifest could not be read while looking for referrers."""
 
 
+def find_referrers(store: Store, job: str, damage: Damage) -> None:
+    """Record in ``damage`` which checkpoints of ``job`` name each damaged object."""
+    damage.referrers.clear()
+    damage.unreadable.clear()
+    for step in store.steps(job):
+        try:
+            m = store.read_manifest(job, step)
+        except CkptdError:
+            damage.unreadable.append(step)
+            continue
+        for digest in damage.digests.keys() & m.objects.keys():
+            damage.referrers[digest].append(step)
+
+
 def report_damage(store: Store, job: str, damage: Damage, quarantine: bool) -> None:
     """Find every checkpoint of ``job`` that names a damaged object, move the damaged objects
     aside (unless ``quarantine`` is false) and say what that means for those checkpoints.
@@ -546,14 +560,7 @@ def report_damage(store: Store, job: str, damage: Damage, quarantine: bool) -> N
     write it again instead of trusting the damaged file, and keeps it for inspection. A missing
     object has nothing to move; an object of a newer format is not damaged and stays.
     """
-    for step in store.steps(job):
-        try:
-            m = store.read_manifest(job, step)
-        except CkptdError:
-            damage.unreadable.append(step)
-            continue
-        for digest in damage.digests.keys() & m.objects.keys():
-            damage.referrers[digest].append(step)
+    find_referrers(store, job, damage)
     moved: list[Path] = []
     lines: list[str] = []
     broken_steps: set[int] = set()
@@ -605,6 +612,11 @@ def report_damage(store: Store, job: str, damage: Damage, quarantine: bool) -> N
             continue
         lines.append(f"  quarantined {digest} ({where})")
     if moved:
+        # A snapshot that deduped against a damaged object while verify waited for the job lock
+        # committed before the move: it is broken too, so look again.
+        find_referrers(store, job, damage)
+        for dest in moved:
+            broken_steps.update(damage.referrers.get(dest.name.split(".")[0], ()))
         head = f"{job}: moved {len(moved)} damaged object(s) to {moved[0].parent}"
     elif quarantine:
         head = f"{job}: objects that fail verification (nothing to move)"

@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -296,6 +297,29 @@ def test_verify_quarantines_a_damaged_object_and_names_every_checkpoint_using_it
         "ok   other step 1",
     ]
     assert torch.equal(ckptd_client.load("net", 3, root=root)["model"]["big"], BIG)
+
+
+def test_verify_names_a_checkpoint_committed_while_it_waited_for_the_lock(
+    root: Path, cli: CLI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer that trusts the damaged object (checked before it rotted) commits a checkpoint
+    naming it between verify's first look and the move: that checkpoint is broken too, and the
+    report must say so."""
+    save_shared(root, "net", 3)
+    obj = object_file(root, "net", 3, "model.big")
+    flip_byte(obj)
+    real = Store.quarantine_object
+
+    def commit_then_move(self: Store, job: str, digest: str, **kw: Any) -> Path | None:
+        m = self.read_manifest(job, 3)
+        self.commit_manifest(replace(m, step=9, seq=0))  # what such a writer commits
+        monkeypatch.setattr(Store, "quarantine_object", real)
+        return real(self, job, digest, **kw)
+
+    monkeypatch.setattr(Store, "quarantine_object", commit_then_move)
+    res = cli("verify", "net", "3", "--root", root)
+    assert res.code == CORRUPT, res
+    assert "  net step(s) 3, 9 no longer restore" in res.out, res.out
 
 
 def test_verify_no_quarantine_only_reports(root: Path, cli: CLI) -> None:
