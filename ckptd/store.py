@@ -325,15 +325,21 @@ class Store:
         """Hold the job's lock: writers take it shared from their first object to their manifest,
         GC takes it exclusive, so GC never deletes an object a write in progress deduped against.
         Yields False (lock not taken) only when ``blocking=False`` and someone else holds it."""
-        path = self.real_job_dir(job) / "lock"
+        flags = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if blocking else fcntl.LOCK_NB)
+        with self._flock(job, "lock", flags) as taken:
+            yield taken
+
+    @contextmanager
+    def _flock(self, job: str, name: str, flags: int) -> Iterator[bool]:
+        """``flock`` the job's lock file ``name`` (created if missing, never through a symlink)
+        for the duration of the block. Yields False when ``LOCK_NB`` is in ``flags`` and
+        someone else holds it."""
+        path = self.real_job_dir(job) / name
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         except OSError as exc:
             raise os_error(exc, "open lock", path) from exc
         try:
-            flags = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (
-                0 if blocking else fcntl.LOCK_NB
-            )
             try:
                 fcntl.flock(fd, flags)
             except BlockingIOError:
@@ -756,13 +762,7 @@ class Store:
         if any(held_job == job for held_job, _ in self._held_commit_locks()):
             # flock on a second descriptor of the same file would wait for this thread forever.
             raise RuntimeError(f"this thread already holds the commit lock of job {job!r}")
-        path = self.real_job_dir(job) / "commit.lock"
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
-        except OSError as exc:
-            raise os_error(exc, "open lock", path) from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with self._flock(job, "commit.lock", fcntl.LOCK_EX):
             # A damaged manifest's claimed seq counts too: never reuse a number a commit may hold.
             top = max(
                 (
@@ -777,8 +777,6 @@ class Store:
                 yield top + 1
             finally:
                 held.pop()
-        finally:
-            os.close(fd)
 
     def _held_commit_locks(self) -> list[tuple[str, int]]:
         """``(job, seq)`` of the commit locks the calling thread holds in this Store."""

@@ -24,19 +24,19 @@ import torch
 
 import ckptd_client
 import ckptd_client.client as client_module
-from ckptd.errors import DaemonUnavailableError, StorePermissionError
+from ckptd.errors import ConfigError, DaemonUnavailableError, StorePermissionError
 from ckptd.protocol import can_connect
 from ckptd.store import Store
 from ckptd_client import Client
 from tests.integration import daemon_fixtures
 from tests.integration.daemon_fixtures import (
-    CKPTD,
     DaemonFactory,
     assert_same,
     clean_env,
     pid_alive,
     processes_mentioning,
     query,
+    run_ckptd,
     wait_until,
 )
 
@@ -83,12 +83,15 @@ def test_a_shared_sticky_directory_keeps_its_mode_through_start_stop_and_spawn(
     # private directory inside and leaves the shared one alone.
     monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
     monkeypatch.setenv("TMPDIR", str(shared))
-    with Client("spawned", root=daemons.default_root) as client:
-        client.snapshot(state={"w": torch.ones(3)}, step=1).wait(timeout=60)
-        sock = client.socket_path
-    assert sock.parent == shared / f"ckptd-{os.getuid()}"
-    assert mode(sock.parent) == 0o700 and mode(sock) == 0o600
-    stop_spawned(sock)
+    sock = shared / f"ckptd-{os.getuid()}" / "ckptd.sock"
+    try:
+        with Client("spawned", root=daemons.default_root) as client:
+            client.snapshot(state={"w": torch.ones(3)}, step=1).wait(timeout=60)
+            assert client.socket_path == sock
+        assert mode(sock.parent) == 0o700 and mode(sock) == 0o600
+    finally:
+        if can_connect(sock):
+            stop_spawned(sock)
     assert mode(shared) == 0o1777
 
 
@@ -111,17 +114,11 @@ def test_existing_directories_are_used_as_they_are_or_refused_when_anyone_may_re
     open_dir = daemons.base / "open"
     open_dir.mkdir()
     open_dir.chmod(0o777)
-    proc = subprocess.run(
-        [str(CKPTD), "start", "--user", "--socket", str(open_dir / "d.sock"), "--root",
-         str(daemons.default_root)],
+    proc = run_ckptd(
+        "start", "--user", "--socket", open_dir / "d.sock", "--root", daemons.default_root,
         env=daemons.env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
     )  # fmt: skip
-    assert proc.returncode == 3, proc.stderr  # ConfigError
+    assert proc.returncode == ConfigError.exit_code, proc.stderr
     assert "writable by everyone without the sticky bit" in proc.stderr
     assert mode(open_dir) == 0o777
     assert not (open_dir / "d.sock").exists()
@@ -273,12 +270,13 @@ def test_a_client_of_a_spawned_daemon_writes_under_its_own_working_directory(
     first.mkdir()
     second.mkdir()
     monkeypatch.chdir(first)
-    with caplog.at_level(logging.WARNING, logger="ckptd_client"):
-        a = Client("a")
-    spawned = [r.getMessage() for r in caplog.records if "started one" in r.getMessage()]
-    assert len(spawned) == 1, caplog.text
-    assert str(a.socket_path) in spawned[0] and str(first / "checkpoints") in spawned[0]
+    sock = runtime / "ckptd" / "ckptd.sock"
     try:
+        with caplog.at_level(logging.WARNING, logger="ckptd_client"):
+            a = Client("a")
+        spawned = [r.getMessage() for r in caplog.records if "started one" in r.getMessage()]
+        assert len(spawned) == 1, caplog.text
+        assert str(sock) in spawned[0] and str(first / "checkpoints") in spawned[0]
         monkeypatch.chdir(second)
         with Client("b") as b:
             b.snapshot(state={"w": torch.ones(2)}, step=1).wait(timeout=60)
@@ -288,7 +286,8 @@ def test_a_client_of_a_spawned_daemon_writes_under_its_own_working_directory(
         assert (second / "checkpoints" / "b").is_dir() and (first / "checkpoints" / "a").is_dir()
         assert query(a.socket_path)["on_demand"] is True
     finally:
-        stop_spawned(runtime / "ckptd" / "ckptd.sock")
+        if can_connect(sock):
+            stop_spawned(sock)
 
 
 # ---- 3. a socket someone named means that daemon ------------------------------------------------
@@ -322,9 +321,12 @@ def test_a_named_socket_that_does_not_answer_is_an_error_not_a_private_daemon(
 
 def test_spawn_true_still_starts_a_daemon_on_a_named_socket(daemons: DaemonFactory) -> None:
     sock = daemons.base / "named" / "d.sock"
-    with Client("named", socket=sock, root=daemons.default_root, spawn=True) as client:
-        client.snapshot(state={"w": torch.ones(2)}, step=1).wait(timeout=60)
-    stop_spawned(sock)
+    try:
+        with Client("named", socket=sock, root=daemons.default_root, spawn=True) as client:
+            client.snapshot(state={"w": torch.ones(2)}, step=1).wait(timeout=60)
+    finally:
+        if can_connect(sock):
+            stop_spawned(sock)
     assert not sock.exists()
 
 
