@@ -38,7 +38,7 @@ from ckptd.errors import (
 )
 from ckptd.hashing import content_hash
 from ckptd.manifest import Manifest, ObjectInfo
-from ckptd.skeleton import dtype_from_name, unflatten
+from ckptd.skeleton import dtype_from_name, ndarray_indices, unflatten
 from ckptd.store import Store
 
 log = logging.getLogger("ckptd.restore")
@@ -270,7 +270,7 @@ def _load_one(
         # numpy arrays are stored as tensors but are not torch storages: torch.load leaves them
         # alone, and moving them would fail on "meta" (their bytes are needed) or copy them to a
         # GPU and back.
-        arrays = _ndarray_indices(manifest.skeleton)
+        arrays = ndarray_indices(manifest.skeleton)
         tensors = [t if i in arrays else relocate(t) for i, t in enumerate(tensors)]
     state = unflatten(manifest.skeleton, tensors, allow_pickle=allow_pickle)
     return Loaded(state, manifest)
@@ -384,22 +384,6 @@ def _through_callable(
         return out.set_(result, 0, t.shape, t.stride())
 
     return relocate
-
-
-def _ndarray_indices(skeleton: Any) -> set[int]:
-    """Indices of the tensors that hold numpy arrays (``{"$ndarray": i}`` in the skeleton)."""
-    found: set[int] = set()
-    stack = [skeleton]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            index = node.get("$ndarray")
-            if isinstance(index, int):
-                found.add(index)
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-    return found
 
 
 __all__ = [

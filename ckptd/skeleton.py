@@ -365,3 +365,20 @@ def iter_keys(skeleton: JSON, prefix: str = "") -> list[str]:
 
     walk(skeleton, prefix)
     return out
+
+
+def ndarray_indices(skeleton: JSON) -> set[int]:
+    """Indices of the tensors that hold numpy arrays (``{"$ndarray": i}`` in the skeleton): a
+    reader that moves tensors (``map_location``) leaves those alone, as ``torch.load`` does."""
+    found: set[int] = set()
+    stack: list[JSON] = [skeleton]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            index = node.get("$ndarray")
+            if isinstance(index, int):
+                found.add(index)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return found

@@ -18,8 +18,6 @@ from typing import Any, Protocol, cast
 import numpy as np
 import torch
 
-from ckptd.errors import CkptdError
-
 log = logging.getLogger("ckptd_client")
 
 STATE_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "extra")
@@ -187,7 +185,8 @@ def _check_optimizer_fits(saved: Any, optimizer: Stateful, where: str) -> None:
         return
     have, had = _group_sizes(groups), _group_sizes(saved_groups)
     if have != had:
-        raise CkptdError(
+        # ValueError, like the check for a missing part above and like torch's own message.
+        raise ValueError(
             f"{where}: its optimizer state does not fit this optimizer: parameters per group "
             f"{had} in the checkpoint, {have} in this optimizer (the model changed since the "
             "checkpoint). Nothing was loaded. Pass optimizer=None to restore only the model "
