@@ -23,7 +23,6 @@ import math
 import os
 import re
 import socket
-import struct
 import sys
 import time
 import warnings
@@ -993,19 +992,18 @@ def start_cmd(
 
 def _exchange(socket_path: str | None, op: str, **fields: Any) -> tuple[dict[str, Any], int, Path]:
     """Send one request to the daemon; return its reply, the daemon's pid as the kernel reports
-    it for the connection (``SO_PEERCRED``; 0 if unknown) and the socket path."""
+    it for the connection (``SO_PEERCRED``) and the socket path. Like a client, it trusts only
+    a daemon of this user or root (:class:`~ckptd.errors.UntrustedDaemonError` otherwise)."""
     from ckptd.config import resolve_socket
-    from ckptd.protocol import recv_message, send_message
+    from ckptd.protocol import check_daemon_peer, recv_message, send_message
 
     path = resolve_socket(socket_path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     sock.settimeout(10)
-    peer_pid = 0
     try:
         try:
             sock.connect(str(path))
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            peer_pid = struct.unpack("3i", creds)[0]
+            peer_pid = check_daemon_peer(sock, path)
             try:
                 send_message(sock, {"op": op, "id": 1, **fields})
             except OSError:
@@ -1117,7 +1115,7 @@ def stop_cmd(socket_path: str | None, wait: bool, timeout_s: float | None) -> No
     timeout = STOP_WAIT_S if timeout_s is None else timeout_s
     status, peer_pid, path = _exchange(socket_path, "status")
     pid = status.get("pid")
-    if not isinstance(pid, int) or (peer_pid > 0 and peer_pid != pid):
+    if not isinstance(pid, int) or pid != peer_pid:
         pid = peer_pid  # another pid namespace (or no pid said): the kernel's pid is ours
     proc: psutil.Process | None = None
     if pid > 0:

@@ -30,6 +30,7 @@ import pytest
 import torch
 
 import ckptd_client
+from ckptd.cli import main as cli_main
 from ckptd.errors import (
     DaemonUnavailableError,
     DiskFullError,
@@ -258,7 +259,9 @@ def as_nobody() -> list[str]:
     return [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
 
 
-def test_a_server_of_another_uid_gets_nothing(tmp_path: Path) -> None:
+def test_a_server_of_another_uid_gets_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A fake server of another uid on a socket the client was pointed at: before the fix it
     received the memfd with the tensors, answered ``committed`` and redirected ``client.root``."""
     prefix = as_nobody()
@@ -281,6 +284,16 @@ def test_a_server_of_another_uid_gets_nothing(tmp_path: Path) -> None:
                 Client("victim", socket=evil / "s.sock", root=tmp_path, spawn=False)
             assert f"runs as uid {NOBODY}" in str(info.value)
             assert "refusing to hand it any state" in str(info.value)
+            # Nor is it asked where the checkpoints are, or for its status or pid.
+            monkeypatch.setenv("CKPTD_SOCKET", str(evil / "s.sock"))
+            monkeypatch.delenv("CKPTD_ROOT", raising=False)
+            with pytest.raises(UntrustedDaemonError, match=f"runs as uid {NOBODY}"):
+                ckptd_client.list_checkpoints()
+            for args in (["status"], ["stop", "--wait"]):
+                with pytest.raises(SystemExit) as exited:
+                    cli_main([*args, "--socket", str(evil / "s.sock")])
+                assert exited.value.code == UntrustedDaemonError.exit_code
+                assert f"runs as uid {NOBODY}" in " ".join(capsys.readouterr().err.split())
             seen = record.read_text() if record.exists() else ""
             assert seen == "", f"the fake server received: {seen}"
         finally:
