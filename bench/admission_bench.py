@@ -10,8 +10,8 @@ the daemon of the working tree (``new``) and the daemon of a git ref (``old``, d
 Set-up (outside the timing): a root with ``--jobs`` jobs (default 50) of ``--checkpoints``
 checkpoints each (default 100), tiny states. The first job is written with
 ``ckptd_client.save``; the others are copies of it whose manifests name their own job (re-signed
-with :func:`ckptd.manifest.sign_manifest`), so every manifest is a valid, verifiable one. Each
-daemon gets its own copy of the root. Two daemons per code (started like ``BenchDaemon``):
+with :func:`ckptd.format.manifest.sign_manifest`), so every manifest is a valid, verifiable one.
+Each daemon gets its own copy of the root. Two daemons per code (started like ``BenchDaemon``):
 
 * ``guard``: ``[disk] min_free_bytes`` = the size of the root's filesystem, so free space minus
   any snapshot is always below it, and ``[retention] keep_last`` = ``--checkpoints``, so nothing
@@ -86,7 +86,7 @@ from bench._common import (
     run_info,
     show_cpu,
 )
-from ckptd.manifest import sign_manifest
+from ckptd.format.manifest import sign_manifest
 from ckptd.protocol import can_connect, close_fds, recv_message, send_message
 
 T = TypeVar("T")

@@ -11,9 +11,10 @@ Data sets (all lossless, every round trip checked bit for bit):
 
 Methods, all with 2 threads:
 
-* ``ckptd``: :func:`ckptd.codec.encode` / :func:`ckptd.codec.decode` over the chunks the write
-  pipeline would make (:func:`ckptd.pipeline.plan_chunks`, 8 MiB chunks, small tensors packed by
-  dtype) on a 2-thread pool, default :class:`CodecConfig`; decode writes into pre-touched buffers;
+* ``ckptd``: :func:`ckptd.format.codec.encode` / :func:`ckptd.format.codec.decode` over the chunks
+  the write pipeline would make (:func:`ckptd.pipeline.write.plan_chunks`, 8 MiB chunks, small
+  tensors packed by dtype) on a 2-thread pool, default :class:`CodecConfig`; decode writes into
+  pre-touched buffers;
 * ``zstd-1``: python-zstandard level 1 (no checksum) on the same chunks and pool; decompression
   streams into the same pre-touched buffers (``stream_reader().readinto``);
 * ``zipnn``: ``zipnn.ZipNN(bytearray_dtype=<dtype>, threads=2)`` (all other arguments default) on
@@ -62,8 +63,8 @@ from bench._common import (
     timer,
 )
 from bench.minilm import fine_tuned, minilm_weights
-from ckptd.codec import CodecConfig, Encoded, decode, encode
-from ckptd.pipeline import PipelineConfig, plan_chunks, tensor_source
+from ckptd.format.codec import CodecConfig, Encoded, decode, encode
+from ckptd.pipeline.write import PipelineConfig, plan_chunks, tensor_source
 
 THREADS = 2
 TARGET_RATIO = {"minilm-fp32": 0.83, "minilm-bf16": 0.69}

@@ -96,7 +96,7 @@ from bench._common import (
     wait_for_quiet,
 )
 from bench.minilm import fine_tuned
-from ckptd.store import Store
+from ckptd.format.store import Store
 from ckptd_client import Client
 
 GiB = 1 << 30

@@ -31,8 +31,8 @@ Run: ``.venv/bin/python -m bench.store_bench [--size 64MiB|256MiB|1GiB|minilm] [
 [--quick]``.
 
 A/B of a write-pipeline change: ``--baseline-pipeline REF`` (e.g. ``HEAD``) adds the method
-``ckptd@REF``: ``ckptd`` again, but saving through ``ckptd/pipeline.py`` as it is at git ``REF``
-(loaded from ``git show`` into a module of its own; client, store, codec and reader are the
+``ckptd@REF``: ``ckptd`` again, but saving through ``ckptd/pipeline/write.py`` as it is at git
+``REF`` (loaded from ``git show`` into a module of its own; client, store, codec and reader are the
 working tree's). It is interleaved with the other methods like any of them, and the per-rep ratio
 of ``ckptd`` to ``ckptd@REF`` save seconds is printed. Use ``--out`` so the A/B run does not
 replace the committed results.
@@ -84,8 +84,8 @@ from bench._common import (
     touch_every_byte,
 )
 from bench.minilm import fine_tuned
-from ckptd.codec import CodecConfig
 from ckptd.config import Config, parse_size
+from ckptd.format.codec import CodecConfig
 
 MINILM_STEPS = 30
 SIZES = {"64MiB": 64 * MiB, "256MiB": 256 * MiB, "1GiB": 1024 * MiB}
@@ -248,7 +248,7 @@ class Method:
 
 def ckptd_method(name: str, config: Config, pipeline: ModuleType | None = None) -> Method:
     """``ckptd_client.save`` / ``load``; with ``pipeline``, saving through that module's
-    ``write_checkpoint`` instead of ``ckptd.pipeline``'s."""
+    ``write_checkpoint`` instead of ``ckptd.pipeline.write``'s."""
 
     def save(state: State, d: Path) -> None:
         with ExitStack() as stack:
@@ -305,9 +305,9 @@ PHASES = ("save", "restore-warm", "restore-cold")
 
 
 def pipeline_at(ref: str) -> ModuleType:
-    """``ckptd/pipeline.py`` as it is at git ``ref``, imported as a module of its own."""
+    """``ckptd/pipeline/write.py`` as it is at git ``ref``, imported as a module of its own."""
     source = subprocess.run(
-        ["git", "show", f"{ref}:ckptd/pipeline.py"],
+        ["git", "show", f"{ref}:ckptd/pipeline/write.py"],
         cwd=REPO,
         check=True,
         capture_output=True,
@@ -318,7 +318,7 @@ def pipeline_at(ref: str) -> ModuleType:
     assert spec is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up there
-    exec(compile(source, f"{ref}:ckptd/pipeline.py", "exec"), module.__dict__)
+    exec(compile(source, f"{ref}:ckptd/pipeline/write.py", "exec"), module.__dict__)
     return module
 
 
@@ -492,7 +492,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--baseline-pipeline",
         metavar="REF",
         default=None,
-        help="also save through ckptd/pipeline.py as of git REF (method ckptd@REF), interleaved",
+        help=(
+            "also save through ckptd/pipeline/write.py as of git REF (method ckptd@REF), "
+            "interleaved"
+        ),
     )
     add_quiet_args(ap)
     args = ap.parse_args(argv)

@@ -1,5 +1,5 @@
 """``python -m ckptd``: the same as the ``ckptd`` console script."""
 
-from ckptd.cli import main
+from ckptd.cli.main import main
 
 main()

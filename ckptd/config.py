@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckptd.codec import CodecConfig
 from ckptd.errors import ConfigError
-from ckptd.pipeline import PipelineConfig
-from ckptd.retention import RetentionPolicy, policy_from_dict
+from ckptd.format.codec import CodecConfig
+from ckptd.pipeline.write import PipelineConfig
+from ckptd.policy.retention import RetentionPolicy, policy_from_dict
 
 DEFAULT_ROOT = Path("checkpoints")
 SYSTEM_CONFIG = Path("/etc/ckptd/ckptd.toml")
@@ -205,7 +205,7 @@ def _disk(d: dict[str, Any]) -> DiskConfig:
 
 def _jobs(d: dict[str, Any]) -> dict[str, RetentionPolicy]:
     from ckptd.errors import InvalidNameError
-    from ckptd.store import validate_job_name
+    from ckptd.format.store import validate_job_name
 
     out = {}
     for name, table in d.items():

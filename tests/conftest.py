@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import ckptd.config
-from ckptd.store import Store
+from ckptd.format.store import Store
 from tests._requirements import in_ci
 
 

@@ -24,7 +24,7 @@ from ckptd.errors import (
     SnapshotSkippedError,
     UnsupportedStateError,
 )
-from ckptd.restore import FallbackWarning
+from ckptd.format.restore import FallbackWarning
 from ckptd_client.api import list_checkpoints, load, restore, save
 from ckptd_client.client import CheckpointInfo, CheckpointSummary, Client, PendingSnapshot
 from ckptd_client.state import collect, rng_state, set_rng_state

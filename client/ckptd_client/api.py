@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from ckptd.config import Config, load_config
+from ckptd.format.manifest import Manifest
+from ckptd.format.restore import MapLocation, load_checkpoint
+from ckptd.format.skeleton import flatten
+from ckptd.format.store import Store, validate_job_name
 from ckptd.locate import store_root
-from ckptd.manifest import Manifest
-from ckptd.pipeline import WriteResult, tensor_source, write_checkpoint
-from ckptd.restore import MapLocation, load_checkpoint
-from ckptd.skeleton import flatten
-from ckptd.store import Store, validate_job_name
+from ckptd.pipeline.write import WriteResult, tensor_source, write_checkpoint
 from ckptd_client.state import Stateful, apply, collect
 
 _stores: dict[Path, Store] = {}

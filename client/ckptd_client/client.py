@@ -47,6 +47,8 @@ from ckptd.errors import (
     UntrustedDaemonError,
     error_from_reply,
 )
+from ckptd.format.restore import MapLocation
+from ckptd.format.skeleton import dtype_name, flatten
 from ckptd.protocol import (
     PROTOCOL_VERSION,
     LayoutEntry,
@@ -59,8 +61,6 @@ from ckptd.protocol import (
     recv_message,
     send_message,
 )
-from ckptd.restore import MapLocation
-from ckptd.skeleton import dtype_name, flatten
 from ckptd_client.api import list_checkpoints, restore
 from ckptd_client.state import Stateful, collect
 
@@ -639,7 +639,7 @@ class Client:
         retention: dict[str, Any] | None = None,
         timeout_s: float = 60.0,
     ) -> None:
-        from ckptd.store import validate_job_name
+        from ckptd.format.store import validate_job_name
 
         self.job = validate_job_name(job)
         if not isinstance(slots, int) or slots < 1:
@@ -663,7 +663,7 @@ class Client:
         self.allow_pickle = allow_pickle
         self.retention = None
         if retention is not None:
-            from ckptd.retention import policy_from_dict, policy_to_dict
+            from ckptd.policy.retention import policy_from_dict, policy_to_dict
 
             self.retention = policy_to_dict(policy_from_dict(retention, "retention"))
         self.timeout_s = timeout_s

@@ -6,20 +6,21 @@ pipeline; every other chunk is encoded as usual. Tests start a daemon this way
 (``DaemonFactory.start(module="tests.integration.faulty_ckptd")``) and hand it a state whose only
 tensor starts with the marker.
 
-``ckptd.codec.encode`` is replaced before anything imports it by name (the pipeline does, with
-``from ckptd.codec import encode``), so the seam does not depend on the pipeline's internals.
+``ckptd.format.codec.encode`` is replaced before anything imports it by name (the pipeline does,
+with ``from ckptd.format.codec import encode``), so the seam does not depend on the pipeline's
+internals.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import ckptd.codec
+import ckptd.format.codec
 
 FAULT_MARKER = b"ckptd-test: encoding this chunk fails"
 FAULT_MESSAGE = "injected fault: the codec cannot encode this chunk"
 
-_encode = ckptd.codec.encode
+_encode = ckptd.format.codec.encode
 
 
 def faulty_encode(raw: Any, *args: Any, **kwargs: Any) -> Any:
@@ -31,12 +32,12 @@ def faulty_encode(raw: Any, *args: Any, **kwargs: Any) -> Any:
 def main() -> None:
     """Install the seam, check the pipeline uses it, run ckptd's CLI. Only in a process of its
     own: importing this module (for the constants) changes nothing."""
-    ckptd.codec.encode = faulty_encode
-    from ckptd import pipeline  # after the patch: it imports encode by name
+    ckptd.format.codec.encode = faulty_encode
+    from ckptd.pipeline import write  # after the patch: it imports encode by name
 
-    if getattr(pipeline, "encode", faulty_encode) is not faulty_encode:
+    if getattr(write, "encode", faulty_encode) is not faulty_encode:
         raise RuntimeError("tests.integration.faulty_ckptd: the pipeline did not pick up the seam")
-    from ckptd.cli import main as ckptd_main
+    from ckptd.cli.main import main as ckptd_main
 
     ckptd_main()
 

@@ -16,7 +16,7 @@ def main() -> None:
     import ckptd.config
 
     ckptd.config.SYSTEM_CONFIG = Path(os.environ[SYSTEM_CONFIG_ENV])
-    from ckptd.cli import main as ckptd_main
+    from ckptd.cli.main import main as ckptd_main
 
     ckptd_main()
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from ckptd import benchmark
+from ckptd.cli import bench as benchmark
 from tests.integration.daemon_fixtures import clean_env, pid_alive, processes_mentioning
 
 pytestmark = pytest.mark.timeout(300)  # a hang, never a speed limit

@@ -1,9 +1,10 @@
 """The operator CLI on real checkpoint files: every command's output and exit code.
 
-Most tests run ``ckptd.cli.main`` in-process and catch its ``SystemExit``; a few run the installed
-``ckptd`` console script as real subprocesses: on pipes, on an 80-column pseudo-terminal, and (as
-root) as user nobody through ``setpriv``. In-process tables are 160 columns wide (the width the CLI
-uses when stdout is not a terminal; ``COLUMNS=160`` keeps it so under ``pytest -s`` as well).
+Most tests run ``ckptd.cli.main.main`` in-process and catch its ``SystemExit``; a few run the
+installed ``ckptd`` console script as real subprocesses: on pipes, on an 80-column pseudo-terminal,
+and (as root) as user nobody through ``setpriv``. In-process tables are 160 columns wide (the width
+the CLI uses when stdout is not a terminal; ``COLUMNS=160`` keeps it so under ``pytest -s`` as
+well).
 """
 
 from __future__ import annotations
@@ -32,11 +33,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import ckptd_client
-from ckptd.cli import human_bytes, main
+from ckptd.cli.main import human_bytes, main
 from ckptd.errors import EXIT_CODES
-from ckptd.manifest import Manifest
-from ckptd.restore import read_tensors
-from ckptd.store import Store
+from ckptd.format.manifest import Manifest
+from ckptd.format.restore import read_tensors
+from ckptd.format.store import Store
 from tests import _other_uid
 from tests.conftest import TinyNet, trained
 from tests.integration.daemon_fixtures import empty_config
@@ -169,7 +170,7 @@ def assert_bit_equal(a: torch.Tensor, b: torch.Tensor, where: str) -> None:
 def assert_same_state(exported: Any, loaded: Any, where: str = "<root>") -> None:
     """``exported`` (from the torch export) equals ``loaded`` (from ckptd_client.load): same
     container types, keys (in order) and values, tensors bit-identical; numpy arrays may have
-    become tensors (documented in ckptd.export)."""
+    become tensors (documented in ckptd.format.export)."""
     if isinstance(loaded, np.ndarray):
         assert isinstance(exported, torch.Tensor), f"{where}: {type(exported)} is not a tensor"
         assert_bit_equal(exported, torch.from_numpy(loaded), where)

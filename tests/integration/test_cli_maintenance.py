@@ -11,7 +11,7 @@
   error for every command; messages name CLI flags, and a library warning is printed once.
 * ``stop --wait`` returns once the daemon process is gone.
 
-In-process runs (``ckptd.cli.main``) wherever a real process adds nothing; a pseudo-terminal
+In-process runs (``ckptd.cli.main.main``) wherever a real process adds nothing; a pseudo-terminal
 subprocess for the confirmation prompt (click's test runner has no terminal), a real daemon for
 ``stop --wait``.
 """
@@ -38,8 +38,8 @@ import pytest
 import torch
 
 import ckptd_client
+from ckptd.format.store import Store
 from ckptd.protocol import recv_message, send_message
-from ckptd.store import Store
 from ckptd_client import Client
 from tests.integration import daemon_fixtures
 from tests.integration.daemon_fixtures import DaemonFactory, clean_env, make_state, pid_alive

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ckptd_client
-from ckptd.store import Store
+from ckptd.format.store import Store
 from tests.integration import daemon_fixtures
 from tests.integration.daemon_fixtures import DaemonFactory
 

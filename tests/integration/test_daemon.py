@@ -33,6 +33,9 @@ from ckptd.errors import (
     SnapshotSkippedError,
     StorePermissionError,
 )
+from ckptd.format.restore import load_checkpoint, verify_manifest
+from ckptd.format.skeleton import flatten
+from ckptd.format.store import Store
 from ckptd.protocol import (
     PROTOCOL_VERSION,
     LayoutEntry,
@@ -41,9 +44,6 @@ from ckptd.protocol import (
     recv_message,
     send_message,
 )
-from ckptd.restore import load_checkpoint, verify_manifest
-from ckptd.skeleton import flatten
-from ckptd.store import Store
 from ckptd_client import client as client_module
 from ckptd_client.client import Client
 from tests import _other_uid
@@ -379,8 +379,8 @@ def test_daemon_sigkilled_mid_write_then_restarted(daemon: Daemon, daemons: Daem
 
 LIVE_WRITER = """
 import sys
-from ckptd.hashing import content_hash
-from ckptd.store import Store
+from ckptd.format.hashing import content_hash
+from ckptd.format.store import Store
 
 root, job = sys.argv[1:3]
 store = Store(root)

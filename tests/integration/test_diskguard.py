@@ -23,10 +23,10 @@ from typing import Any
 import pytest
 import torch
 
-from ckptd.cli import main
+from ckptd.cli.main import main
 from ckptd.errors import EXIT_CODES, DiskFullError
-from ckptd.restore import verify_manifest
-from ckptd.store import Store
+from ckptd.format.restore import verify_manifest
+from ckptd.format.store import Store
 from ckptd_client.client import Client
 from tests._requirements import missing, require
 from tests.integration import daemon_fixtures

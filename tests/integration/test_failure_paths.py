@@ -33,7 +33,7 @@ import pytest
 import torch
 
 import ckptd_client
-from ckptd.cli import main
+from ckptd.cli.main import main
 from ckptd.errors import (
     EXIT_CODES,
     DaemonUnavailableError,
@@ -42,10 +42,10 @@ from ckptd.errors import (
     StoreIOError,
     StorePermissionError,
 )
-from ckptd.export import export_file
+from ckptd.format.export import export_file
+from ckptd.format.restore import load_checkpoint, verify_manifest
+from ckptd.format.store import Store
 from ckptd.protocol import PROTOCOL_VERSION, recv_message, send_message
-from ckptd.restore import load_checkpoint, verify_manifest
-from ckptd.store import Store
 from ckptd_client import Client
 from tests.integration import daemon_fixtures
 from tests.integration.daemon_fixtures import (

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 
-from ckptd.codec import decode
 from ckptd.errors import NotFoundError
-from ckptd.hashing import content_hash
-from ckptd.pipeline import PipelineConfig, tensor_source, write_checkpoint
-from ckptd.restore import verify_manifest
-from ckptd.skeleton import flatten
-from ckptd.store import Store
+from ckptd.format.codec import decode
+from ckptd.format.hashing import content_hash
+from ckptd.format.restore import verify_manifest
+from ckptd.format.skeleton import flatten
+from ckptd.format.store import Store
+from ckptd.pipeline.write import PipelineConfig, tensor_source, write_checkpoint
 from tests.integration.daemon_fixtures import REPO, clean_env, wait_until
 
 JOB = "race"
@@ -172,7 +172,7 @@ def test_gc_racing_deduplicating_writers_loses_nothing(store: Store) -> None:
 CHILD = r"""
 import sys, threading, time
 from pathlib import Path
-from ckptd.store import Store
+from ckptd.format.store import Store
 from tests.integration.test_gc_race import JOB, fresh_tensor, pool_tensor, write
 
 root, marker, step = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])

@@ -30,7 +30,7 @@ import pytest
 import torch
 
 import ckptd_client
-from ckptd.cli import main as cli_main
+from ckptd.cli.main import main as cli_main
 from ckptd.errors import (
     DaemonUnavailableError,
     DiskFullError,
@@ -38,6 +38,8 @@ from ckptd.errors import (
     SnapshotUnconfirmedError,
     UntrustedDaemonError,
 )
+from ckptd.format.restore import verify_manifest
+from ckptd.format.store import Store
 from ckptd.protocol import (
     MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
@@ -46,8 +48,6 @@ from ckptd.protocol import (
     recv_message,
     send_message,
 )
-from ckptd.restore import verify_manifest
-from ckptd.store import Store
 from ckptd_client.client import Client
 from tests._requirements import require
 from tests.integration import daemon_fixtures

@@ -25,8 +25,8 @@ import torch
 import ckptd_client
 import ckptd_client.client as client_module
 from ckptd.errors import ConfigError, DaemonUnavailableError, StorePermissionError
+from ckptd.format.store import Store
 from ckptd.protocol import can_connect
-from ckptd.store import Store
 from ckptd_client import Client
 from tests.integration import daemon_fixtures
 from tests.integration.daemon_fixtures import (

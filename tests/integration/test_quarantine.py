@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckptd.codec import HEADER
 from ckptd.errors import NotFoundError
-from ckptd.fsutil import fsync_dir as real_fsync_dir
-from ckptd.pipeline import PipelineConfig, WriteResult, tensor_source, write_checkpoint
-from ckptd.restore import load_checkpoint, verify_manifest
-from ckptd.skeleton import flatten
-from ckptd.store import ObjectState, Store
+from ckptd.format.codec import HEADER
+from ckptd.format.fsutil import fsync_dir as real_fsync_dir
+from ckptd.format.restore import load_checkpoint, verify_manifest
+from ckptd.format.skeleton import flatten
+from ckptd.format.store import ObjectState, Store
+from ckptd.pipeline.write import PipelineConfig, WriteResult, tensor_source, write_checkpoint
 
 JOB = "rot"
 KiB = 1 << 10
@@ -183,7 +183,7 @@ def fsyncs(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Path]]:
         seen.append(path)
         real_fsync_dir(path)
 
-    monkeypatch.setattr("ckptd.store.fsync_dir", fsync_dir)
+    monkeypatch.setattr("ckptd.format.store.fsync_dir", fsync_dir)
     yield seen
 
 

@@ -38,9 +38,9 @@ import pytest
 import torch
 
 from ckptd.errors import CkptdError, NotFoundError
-from ckptd.fsutil import tmp_writer, writer_alive
-from ckptd.restore import load_checkpoint, verify_manifest
-from ckptd.store import Store
+from ckptd.format.fsutil import tmp_writer, writer_alive
+from ckptd.format.restore import load_checkpoint, verify_manifest
+from ckptd.format.store import Store
 from tests._requirements import missing, require
 from tests.integration.daemon_fixtures import (
     REPO,

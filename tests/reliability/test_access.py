@@ -26,10 +26,10 @@ import pytest
 import torch
 
 import ckptd_client
-from ckptd.cli import main
+from ckptd.cli.main import main
 from ckptd.errors import EXIT_CODES, StorePermissionError
+from ckptd.format.store import Store
 from ckptd.protocol import PROTOCOL_VERSION, close_fds, recv_message, send_message
-from ckptd.store import Store
 from ckptd_client import Client
 from tests.integration import daemon_fixtures
 from tests.integration.daemon_fixtures import Daemon, DaemonFactory

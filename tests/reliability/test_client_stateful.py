@@ -90,8 +90,8 @@ from ckptd.errors import (
     SnapshotSkippedError,
     SnapshotUnconfirmedError,
 )
-from ckptd.restore import verify_manifest
-from ckptd.store import Store
+from ckptd.format.restore import verify_manifest
+from ckptd.format.store import Store
 from ckptd_client.client import Client, OnFull, PendingSnapshot
 from tests.integration import daemon_fixtures
 from tests.integration.daemon_fixtures import Daemon, DaemonFactory, make_state

@@ -5,8 +5,8 @@ Two jobs of five checkpoints each, written in-process; their objects are shared 
 pristine store, damages one to three random files (objects or manifests: 1-3 flipped bits, or a
 truncation to a random shorter length) and checks:
 
-* ``ckptd verify`` (in-process, ``ckptd.cli.main``) prints ``FAIL`` for every damaged checkpoint
-  and ``ok`` for every other one, and exits 7 (0 when nothing was damaged);
+* ``ckptd verify`` (in-process, ``ckptd.cli.main.main``) prints ``FAIL`` for every damaged
+  checkpoint and ``ok`` for every other one, and exits 7 (0 when nothing was damaged);
 * ``ckptd_client.load`` of a damaged step raises :class:`CorruptCheckpointError` (or its subclass
   :class:`ManifestError`) naming a file of that job;
 * ``load(..., "latest", fallback=True)`` restores the newest undamaged step, bit for bit, with a
@@ -35,10 +35,10 @@ from typing import Any
 import pytest
 
 import ckptd_client
-from ckptd.cli import main
+from ckptd.cli.main import main
 from ckptd.config import load_config
 from ckptd.errors import EXIT_CODES, CorruptCheckpointError, FormatVersionError
-from ckptd.restore import FallbackWarning
+from ckptd.format.restore import FallbackWarning
 from tests.integration import daemon_fixtures
 from tests.reliability.fixtures import (
     LoopSummary,

@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from ckptd.store import Store
+from ckptd.format.store import Store
 from tests.integration import daemon_fixtures
 from tests.integration.daemon_fixtures import DaemonFactory
 from tests.reliability.fixtures import (

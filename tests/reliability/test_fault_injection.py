@@ -36,8 +36,8 @@ import pytest
 import torch
 
 from ckptd.errors import CkptdError, DiskFullError, StoreIOError, StorePermissionError
-from ckptd.restore import load_checkpoint, verify_manifest
-from ckptd.store import Store
+from ckptd.format.restore import load_checkpoint, verify_manifest
+from ckptd.format.store import Store
 from ckptd_client import Client
 from tests.integration import daemon_fixtures
 from tests.integration.daemon_fixtures import Daemon, DaemonFactory, clean_env, status_json

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from bench.minilm import MiniLM, fine_tuned, minilm_weights
-from ckptd.skeleton import flatten
+from ckptd.format.skeleton import flatten
 
 
 def test_fine_tuned_minilm_has_every_checkpoint_tensor_and_real_adam_state() -> None:

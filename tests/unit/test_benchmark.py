@@ -1,11 +1,11 @@
-"""``ckptd.benchmark.run_bench`` (the ``ckptd bench`` command's engine) on a tiny size."""
+"""``ckptd.cli.bench.run_bench`` (the ``ckptd bench`` command's engine) on a tiny size."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from ckptd.benchmark import render, run_bench
+from ckptd.cli.bench import render, run_bench
 
 SIZE = 8 << 20
 

@@ -1,4 +1,5 @@
-"""ckptd.codec: lossless round trips, the exact object layout, and damaged objects refused."""
+"""ckptd.format.codec: lossless round trips, the exact object layout, and damaged objects
+refused."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from ckptd.codec import (
+from ckptd.errors import CorruptCheckpointError, FormatVersionError
+from ckptd.format.codec import (
     BYTEGROUP,
     HEADER,
     MAGIC,
@@ -25,7 +27,6 @@ from ckptd.codec import (
     encode,
     read_header,
 )
-from ckptd.errors import CorruptCheckpointError, FormatVersionError
 
 WHERE = "object objects/ab/abcd (holding tensor model.w)"
 
@@ -42,7 +43,7 @@ def raises_exactly(cls: type[E], match: str | None = None) -> Iterator[pytest.Ex
 
 
 # (dtype, element size the pipeline hands the codec, is_float): floats are described by their
-# component size (complex64 -> two float32 components), as ckptd.pipeline does.
+# component size (complex64 -> two float32 components), as ckptd.pipeline.write does.
 DTYPES: list[tuple[torch.dtype, int, bool]] = [
     (torch.bool, 1, False),
     (torch.uint8, 1, False),

@@ -21,11 +21,11 @@ import pytest
 import torch
 
 from ckptd.errors import EXIT_CODES, ManifestError, NoStoreError, NotFoundError, error_from_reply
-from ckptd.manifest import commit_seq, parse_manifest, sign_manifest
-from ckptd.pipeline import PipelineConfig, WriteResult, tensor_source, write_checkpoint
-from ckptd.restore import FallbackWarning, load_checkpoint
-from ckptd.skeleton import flatten
-from ckptd.store import STORE_MARKER, Store
+from ckptd.format.manifest import commit_seq, parse_manifest, sign_manifest
+from ckptd.format.restore import FallbackWarning, load_checkpoint
+from ckptd.format.skeleton import flatten
+from ckptd.format.store import STORE_MARKER, Store
+from ckptd.pipeline.write import PipelineConfig, WriteResult, tensor_source, write_checkpoint
 
 JOB = "run"
 CONFIG = PipelineConfig(chunk_bytes=64 << 10, pack_bytes=4 << 10, threads=1)
@@ -80,7 +80,7 @@ def test_rolling_back_replaces_the_step_and_makes_it_latest(
 ) -> None:
     for step in (1, 2, 3, 4):
         save(store, step)
-    with caplog.at_level(logging.INFO, logger="ckptd.store"):
+    with caplog.at_level(logging.INFO, logger="ckptd.format.store"):
         again = save(store, 2, value=0.25)
 
     assert again.manifest.seq == 5
@@ -277,7 +277,7 @@ def test_reading_the_commit_order_of_many_checkpoints_is_cheap(store: Store) -> 
         return commit_seq(data, where=where)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("ckptd.store.commit_seq", counting)
+        mp.setattr("ckptd.format.store.commit_seq", counting)
         assert store.resolve_step(JOB, "latest") == 40
         assert read == []  # old, unchanged manifests are only stat()ed
         save(store, 41)
@@ -363,8 +363,8 @@ def test_retention_keeps_the_latest_commit_when_the_clock_disagrees(store: Store
     """``newest`` and ``keep_last`` follow the commit order, like ``latest``: with commit times
     out of order (a clock stepped back, two writers racing for the commit lock) retention used
     to delete the checkpoint just committed, and ``latest`` then moved to an older one."""
-    from ckptd.prune import prune
-    from ckptd.retention import policy_from_dict
+    from ckptd.policy.prune import prune
+    from ckptd.policy.retention import policy_from_dict
 
     for step, created in ((100, "2026-01-01T00:00:00Z"), (200, "2099-01-01T00:00:00Z")):
         flat = flatten({"w": torch.full((8,), float(step))})

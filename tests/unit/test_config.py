@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from ckptd import config as config_module
-from ckptd.codec import CodecConfig
 from ckptd.config import (
     DEFAULT_ROOT,
     Config,
@@ -22,7 +21,8 @@ from ckptd.config import (
     resolve_root,
 )
 from ckptd.errors import ConfigError
-from ckptd.pipeline import PipelineConfig
+from ckptd.format.codec import CodecConfig
+from ckptd.pipeline.write import PipelineConfig
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config.example.toml"
 

@@ -22,11 +22,14 @@ import numpy as np
 import pytest
 import torch
 
-from ckptd import manifest as manifest_module
-from ckptd import pipeline as pipeline_module
-from ckptd.codec import CodecConfig
-from ckptd.manifest import LEAF_BYTES, compute_digest, parse_manifest
-from ckptd.pipeline import (
+from ckptd.format import manifest as manifest_module
+from ckptd.format.codec import CodecConfig
+from ckptd.format.manifest import LEAF_BYTES, compute_digest, parse_manifest
+from ckptd.format.restore import read_tensors
+from ckptd.format.skeleton import JSON, flatten
+from ckptd.format.store import Store
+from ckptd.pipeline import write as pipeline_module
+from ckptd.pipeline.write import (
     PipelineConfig,
     TensorSource,
     WriteResult,
@@ -35,9 +38,6 @@ from ckptd.pipeline import (
     tensor_source,
     write_checkpoint,
 )
-from ckptd.restore import read_tensors
-from ckptd.skeleton import JSON, flatten
-from ckptd.store import Store
 
 JOB = "dig"
 MiB = 1 << 20

@@ -22,13 +22,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckptd.codec import HEADER, CodecChoice, CodecConfig, decode, encode
-from ckptd.fsutil import fsync_dir as real_fsync_dir
-from ckptd.hashing import content_hash
-from ckptd.manifest import Manifest
-from ckptd.pipeline import PipelineConfig, TensorSource, WriteResult, write_checkpoint
-from ckptd.restore import read_tensors, verify_manifest
-from ckptd.store import ObjectState, Store
+from ckptd.format.codec import HEADER, CodecChoice, CodecConfig, decode, encode
+from ckptd.format.fsutil import fsync_dir as real_fsync_dir
+from ckptd.format.hashing import content_hash
+from ckptd.format.manifest import Manifest
+from ckptd.format.restore import read_tensors, verify_manifest
+from ckptd.format.store import ObjectState, Store
+from ckptd.pipeline.write import PipelineConfig, TensorSource, WriteResult, write_checkpoint
 
 JOB = "integrity"
 KiB = 1 << 10
@@ -92,7 +92,7 @@ def test_source_rewritten_right_after_hashing_still_commits_matching_objects(
             data[:] = bytes(b ^ 0xFF for b in data)
         return digest
 
-    monkeypatch.setattr("ckptd.pipeline.content_hash", hash_then_scribble)
+    monkeypatch.setattr("ckptd.pipeline.write.content_hash", hash_then_scribble)
     config = PipelineConfig(
         chunk_bytes=CHUNK, pack_bytes=0, threads=1, codec=CodecConfig(codec=codec)
     )
@@ -154,7 +154,7 @@ def events(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Event]]:
         seen.append(("commit", None))
         return real_commit(self, manifest)
 
-    monkeypatch.setattr("ckptd.store.fsync_dir", fsync_dir)
+    monkeypatch.setattr("ckptd.format.store.fsync_dir", fsync_dir)
     monkeypatch.setattr(Store, "commit_manifest", commit_manifest)
     yield seen
 
@@ -205,7 +205,7 @@ def test_pin_fsyncs_the_job_directory_after_creating_pins(
         seen.append((path, pins.is_dir()))
         real_fsync_dir(path)
 
-    monkeypatch.setattr("ckptd.store.fsync_dir", fsync_dir)
+    monkeypatch.setattr("ckptd.format.store.fsync_dir", fsync_dir)
     store.pin(JOB, 7)
 
     assert (store.job_dir(JOB), True) in seen
@@ -281,7 +281,7 @@ def test_reused_object_is_verified_once_per_store(
         decoded.append(where)
         real_decode(data, out, where=where)
 
-    monkeypatch.setattr("ckptd.store.decode", counting_decode)
+    monkeypatch.setattr("ckptd.format.store.decode", counting_decode)
     write(store, 2, named)
     assert len(decoded) == 2
     assert {store.object_state(JOB, p.name) for p in object_paths(store)} == {ObjectState.DURABLE}
@@ -302,7 +302,7 @@ def test_object_replaced_behind_the_stores_back_is_checked_again(
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
 
-    with caplog.at_level(logging.WARNING, logger="ckptd.store"):
+    with caplog.at_level(logging.WARNING, logger="ckptd.format.store"):
         result = write(store, 2, {"w": data})
 
     assert result.new_objects == 1

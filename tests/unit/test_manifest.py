@@ -1,4 +1,4 @@
-"""ckptd.manifest: the on-disk format pinned by a golden file, validation, and step names.
+"""ckptd.format.manifest: the on-disk format pinned by a golden file, validation, and step names.
 
 The golden file ``golden/manifest_v1.json`` is the manifest ckptd writes for ``_golden_state()``.
 A change to it is a change of the on-disk format: it must be deliberate (and may need a format
@@ -19,9 +19,9 @@ import blake3
 import pytest
 import torch
 
-from ckptd.codec import CodecConfig
 from ckptd.errors import FormatVersionError, ManifestError
-from ckptd.manifest import (
+from ckptd.format.codec import CodecConfig
+from ckptd.format.manifest import (
     FORMAT,
     FORMAT_VERSION,
     MAX_STEP,
@@ -32,10 +32,10 @@ from ckptd.manifest import (
     sign_manifest,
     step_from_name,
 )
-from ckptd.pipeline import PipelineConfig, tensor_source, write_checkpoint
-from ckptd.restore import load_checkpoint
-from ckptd.skeleton import flatten
-from ckptd.store import Store
+from ckptd.format.restore import load_checkpoint
+from ckptd.format.skeleton import flatten
+from ckptd.format.store import Store
+from ckptd.pipeline.write import PipelineConfig, tensor_source, write_checkpoint
 
 GOLDEN = Path(__file__).parent / "golden" / "manifest_v1.json"
 CREATED = "2026-01-01T00:00:00.000000Z"
@@ -331,8 +331,9 @@ def test_non_finite_metric_roundtrips_as_string(value: str) -> None:
 def test_containers_of_the_wrong_type(key: str) -> None:
     """A manifest whose tables have the wrong JSON type is malformed, like any other damage.
 
-    BUG (ckptd/manifest.py parse_manifest): ``"objects": []`` or ``"totals": []`` escape as a bare
-    AttributeError instead of ManifestError, so fallback/verify do not treat them as corruption.
+    BUG (ckptd/format/manifest.py parse_manifest): ``"objects": []`` or ``"totals": []`` escape as
+    a bare AttributeError instead of ManifestError, so fallback/verify do not treat them as
+    corruption.
     """
     doc = _doc()
     doc[key] = [] if key != "tensors" else {"a": 1}
@@ -391,8 +392,8 @@ def test_step_from_name_rejects_other_files(name: str) -> None:
 
 
 def test_step_from_name_rejects_non_ascii_digits() -> None:
-    """BUG (minor, ckptd/manifest.py step_from_name): str.isdigit() accepts Unicode digits, so
-    ``step-١١١١١١١١١١١١.json`` (Arabic-Indic digits) is listed as step 111111111111, a checkpoint
+    """BUG (minor, ckptd/format/manifest.py step_from_name): str.isdigit() accepts Unicode digits,
+    so ``step-١١١١١١١١١١١١.json`` (Arabic-Indic digits) is listed as step 111111111111, a checkpoint
     whose real file name does not exist; ``latest`` then resolves to it and fails."""
     assert step_from_name("step-" + "\u0661" * 12 + ".json") is None
 

@@ -15,8 +15,6 @@ from typing import Any, TypeVar
 import pytest
 import torch
 
-from ckptd import pipeline as pipeline_module
-from ckptd.codec import CodecConfig
 from ckptd.errors import (
     CorruptCheckpointError,
     DiskFullError,
@@ -26,11 +24,19 @@ from ckptd.errors import (
     StorePermissionError,
     UnsupportedStateError,
 )
-from ckptd.fsutil import Buffer
-from ckptd.pipeline import PipelineConfig, WriteResult, tensor_source, write_checkpoint
-from ckptd.restore import FallbackWarning, Loaded, load_checkpoint, read_tensors, verify_manifest
-from ckptd.skeleton import dtype_name, flatten
-from ckptd.store import MAX_JOB_NAME, STALE_TMP_S, TMP_GRACE_S, Store, validate_job_name
+from ckptd.format.codec import CodecConfig
+from ckptd.format.fsutil import Buffer
+from ckptd.format.restore import (
+    FallbackWarning,
+    Loaded,
+    load_checkpoint,
+    read_tensors,
+    verify_manifest,
+)
+from ckptd.format.skeleton import dtype_name, flatten
+from ckptd.format.store import MAX_JOB_NAME, STALE_TMP_S, TMP_GRACE_S, Store, validate_job_name
+from ckptd.pipeline import write as pipeline_module
+from ckptd.pipeline.write import PipelineConfig, WriteResult, tensor_source, write_checkpoint
 from tests.conftest import trained
 
 KiB = 1 << 10
@@ -236,7 +242,8 @@ def test_tied_weights_stay_tied(store: Store) -> None:
 
 
 def test_conjugate_view_is_restored_conjugated(store: Store) -> None:
-    """BUG (ckptd/skeleton.py flatten.add_tensor): see test_skeleton; through the store too."""
+    """BUG (ckptd/format/skeleton.py flatten.add_tensor): see test_skeleton; through the store
+    too."""
     z = torch.randn(4, dtype=torch.complex64)
     save(store, "conj", 1, {"z": z, "zc": z.conj()})
     got = load(store, "conj")
@@ -302,7 +309,7 @@ def test_one_changed_tensor_writes_only_its_objects(store: Store) -> None:
 def test_identical_chunks_in_one_checkpoint_are_counted_once(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """BUG (ckptd/pipeline.py write_checkpoint/_write_chunk): two chunks of one checkpoint with
+    """BUG (pipeline/write.py write_checkpoint/_write_chunk): two chunks of one checkpoint with
     the same content (a zero tensor bigger than chunk_bytes, two identical buffers) can both miss
     the dedup check and both be written; written_bytes then counts the object twice and
     reused_objects goes negative. The seam below forces that interleaving: both chunks' hashes

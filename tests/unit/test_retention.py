@@ -12,7 +12,7 @@ import pytest
 
 from ckptd.config import Config, config_from_dict, load_config
 from ckptd.errors import ConfigError
-from ckptd.retention import (
+from ckptd.policy.retention import (
     CheckpointFacts,
     RetentionPolicy,
     decide,

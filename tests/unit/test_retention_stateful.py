@@ -27,13 +27,13 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from ckptd.fsutil import Buffer
-from ckptd.pipeline import PipelineConfig, tensor_source, write_checkpoint
-from ckptd.prune import delete_unprotected, job_facts, prune
-from ckptd.restore import verify_manifest
-from ckptd.retention import RetentionPolicy, decide, deletable
-from ckptd.skeleton import flatten
-from ckptd.store import STALE_TMP_S, TMP_GRACE_S, Store
+from ckptd.format.fsutil import Buffer
+from ckptd.format.restore import verify_manifest
+from ckptd.format.skeleton import flatten
+from ckptd.format.store import STALE_TMP_S, TMP_GRACE_S, Store
+from ckptd.pipeline.write import PipelineConfig, tensor_source, write_checkpoint
+from ckptd.policy.prune import delete_unprotected, job_facts, prune
+from ckptd.policy.retention import RetentionPolicy, decide, deletable
 
 JOB = "sm"
 KiB = 1024

@@ -1,4 +1,4 @@
-"""ckptd.skeleton: flatten/unflatten round trips (property-based), tied tensors, refusals."""
+"""ckptd.format.skeleton: flatten/unflatten round trips (property-based), tied tensors, refusals."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from ckptd.errors import ManifestError, UnsupportedStateError
-from ckptd.manifest import Manifest, parse_manifest
-from ckptd.pipeline import tensor_source
-from ckptd.skeleton import dtype_from_name, dtype_name, flatten, iter_keys, unflatten
+from ckptd.format.manifest import Manifest, parse_manifest
+from ckptd.format.skeleton import dtype_from_name, dtype_name, flatten, iter_keys, unflatten
+from ckptd.pipeline.write import tensor_source
 
 _QUANTIZED = {"qint8", "quint8", "qint32", "quint4x2", "quint2x4"}
 ALL_DTYPES: list[torch.dtype] = sorted(
@@ -305,8 +305,9 @@ def test_distinct_empty_tensors_are_not_tied() -> None:
 
 
 def test_conjugate_view_is_not_tied_to_its_base() -> None:
-    """BUG (ckptd/skeleton.py flatten.add_tensor): the identity key ignores the conjugate (and
-    negative) bit, so ``z.conj()`` is stored as ``z`` and silently restored with the wrong sign."""
+    """BUG (format/skeleton.py flatten.add_tensor): the identity key ignores the conjugate
+    (and negative) bit, so ``z.conj()`` is stored as ``z`` and silently restored with the wrong
+    sign."""
     z = torch.tensor([1 + 2j, 3 - 4j])
     state = {"z": z, "zc": z.conj()}
     flat = flatten(state)
@@ -327,7 +328,7 @@ def test_ndarrays_come_back_as_ndarrays() -> None:
 
 
 def test_zero_dim_ndarray_keeps_its_shape() -> None:
-    """BUG (ckptd/skeleton.py _ndarray_to_tensor): np.ascontiguousarray turns a 0-d array into
+    """BUG (format/skeleton.py _ndarray_to_tensor): np.ascontiguousarray turns a 0-d array into
     shape (1,), so ``np.array(3.5)`` is restored as ``array([3.5])``."""
     a = np.array(3.5)
     flat = flatten({"a": a})
@@ -337,7 +338,7 @@ def test_zero_dim_ndarray_keeps_its_shape() -> None:
 
 
 def test_read_only_ndarray_is_stored_without_a_warning() -> None:
-    """BUG (ckptd/skeleton.py _ndarray_to_tensor): torch.from_numpy on a read-only array (e.g.
+    """BUG (format/skeleton.py _ndarray_to_tensor): torch.from_numpy on a read-only array (e.g.
     np.frombuffer over bytes) emits a UserWarning, an error under ``-W error``."""
     a = np.frombuffer(b"\x00\x00\x80\x3f" * 3, dtype=np.float32)
     assert not a.flags.writeable
@@ -364,7 +365,7 @@ def test_unsupported_ndarrays(array: np.ndarray, fragment: str) -> None:
 
 
 def test_numpy_longdouble_scalar_is_stored_or_refused_by_name() -> None:
-    """BUG (minor, ckptd/skeleton.py flatten.enc): np.longdouble(...).item() is a longdouble
+    """BUG (minor, ckptd/format/skeleton.py flatten.enc): np.longdouble(...).item() is a longdouble
     again, so flatten recurses 200 levels and reports "nested deeper than 200 levels" instead of
     naming the type."""
     value = np.longdouble(1.5)
@@ -466,7 +467,7 @@ def test_sparse_and_meta_tensors_are_refused() -> None:
 
 
 def test_unpaired_surrogate_is_refused_or_stored() -> None:
-    """BUG (ckptd/skeleton.py flatten.enc / manifest.py _compact): a str with a lone surrogate
+    """BUG (format/skeleton.py flatten.enc / manifest.py _compact): a str with a lone surrogate
     (os.fsdecode of a non-UTF-8 file name gives one) passes flatten, and the manifest then fails
     to encode as UTF-8 with a bare UnicodeEncodeError, after every object was written. Either
     flatten refuses it (naming the key path) or the manifest must be able to hold it."""

@@ -12,10 +12,10 @@ import torch
 
 import ckptd_client
 from ckptd import config as config_module
-from ckptd.pipeline import PipelineConfig, tensor_source, write_checkpoint
-from ckptd.restore import load_checkpoint
-from ckptd.skeleton import flatten
-from ckptd.store import Store
+from ckptd.format.restore import load_checkpoint
+from ckptd.format.skeleton import flatten
+from ckptd.format.store import Store
+from ckptd.pipeline.write import PipelineConfig, tensor_source, write_checkpoint
 from ckptd_client.state import STATE_KEYS, apply, collect, rng_state, set_rng_state
 from tests.conftest import trained
 

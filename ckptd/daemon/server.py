@@ -36,6 +36,9 @@ from ckptd.errors import (
     ProtocolError,
     StorePermissionError,
 )
+from ckptd.format.skeleton import dtype_from_name
+from ckptd.format.store import Store, validate_job_name
+from ckptd.policy.retention import policy_from_dict, policy_to_dict
 from ckptd.protocol import (
     MAX_META_BYTES,
     PROTOCOL_VERSION,
@@ -50,14 +53,11 @@ from ckptd.protocol import (
     recv_packet,
 )
 from ckptd.protocol import decode_message as _decode
-from ckptd.retention import policy_from_dict, policy_to_dict
-from ckptd.skeleton import dtype_from_name
-from ckptd.store import Store, validate_job_name
 
 if TYPE_CHECKING:
-    from ckptd.daemon import Daemon
+    from ckptd.daemon.lifecycle import Daemon
 
-log = logging.getLogger("ckptd.server")
+log = logging.getLogger("ckptd.daemon.server")
 
 MAX_SLOTS_PER_CLIENT = 64
 MAX_SLOT_BYTES = 1 << 40

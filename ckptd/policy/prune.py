@@ -1,9 +1,9 @@
 """Applying retention: delete what no rule keeps, then collect the freed objects.
 
-The policy (:mod:`ckptd.retention`) decides; this module only acts. Order, for every job: read the
-manifests, ask :func:`decide`, delete the manifests no rule keeps (oldest first, each removal
-atomic), then GC objects no manifest references. The newest checkpoint and pinned ones are never
-deleted (the policy always keeps them, and :func:`prune` checks again before each deletion).
+The policy (:mod:`ckptd.policy.retention`) decides; this module only acts. Order, for every job:
+read the manifests, ask :func:`decide`, delete the manifests no rule keeps (oldest first, each
+removal atomic), then GC objects no manifest references. The newest checkpoint and pinned ones are
+never deleted (the policy always keeps them, and :func:`prune` checks again before each deletion).
 A manifest that cannot be read stops pruning of that job: what it references is unknown.
 """
 
@@ -13,10 +13,10 @@ import logging
 from dataclasses import dataclass
 
 from ckptd.errors import NotFoundError
-from ckptd.retention import CheckpointFacts, RetentionPolicy, commit_order, decide, deletable
-from ckptd.store import GcResult, Store
+from ckptd.format.store import GcResult, Store
+from ckptd.policy.retention import CheckpointFacts, RetentionPolicy, commit_order, decide, deletable
 
-log = logging.getLogger("ckptd.prune")
+log = logging.getLogger("ckptd.policy.prune")
 
 
 @dataclass(frozen=True)

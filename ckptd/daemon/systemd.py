@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 
-log = logging.getLogger("ckptd.systemd")
+log = logging.getLogger("ckptd.daemon.systemd")
 
 
 def notify(*fields: str) -> bool:

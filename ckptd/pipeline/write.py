@@ -10,12 +10,13 @@ shared-memory slot there), fsyncs the directories of every object the manifest n
 store does not know durable (:meth:`Store.make_durable`) and commits the manifest, numbered with
 the job's next commit sequence number (:meth:`Store.commit_lock`).
 
-The checkpoint digest (:func:`ckptd.manifest.checkpoint_digest`) hashes each tensor in leaves of
-:data:`~ckptd.manifest.LEAF_BYTES`, computed from the same private copies, never from the source
-again nor from disk: a chunk that is exactly one leaf (a large tensor's chunk with the default
-``chunk_bytes``) gives the object name it already hashed; a leaf inside a chunk (a packed small
-tensor) is hashed from the copy; a leaf that spans chunks (other chunk sizes) is assembled from
-the copies of its pieces and hashed by the thread that completes it (:class:`_SpanningLeaves`).
+The checkpoint digest (:func:`ckptd.format.manifest.checkpoint_digest`) hashes each tensor in
+leaves of :data:`~ckptd.format.manifest.LEAF_BYTES`, computed from the same private copies, never
+from the source again nor from disk: a chunk that is exactly one leaf (a large tensor's chunk with
+the default ``chunk_bytes``) gives the object name it already hashed; a leaf inside a chunk (a
+packed small tensor) is hashed from the copy; a leaf that spans chunks (other chunk sizes) is
+assembled from the copies of its pieces and hashed by the thread that completes it
+(:class:`_SpanningLeaves`).
 
 Ownership: the caller owns the tensor buffers and must not mutate them until ``on_read_done`` has
 been called (or the function has returned or raised); a mutation that happens anyway (another
@@ -43,9 +44,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ckptd.codec import CodecConfig, encode
-from ckptd.hashing import content_hash
-from ckptd.manifest import (
+from ckptd.format.codec import CodecConfig, encode
+from ckptd.format.hashing import content_hash
+from ckptd.format.manifest import (
     LEAF_BYTES,
     Manifest,
     ObjectInfo,
@@ -59,8 +60,8 @@ from ckptd.manifest import (
     now_iso,
     tensor_hash_of_leaves,
 )
-from ckptd.skeleton import JSON, dtype_from_name, dtype_name
-from ckptd.store import Store, validate_job_name
+from ckptd.format.skeleton import JSON, dtype_from_name, dtype_name
+from ckptd.format.store import Store, validate_job_name
 
 _FLOAT_COMPONENT_BYTES = {
     "float16": 2,
@@ -126,7 +127,7 @@ def state_digest(tensors: Sequence[TensorSource], skeleton: JSON) -> str:
 
 def recompute_digest(manifest: Manifest, tensors: Sequence[torch.Tensor]) -> str:
     """The checkpoint digest of ``manifest``'s skeleton and ``tensors`` (its tensors as read
-    back, in manifest order, e.g. by :func:`ckptd.restore.read_tensors`): equal to
+    back, in manifest order, e.g. by :func:`ckptd.format.restore.read_tensors`): equal to
     ``manifest.digest`` when the data is what was saved."""
     if len(tensors) != len(manifest.tensors):
         raise ValueError(

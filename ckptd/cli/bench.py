@@ -5,9 +5,9 @@ that):
 
 * **memory copy**: ``copy_`` of ``size`` bytes into a reused, pre-touched buffer (the best case
   of a snapshot's copy into a shared-memory slot); the best of three passes;
-* **codec**: :func:`ckptd.codec.encode` / :func:`~ckptd.codec.decode` of ``min(size, 256 MiB)``
-  of random-normal float32 data (the default ``auto`` codec, level 1) in 8 MiB chunks on a
-  2-thread pool; stored/raw is the compression ratio on *this* data (trained weights compress to
+* **codec**: :func:`ckptd.format.codec.encode` / :func:`~ckptd.format.codec.decode` of ``min(size,
+  256 MiB)`` of random-normal float32 data (the default ``auto`` codec, level 1) in 8 MiB chunks on
+  a 2-thread pool; stored/raw is the compression ratio on *this* data (trained weights compress to
   about 0.83 in the project's codec benchmark; random normals are similar);
 * **disk**: write ``size`` bytes in 8 MiB chunks to a file under ``root``, ``fsync`` it, delete it;
 * **ckptd save**: :func:`ckptd_client.save` of a ``size`` state (float32 tensors of 8-32 MiB)
@@ -53,8 +53,8 @@ import psutil
 import torch
 
 import ckptd
-from ckptd.codec import CodecConfig, Encoded, decode, encode
 from ckptd.errors import DaemonUnavailableError
+from ckptd.format.codec import CodecConfig, Encoded, decode, encode
 from ckptd.protocol import can_connect
 
 MiB = 1 << 20
@@ -308,7 +308,7 @@ def _perturb(state: dict[str, torch.Tensor], rep: int) -> None:
 def measure_snapshot(size: int, root: Path, reps: int = SNAPSHOT_REPS) -> dict[str, Any]:
     """Stall and durable latency of ``Client.snapshot`` through a daemon started for it, beside
     one ``copy_`` and ``torch.save`` + ``fsync`` of the same state in the same reps."""
-    from ckptd.store import Store
+    from ckptd.format.store import Store
     from ckptd_client import Client
 
     if reps < 1:

@@ -3,8 +3,8 @@
 A checkpoint exists iff ``<root>/<job>/manifests/step-<12 digits>.json`` exists. The manifest lists
 each tensor (key path, dtype, shape, byte length) as a sequence of pieces of content-addressed
 objects, the objects it needs (raw and stored length, codec), the skeleton of the non-tensor state
-(see :mod:`ckptd.skeleton`) and totals. It is written last, atomically, after every object it names
-is durable. Field by field documentation: ``docs/format.md``.
+(see :mod:`ckptd.format.skeleton`) and totals. It is written last, atomically, after every object
+it names is durable. Field by field documentation: ``docs/format.md``.
 
 Two keys order and identify checkpoints: ``seq``, the job's commit sequence number (what
 ``latest`` means: the checkpoint committed last, whatever its step), and ``digest``, one hash of
@@ -26,8 +26,8 @@ from typing import Any
 import blake3
 
 from ckptd.errors import FormatVersionError, ManifestError
-from ckptd.hashing import check_hash_name, content_hash
-from ckptd.skeleton import JSON, dtype_from_name
+from ckptd.format.hashing import check_hash_name, content_hash
+from ckptd.format.skeleton import JSON, dtype_from_name
 
 FORMAT = "ckptd.manifest"
 FORMAT_VERSION = 1
@@ -91,9 +91,9 @@ class Manifest:
     """An immutable checkpoint description. ``created`` is an ISO 8601 UTC timestamp.
 
     ``seq`` is the job's commit sequence number, assigned by the committer
-    (:meth:`ckptd.store.Store.commit_lock`): 0 for a manifest not committed yet or written before
-    seq existed. ``digest`` is the checkpoint digest (:func:`compute_digest`), None for manifests
-    written before it existed.
+    (:meth:`ckptd.format.store.Store.commit_lock`): 0 for a manifest not committed yet or written
+    before seq existed. ``digest`` is the checkpoint digest (:func:`compute_digest`), None for
+    manifests written before it existed.
     """
 
     job: str

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-log = logging.getLogger("ckptd.metrics")
+log = logging.getLogger("ckptd.daemon.metrics")
 
 _BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 

@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 
-from ckptd.codec import decode
 from ckptd.errors import (
     CkptdError,
     ConfigError,
@@ -36,12 +35,13 @@ from ckptd.errors import (
     FormatVersionError,
     NotFoundError,
 )
-from ckptd.hashing import content_hash
-from ckptd.manifest import Manifest, ObjectInfo
-from ckptd.skeleton import dtype_from_name, ndarray_indices, unflatten
-from ckptd.store import Store
+from ckptd.format.codec import decode
+from ckptd.format.hashing import content_hash
+from ckptd.format.manifest import Manifest, ObjectInfo
+from ckptd.format.skeleton import dtype_from_name, ndarray_indices, unflatten
+from ckptd.format.store import Store
 
-log = logging.getLogger("ckptd.restore")
+log = logging.getLogger("ckptd.format.restore")
 
 MapLocation = (
     str

@@ -55,13 +55,13 @@ from ckptd.errors import (
     NotFoundError,
     error_from_reply,
 )
+from ckptd.format.manifest import MAX_STEP, Manifest
+from ckptd.format.restore import FallbackWarning, load_checkpoint, verify_manifest
+from ckptd.format.skeleton import iter_keys
+from ckptd.format.store import Store, validate_job_name
 from ckptd.locate import store_root
-from ckptd.manifest import MAX_STEP, Manifest
-from ckptd.prune import job_facts, prune
-from ckptd.restore import FallbackWarning, load_checkpoint, verify_manifest
-from ckptd.retention import decide
-from ckptd.skeleton import iter_keys
-from ckptd.store import Store, validate_job_name
+from ckptd.policy.prune import job_facts, prune
+from ckptd.policy.retention import decide
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -588,7 +588,7 @@ def report_damage(store: Store, job: str, damage: Damage, quarantine: bool) -> N
             lines.append(f"  damaged     {digest} ({where})")
             continue
         try:
-            with muted("ckptd.store"):  # its "moved damaged object" warning: reported below
+            with muted("ckptd.format.store"):  # its "moved damaged object" warning: reported below
                 # Checked again under the job lock, right before the move (see Store).
                 dest = store.quarantine_object(
                     job, digest, still_damaged=functools.partial(still_damaged, store, m, digest)
@@ -735,7 +735,7 @@ def restore_cmd(
 
     STEP is a step number, 'latest' (the checkpoint committed last) or 'highest'.
     """
-    from ckptd.export import export_file
+    from ckptd.format.export import export_file
 
     store = _store(root, config)
     store.check_store()
@@ -925,7 +925,7 @@ def bench_cmd(size: str, as_json: bool, root: str | None, config: str | None) ->
     Writes SIZE bytes under the checkpoint root (then deletes them) and needs about 3x SIZE of
     memory.
     """
-    from ckptd.benchmark import render, run_bench
+    from ckptd.cli.bench import render, run_bench
     from ckptd.config import parse_size
 
     size_bytes = parse_size(size, "--size")
@@ -967,7 +967,7 @@ def start_cmd(
 ) -> None:
     """Run the daemon in the foreground (systemd runs exactly this)."""
     from ckptd.config import SYSTEM_SOCKET, user_socket
-    from ckptd.daemon import run_daemon
+    from ckptd.daemon.lifecycle import run_daemon
 
     if on_demand and not user:
         raise click.UsageError(

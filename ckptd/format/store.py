@@ -46,7 +46,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ckptd.codec import CODEC_NAMES, HEADER, decode, read_header
 from ckptd.errors import (
     CorruptCheckpointError,
     FormatVersionError,
@@ -56,7 +55,8 @@ from ckptd.errors import (
     NotFoundError,
     StorePermissionError,
 )
-from ckptd.fsutil import (
+from ckptd.format.codec import CODEC_NAMES, HEADER, decode, read_header
+from ckptd.format.fsutil import (
     Buffer,
     durable_write,
     ensure_dir,
@@ -65,8 +65,8 @@ from ckptd.fsutil import (
     tmp_writer,
     writer_alive,
 )
-from ckptd.hashing import check_hash_name, content_hash
-from ckptd.manifest import (
+from ckptd.format.hashing import check_hash_name, content_hash
+from ckptd.format.manifest import (
     FORMAT_VERSION,
     Manifest,
     ObjectInfo,
@@ -78,7 +78,7 @@ from ckptd.manifest import (
     step_from_name,
 )
 
-log = logging.getLogger("ckptd.store")
+log = logging.getLogger("ckptd.format.store")
 
 MAX_JOB_NAME = 128
 STALE_TMP_S = 3600.0

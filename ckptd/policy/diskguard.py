@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING
 
 from ckptd.config import DiskConfig
 from ckptd.errors import CkptdError, DiskFullError, NotFoundError
-from ckptd.prune import delete_unprotected, job_facts
-from ckptd.retention import commit_order, decide, deletable
-from ckptd.store import Store
+from ckptd.format.store import Store
+from ckptd.policy.prune import delete_unprotected, job_facts
+from ckptd.policy.retention import commit_order, decide, deletable
 
 if TYPE_CHECKING:
-    from ckptd.daemon import Daemon
+    from ckptd.daemon.lifecycle import Daemon
 
-log = logging.getLogger("ckptd.diskguard")
+log = logging.getLogger("ckptd.policy.diskguard")
 
 
 def _existing(path: Path) -> Path:

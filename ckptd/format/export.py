@@ -4,7 +4,7 @@
 ``torch.load(FILE, weights_only=True)``; numpy arrays (numpy's RNG state) become tensors, since
 ``weights_only`` refuses numpy objects. ``safetensors``: every tensor under its dotted key path
 (``model.fc.weight``, ``optimizer.state.0.exp_avg``); the non-tensor skeleton, job and step go in
-the file's metadata (``ckptd.skeleton``, ``ckptd.job``, ``ckptd.step``).
+the file's metadata (``ckptd.format.skeleton``, ``ckptd.job``, ``ckptd.step``).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from ckptd.errors import CkptdError
-from ckptd.fsutil import os_error
-from ckptd.restore import Loaded
+from ckptd.format.fsutil import os_error
+from ckptd.format.restore import Loaded
 
 
 def _weights_only_safe(value: Any) -> Any:

@@ -2,11 +2,12 @@
 
 * **startup**: load config, sweep tmp files left by a crash in the root, remove a stale socket,
   bind, then ``READY=1``.
-* **serve**: an asyncio loop accepts clients (:mod:`ckptd.server`), admits snapshots into one FIFO
-  queue, and a single writer task feeds them, one at a time, to the write pipeline, which runs on a
-  bounded thread pool (hashing, zstd and file I/O release the GIL). The writer reports ``released``
-  as soon as a slot has been read and ``committed`` / ``failed`` when the manifest is durable (or
-  not). Memory in flight is the pipeline's bounded budget; the slots themselves are the clients'.
+* **serve**: an asyncio loop accepts clients (:mod:`ckptd.daemon.server`), admits snapshots into
+  one FIFO queue, and a single writer task feeds them, one at a time, to the write pipeline, which
+  runs on a bounded thread pool (hashing, zstd and file I/O release the GIL). The writer reports
+  ``released`` as soon as a slot has been read and ``committed`` / ``failed`` when the manifest is
+  durable (or not). Memory in flight is the pipeline's bounded budget; the slots themselves are the
+  clients'.
 * **drain**: the first SIGTERM (or ``ckptd stop``) stops admitting, writes every accepted snapshot,
   says ``STOPPING=1`` and exits 0. A second SIGTERM or SIGINT aborts at once (exit 1); the next
   start sweeps what was left in tmp.
@@ -42,20 +43,8 @@ import psutil
 
 from ckptd import __version__
 from ckptd.config import Config, load_config
-from ckptd.diskguard import DiskGuard
-from ckptd.errors import (
-    CkptdError,
-    DaemonUnavailableError,
-    DiskFullError,
-    ProtocolError,
-    SnapshotFailedError,
-    StorePermissionError,
-)
-from ckptd.metrics import Metrics
-from ckptd.pipeline import TensorSource, WriteResult, write_checkpoint
-from ckptd.prune import prune
-from ckptd.retention import RetentionPolicy
-from ckptd.server import (
+from ckptd.daemon.metrics import Metrics
+from ckptd.daemon.server import (
     Connection,
     Peer,
     WriteRequest,
@@ -64,10 +53,22 @@ from ckptd.server import (
     peer_allowed,
     peer_of,
 )
-from ckptd.store import Store
-from ckptd.systemd import notify, watchdog_interval_s
+from ckptd.daemon.systemd import notify, watchdog_interval_s
+from ckptd.errors import (
+    CkptdError,
+    DaemonUnavailableError,
+    DiskFullError,
+    ProtocolError,
+    SnapshotFailedError,
+    StorePermissionError,
+)
+from ckptd.format.store import Store
+from ckptd.pipeline.write import TensorSource, WriteResult, write_checkpoint
+from ckptd.policy.diskguard import DiskGuard
+from ckptd.policy.prune import prune
+from ckptd.policy.retention import RetentionPolicy
 
-log = logging.getLogger("ckptd.daemon")
+log = logging.getLogger("ckptd.daemon.lifecycle")
 
 MAX_STATUS_COMMITS = 50
 """``last_commit`` entries ``status`` returns (most recent first); the daemon remembers 4x that."""
@@ -788,7 +789,7 @@ class Daemon:
 
 def raise_fd_limit() -> None:
     """Raise the soft limit on open files to the hard one: each client holds a socket and up to
-    :data:`~ckptd.server.MAX_SLOTS_PER_CLIENT` slot descriptors."""
+    :data:`~ckptd.daemon.server.MAX_SLOTS_PER_CLIENT` slot descriptors."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         try:

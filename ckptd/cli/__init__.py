@@ -1,0 +1,1 @@
+"""The ``ckptd`` command line: operator commands over the store and the daemon."""

@@ -1,0 +1,1 @@
+"""The ckptd daemon: socket and sessions, lifecycle, the write queue, metrics, systemd."""
