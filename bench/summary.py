@@ -16,7 +16,8 @@ the benchmarks wrote, so the README can be regenerated (and checked) instead of 
   to the copy.
 
 ``bench/README.md`` shows the tables as printed here (and :mod:`bench.scaling`'s table and fits);
-the README shows the same tables and the prose; ``tests/unit/test_bench_summary.py`` checks both.
+the README shows the same tables and the prose; ``tests/unit/bench/test_bench_summary.py``
+checks both.
 
 Run: ``.venv/bin/python -m bench.summary [--results DIR] [--size 1GiB]``.
 """

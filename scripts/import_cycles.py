@@ -70,7 +70,8 @@ def main() -> int:
     for c in cycles:
         print("cycle:", " <-> ".join(c))
     print(
-        f"{len(graph.modules)} modules, {len(cycles)} cycle(s), {len(in_cycles)} module(s) in a cycle"
+        f"{len(graph.modules)} modules, {len(cycles)} cycle(s), "
+        f"{len(in_cycles)} module(s) in a cycle"
     )
     return 1 if cycles else 0
 

@@ -4,7 +4,7 @@ No test reads the machine's system-wide config (``/etc/ckptd/ckptd.toml``): in t
 test runs with :data:`ckptd.config.SYSTEM_CONFIG` pointed at a file that does not exist (autouse
 fixture below); daemons, CLI runs and trainers started as subprocesses get ``CKPTD_CONFIG``
 pointing at an empty file (``tests.integration.daemon_fixtures.clean_env``), so their lookup
-never reaches ``/etc``. ``tests/integration/test_isolation.py`` checks both.
+never reaches ``/etc``. ``tests/integration/daemon/test_isolation.py`` checks both.
 
 Under ``CI=true`` a test whose requirement is missing fails instead of skipping
 (:mod:`tests._requirements`).

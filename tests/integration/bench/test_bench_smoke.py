@@ -22,7 +22,7 @@ import pytest
 from tests._requirements import missing, require
 from tests.integration.daemon_fixtures import clean_env
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 pytestmark = pytest.mark.timeout(600)  # a hang, never a speed limit
 
 

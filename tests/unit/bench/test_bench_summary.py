@@ -21,7 +21,7 @@ import pytest
 
 from bench import scaling, summary
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 RESULTS = REPO / "bench" / "results"
 README = (REPO / "README.md").read_text(encoding="utf-8")
 BENCH_README = (REPO / "bench" / "README.md").read_text(encoding="utf-8")

@@ -3,7 +3,7 @@
 The golden file ``golden/manifest_v1.json`` is the manifest ckptd writes for ``_golden_state()``.
 A change to it is a change of the on-disk format: it must be deliberate (and may need a format
 version bump). To regenerate it after such a change, run
-``CKPTD_UPDATE_GOLDEN=1 .venv/bin/pytest tests/unit/test_manifest.py`` and review the diff.
+``CKPTD_UPDATE_GOLDEN=1 .venv/bin/pytest tests/unit/format/test_manifest.py`` and review the diff.
 """
 
 from __future__ import annotations

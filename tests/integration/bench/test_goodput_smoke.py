@@ -18,7 +18,7 @@ import pytest
 
 from tests.integration.daemon_fixtures import clean_env
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 METHODS = {"none", "ckptd", "ckptd-nice0", "torch.save", "dcp.async", "dcp.save"}
 pytestmark = pytest.mark.timeout(900)  # a hang, never a speed limit
 

@@ -173,7 +173,7 @@ CHILD = r"""
 import sys, threading, time
 from pathlib import Path
 from ckptd.format.store import Store
-from tests.integration.test_gc_race import JOB, fresh_tensor, pool_tensor, write
+from tests.integration.daemon.test_gc_race import JOB, fresh_tensor, pool_tensor, write
 
 root, marker, step = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 

@@ -22,7 +22,7 @@ from bench.admission_bench import BASELINE, FIGURES
 from tests._requirements import require
 from tests.integration.daemon_fixtures import clean_env, pid_alive
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 pytestmark = pytest.mark.timeout(600)  # a hang, never a speed limit
 
 REPS, SNAPSHOTS = 2, 5

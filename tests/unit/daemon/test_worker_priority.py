@@ -1,5 +1,5 @@
 """ckptd.daemon.lifecycle.lower_priority: what the write threads run first (the kernel calls are
-the seam; tests/integration/test_daemon.py checks the real threads of a real daemon)."""
+the seam; tests/integration/daemon/test_daemon.py checks the real threads of a real daemon)."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ import pytest
 from tests._requirements import require
 from tests.integration.daemon_fixtures import clean_env
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SYSTEM_UNIT = REPO / "systemd" / "ckptd.service"
 USER_UNIT = REPO / "systemd" / "ckptd-user.service"
 SYSTEM_THRESHOLD = 2.5

@@ -42,8 +42,7 @@ from ckptd.format.store import Store
 from ckptd.protocol import recv_message, send_message
 from ckptd_client import Client
 from tests.integration import daemon_fixtures
-from tests.integration.daemon_fixtures import DaemonFactory, clean_env, make_state, pid_alive
-from tests.integration.test_cli import (
+from tests.integration.cli.test_cli import (
     CKPTD,
     CLI,
     CORRUPT,
@@ -58,6 +57,7 @@ from tests.integration.test_cli import (
     save_small,
     table_rows,
 )
+from tests.integration.daemon_fixtures import DaemonFactory, clean_env, make_state, pid_alive
 
 __all__ = ["cli"]  # the fixture, shared with test_cli.py
 

@@ -392,7 +392,7 @@ Point = namedtuple("Point", "x y")  # a collections.namedtuple on purpose
     [
         (
             Opaque(),
-            r"cannot store a value of type tests\.unit\.test_skeleton\.Opaque without pickle",
+            r"cannot store a value of type tests\.unit\.format\.test_skeleton\.Opaque without pickle",
         ),
         ({1, 2}, r"cannot store a value of type builtins\.set without pickle"),
         (frozenset({1}), r"cannot store a value of type builtins\.frozenset"),
