@@ -1,18 +1,24 @@
-"""Helpers shared by the benchmark scripts: statistics, markdown tables, JSON lines, run info, and
-the ckptd daemons the snapshot and goodput benchmarks start."""
+"""What the benchmark scripts share: their command-line options, statistics, markdown tables, JSON
+lines and run info, scratch directories, how busy the machine was, and the ckptd daemons they
+start (:class:`BenchDaemon`, a :class:`ckptd.launch.DaemonProcess`).
+
+Every script runs in one thread of its own process; a script that starts daemons stops them (its
+``finally``), and a daemon that does not start is stopped before the error reaches the script."""
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
-import signal
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +27,7 @@ from typing import Any, Generic, TypeVar
 import psutil
 import torch
 
-from ckptd.protocol import can_connect
+from ckptd.launch import DaemonProcess, private_env, start_args
 
 T = TypeVar("T")
 
@@ -113,6 +119,51 @@ def default_out(name: str, quick: bool) -> Path:
     return RESULTS_DIR / f"{name}{'-quick' if quick else ''}.jsonl"
 
 
+def write_records(path: Path, info: dict[str, Any], records: Iterable[dict[str, Any]]) -> None:
+    """Replace ``path`` with one JSON line per record, each preceded by the run's ``info``."""
+    out = JsonLines(path)
+    try:
+        for record in records:
+            out.write({**info, **record})
+    finally:
+        out.close()
+
+
+@contextmanager
+def scratch(parent: Path, prefix: str) -> Iterator[Path]:
+    """A fresh directory ``<parent>/<prefix>XXXXXXXX`` (``parent`` made if missing), removed with
+    everything in it when the block ends."""
+    parent.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def mount_of(path: Path) -> str:
+    """``device on mountpoint type fstype`` of the filesystem holding ``path``."""
+    best = ("?", "/", "?")
+    real = str(path.resolve())
+    try:
+        lines = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return "?"
+    for line in lines:
+        dev, mnt, fstype, *_ = line.split()
+        inside = real == mnt or real.startswith(mnt.rstrip("/") + "/")
+        if inside and len(mnt) >= len(best[1]):
+            best = (dev, mnt, fstype)
+    return f"{best[0]} on {best[1]} type {best[2]}"
+
+
+def settle() -> None:
+    """Between timed runs: collect garbage and flush the filesystem (writes, deletes, discards),
+    so that no run pays for the previous one's clean-up."""
+    gc.collect()
+    os.sync()
+
+
 @contextmanager
 def timer() -> Iterator[list[float]]:
     """``with timer() as t: ...`` then ``t[0]`` holds the elapsed wall seconds."""
@@ -142,9 +193,10 @@ def touch_every_byte(t: torch.Tensor) -> int:
 class CpuWatch:
     """How busy the machine was with *other* processes while a run was going.
 
-    ``foreign()`` is the CPU time used by everything but this process (and its children) since
-    the watch started, as a fraction of all CPUs (0: the run had the machine to itself; 0.5 on
-    2 CPUs: another process kept one core busy). Linux only (/proc/stat); None elsewhere."""
+    ``foreign()`` is the CPU time used by everything but this process and its children (the
+    daemons it started, live or exited) since the watch started, as a fraction of all CPUs (0:
+    the run had the machine to itself; 0.5 on 2 CPUs: another process kept one core busy). Linux
+    only (/proc/stat); None elsewhere."""
 
     def __init__(self) -> None:
         self._start = (time.perf_counter(), self._busy(), self._own())
@@ -161,8 +213,16 @@ class CpuWatch:
 
     @staticmethod
     def _own() -> float:
-        t = os.times()
-        return t.user + t.system + t.children_user + t.children_system
+        me = psutil.Process()
+        t = me.cpu_times()
+        total = t.user + t.system + t.children_user + t.children_system
+        for child in me.children(recursive=True):
+            try:
+                c = child.cpu_times()
+            except psutil.Error:
+                continue
+            total += c.user + c.system
+        return float(total)
 
     def foreign(self) -> float | None:
         wall0, busy0, own0 = self._start
@@ -208,23 +268,15 @@ class Repeated(Generic[T]):
     redone: int = 0
 
 
-def repeat(
-    reps: int,
-    warmup: bool,
-    quiet: Quiet,
-    body: Callable[[int], T],
-    watch_type: type[CpuWatch] = CpuWatch,
-) -> Repeated[T]:
-    """Call ``body(rep)`` for rep 0..reps-1 (after an untimed ``body(-1)`` if ``warmup``).
-    ``watch_type`` decides what counts as this bench's own CPU time (a subclass may count its
-    daemons too)."""
+def repeat(reps: int, warmup: bool, quiet: Quiet, body: Callable[[int], T]) -> Repeated[T]:
+    """Call ``body(rep)`` for rep 0..reps-1 (after an untimed ``body(-1)`` if ``warmup``)."""
     out: Repeated[T] = Repeated([], [])
     rep = -1 if warmup else 0
     while rep < reps:
         waited = wait_for_quiet(quiet.wait_s)
         if waited > 3:
             log(f"waited {waited:.0f}s for other processes to quieten down")
-        watch = watch_type()
+        watch = CpuWatch()
         result = body(rep)
         busy = watch.foreign()
         if rep < 0:
@@ -239,6 +291,42 @@ def repeat(
             log(f"rep {rep + 1}/{reps} done (other processes' CPU: {show_cpu(busy)})")
         rep += 1
     return out
+
+
+# ---- the command line --------------------------------------------------------------------------
+
+
+def bench_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A script's parser, described by the first paragraph of its docstring ``doc``."""
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0] if doc else None)
+
+
+def add_run_args(ap: argparse.ArgumentParser, *, quick: str, reps: str) -> None:
+    """The options of every measuring script: ``--quick`` (a smoke run; ``quick`` says what it
+    runs), ``--reps`` (``reps`` gives the defaults; see :func:`reps_of`) and ``--out``."""
+    ap.add_argument("--quick", action="store_true", help=quick)
+    ap.add_argument("--reps", type=int, default=None, help=reps)
+    ap.add_argument("--out", type=Path, default=None, help="JSON lines file")
+
+
+def reps_of(args: argparse.Namespace, full: int, quick: int = 1) -> int:
+    """``--reps``, else ``quick`` for a --quick run and ``full`` otherwise."""
+    if args.reps is not None:
+        return int(args.reps)
+    return quick if args.quick else full
+
+
+def add_results_arg(ap: argparse.ArgumentParser) -> None:
+    """``--results``: where the scripts that read results find the JSON lines."""
+    ap.add_argument("--results", type=Path, default=RESULTS_DIR, help="where the JSON lines are")
+
+
+def drop_ckptd_env() -> None:
+    """Remove every ``CKPTD_*`` variable from this process's environment: a bench's clients and
+    stores name their socket and root, and no variable of the caller's redirects them or names
+    their config."""
+    for var in [k for k in os.environ if k.startswith("CKPTD_")]:
+        del os.environ[var]
 
 
 def add_quiet_args(ap: argparse.ArgumentParser) -> None:
@@ -271,40 +359,56 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-class BenchDaemon:
-    """A ckptd daemon started by a benchmark: ``python -m ckptd start --user --socket S --root R
-    [--config C]`` with the environment's ``CKPTD_*`` / ``NOTIFY_*`` variables removed, its output
-    in ``<socket dir>/<label>.log``. The constructor returns once the socket accepts connections."""
+# ---- daemons -----------------------------------------------------------------------------------
 
-    def __init__(self, label: str, sock: Path, root: Path, config: Path | None = None) -> None:
+
+STOP_TIMEOUT_S = 60.0
+"""How long a bench daemon may drain (a large state's last write) before it is SIGKILLed."""
+
+
+class BenchDaemon:
+    """A ckptd daemon a benchmark starts and stops: a :class:`ckptd.launch.DaemonProcess` running
+    ``start --user --socket S --root R [--config C]`` from ``cwd`` in ``env`` (default: this
+    process's :func:`ckptd.launch.private_env`), its output in ``<socket dir>/<label>.log``.
+
+    The constructor returns once the socket accepts connections; a daemon that exits or does not
+    answer is stopped and :class:`ckptd.errors.DaemonUnavailableError` names its log's last
+    lines. The script that built it calls :meth:`stop`."""
+
+    def __init__(
+        self,
+        label: str,
+        sock: Path,
+        root: Path,
+        config: Path | None = None,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: Path = REPO,
+    ) -> None:
         self.label = label
         self.socket = sock
         self.root = root
         self.log = sock.parent / f"{label}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("CKPTD_", "NOTIFY_"))}
-        cmd = [sys.executable, "-m", "ckptd", "start", "--user", "--socket", str(sock)]
-        cmd += ["--root", str(root)]
-        if config is not None:
-            cmd += ["--config", str(config)]
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out
-            )
-        self.pid = self.proc.pid
-        deadline = time.monotonic() + 60
-        while not can_connect(sock):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                tail = " | ".join(self.log.read_text(errors="replace").splitlines()[-5:])
-                self.stop()
-                raise RuntimeError(f"ckptd daemon {label} did not start: {tail}")
-            time.sleep(0.05)
-        self._ps = psutil.Process(self.pid)
+        self.process = DaemonProcess(
+            sock,
+            start_args(sock, root, config),
+            log=self.log,
+            env=private_env() if env is None else env,
+            cwd=cwd,
+        )
+        self.pid = self.process.pid
+        try:
+            self.process.wait_ready(what=label)
+        except BaseException:
+            self.process.stop()
+            raise
 
     def status(self) -> dict[str, Any]:
         """``ckptd status --json --socket S``."""
         proc = subprocess.run(
             [sys.executable, "-m", "ckptd", "status", "--json", "--socket", str(self.socket)],
             cwd=REPO,
+            env=private_env(),
             capture_output=True,
             text=True,
             timeout=60,
@@ -313,31 +417,7 @@ class BenchDaemon:
         st: dict[str, Any] = json.loads(proc.stdout)
         return st
 
-    def cpu_s(self) -> float:
-        """CPU seconds the daemon has used so far (0 once it is gone)."""
-        try:
-            t = self._ps.cpu_times()
-        except psutil.Error:
-            return 0.0
-        return float(t.user + t.system)
-
     def stop(self) -> bool:
-        """``ckptd stop`` (drain and exit), then SIGTERM / SIGKILL if it lingers; True once the
-        process is gone."""
-        if self.proc.poll() is None:
-            subprocess.run(
-                [sys.executable, "-m", "ckptd", "stop", "--socket", str(self.socket)],
-                cwd=REPO,
-                capture_output=True,
-                timeout=120,
-                check=False,
-            )
-        for sig in (None, signal.SIGTERM, signal.SIGKILL):
-            if sig is not None and self.proc.poll() is None:
-                self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=30)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        return self.proc.poll() is not None
+        """SIGTERM (the daemon drains and exits), SIGKILL if it lingers past
+        :data:`STOP_TIMEOUT_S`; True when it drained and exited by itself (exit code 0)."""
+        return self.process.stop(STOP_TIMEOUT_S) == 0

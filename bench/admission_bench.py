@@ -11,7 +11,8 @@ Set-up (outside the timing): a root with ``--jobs`` jobs (default 50) of ``--che
 checkpoints each (default 100), tiny states. The first job is written with
 ``ckptd_client.save``; the others are copies of it whose manifests name their own job (re-signed
 with :func:`ckptd.format.manifest.sign_manifest`), so every manifest is a valid, verifiable one.
-Each daemon gets its own copy of the root. Two daemons per code (started like ``BenchDaemon``):
+Each daemon gets its own copy of the root. Two daemons per code (each a ``BenchDaemon`` started
+from its code's source tree):
 
 * ``guard``: ``[disk] min_free_bytes`` = the size of the root's filesystem, so free space minus
   any snapshot is always below it, and ``[retention] keep_last`` = ``--checkpoints``, so nothing
@@ -39,57 +40,53 @@ Run: ``.venv/bin/python -m bench.admission_bench [--jobs 50] [--checkpoints 100]
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tarfile
-import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make `bench` and `ckptd` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import psutil
 import torch
 
 import ckptd_client
 from bench._common import (
     REPO,
     BenchDaemon,
-    CpuWatch,
-    JsonLines,
-    Quiet,
-    Repeated,
     Spread,
     add_quiet_args,
+    add_run_args,
+    bench_parser,
     default_out,
+    drop_ckptd_env,
     log,
     markdown_table,
     quiet_of,
     repeat,
+    reps_of,
     rotated,
     run_info,
+    scratch,
     show_cpu,
+    write_records,
 )
 from ckptd.format.manifest import sign_manifest
-from ckptd.protocol import can_connect, close_fds, recv_message, send_message
-
-T = TypeVar("T")
+from ckptd.launch import private_env
+from ckptd.protocol import close_fds, recv_message, send_message
 
 BASELINE = "a5752be^"
 """The commit before the integrity fix (a5752be), which moved admission and ``hello`` off the
@@ -162,6 +159,13 @@ class Tree:
         )
         return env
 
+    def start_daemon(self, label: str, sock: Path, root: Path, config: Path) -> BenchDaemon:
+        """This tree's daemon, started from the tree with the tree first on ``PYTHONPATH``. Its
+        ``status()`` would ask with the working tree's CLI, which may not speak an old daemon's
+        protocol: send a raw ``{"op": "status"}`` instead (:class:`StatusProber`)."""
+        env = self.env(private_env())
+        return BenchDaemon(label, sock, root, config, env=env, cwd=self.path)
+
 
 def extract_ref(ref: str, dest: Path) -> Tree:
     """``ckptd/`` and ``client/`` as of git ``ref``, extracted under ``dest`` (``git archive``:
@@ -180,49 +184,6 @@ def extract_ref(ref: str, dest: Path) -> Tree:
     with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
         archive.extractall(dest, filter="data")
     return Tree(OLD, dest, f"{ref} ({sha[:12]})")
-
-
-class TreeDaemon(BenchDaemon):
-    """A :class:`BenchDaemon` running the daemon of another source tree: started from that tree
-    with the tree first on ``PYTHONPATH``, and stopped with SIGTERM (it drains, like ``ckptd
-    stop``; this process's CLI may not speak that daemon's protocol). ``status()`` is not
-    available (it would use the working tree's CLI)."""
-
-    def __init__(self, label: str, sock: Path, root: Path, config: Path, tree: Tree) -> None:
-        self.label = label
-        self.socket = sock
-        self.root = root
-        self.log = sock.parent / f"{label}.log"
-        env = tree.env(
-            {k: v for k, v in os.environ.items() if not k.startswith(("CKPTD_", "NOTIFY_"))}
-        )
-        cmd = [sys.executable, "-m", "ckptd", "start", "--user", "--socket", str(sock)]
-        cmd += ["--root", str(root), "--config", str(config)]
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                cmd, cwd=tree.path, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out
-            )
-        self.pid = self.proc.pid
-        deadline = time.monotonic() + 60
-        while not can_connect(sock):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                tail = " | ".join(self.log.read_text(errors="replace").splitlines()[-5:])
-                self.stop()
-                raise RuntimeError(f"ckptd daemon {label} did not start: {tail}")
-            time.sleep(0.05)
-        self._ps = psutil.Process(self.pid)
-
-    def status(self) -> dict[str, Any]:
-        raise NotImplementedError("TreeDaemon.status: use a raw {'op': 'status'} request")
-
-    def stop(self) -> bool:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                pass
-        return super().stop()
 
 
 # ---- the root ----------------------------------------------------------------------------------
@@ -296,29 +257,6 @@ class StatusProber:
         self._sock.close()
         if self.error is not None:
             raise RuntimeError(f"status probe failed: {self.error!r}") from self.error
-
-
-class OwnCpuWatch(CpuWatch):
-    """:class:`CpuWatch` that counts this process's live children (the daemons it started) as
-    its own too, not as other processes."""
-
-    @staticmethod
-    def _own() -> float:
-        me = psutil.Process()
-        t = me.cpu_times()
-        total = t.user + t.system + t.children_user + t.children_system
-        for child in me.children(recursive=True):
-            try:
-                c = child.cpu_times()
-            except psutil.Error:
-                continue
-            total += c.user + c.system
-        return float(total)
-
-
-def measure(reps: int, warmup: bool, quiet: Quiet, body: Callable[[int], T]) -> Repeated[T]:
-    """:func:`bench._common.repeat`, counting the daemons' CPU as ours (:class:`OwnCpuWatch`)."""
-    return repeat(reps, warmup, quiet, body, OwnCpuWatch)
 
 
 def p99(values: Sequence[float]) -> float:
@@ -462,15 +400,6 @@ def report(reps: list[dict[tuple[str, str], Cell]], codes: Sequence[str]) -> tup
 # ---- main --------------------------------------------------------------------------------------
 
 
-@contextmanager
-def scratch(parent: Path, prefix: str) -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def log_counts(daemon: BenchDaemon) -> dict[str, int]:
     text = daemon.log.read_text(errors="replace")
     return {
@@ -481,11 +410,15 @@ def log_counts(daemon: BenchDaemon) -> dict[str, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap = bench_parser(__doc__)
     ap.add_argument("--jobs", type=int, default=None, help="jobs in the root (default 50)")
     ap.add_argument("--checkpoints", type=int, default=None, help="per job (default 100)")
     ap.add_argument("--snapshots", type=int, default=None, help="timed per cell (default 20)")
-    ap.add_argument("--reps", type=int, default=None, help="kept repetitions (default 5)")
+    add_run_args(
+        ap,
+        quick="3 jobs x 5 checkpoints, 5 snapshots, 2 reps, no warm-up (smoke test)",
+        reps="kept repetitions (default 5)",
+    )
     ap.add_argument("--probe-ms", type=float, default=5.0, help="status request period")
     ap.add_argument(
         "--baseline",
@@ -493,23 +426,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"git ref of the old code (default {BASELINE}: before the integrity fix), or 'none' "
         "to measure the working tree only",
     )
-    ap.add_argument(
-        "--quick",
-        action="store_true",
-        help="3 jobs x 5 checkpoints, 5 snapshots, 2 reps, no warm-up (smoke test)",
-    )
     ap.add_argument("--dir", type=Path, default=Path("/tmp"), help="parent of the scratch dir")
-    ap.add_argument("--out", type=Path, default=None, help="JSON lines file")
     add_quiet_args(ap)
     args = ap.parse_args(argv)
     quick = args.quick
     jobs = args.jobs or (3 if quick else 50)
     checkpoints = args.checkpoints or (5 if quick else 100)
     snapshots = args.snapshots or (5 if quick else 20)
-    reps = args.reps or (2 if quick else 5)
+    reps = reps_of(args, 5, quick=2)
     out_path = args.out or default_out("admission_bench", quick)
-    for var in ("CKPTD_ROOT", "CKPTD_CONFIG", "CKPTD_SOCKET"):
-        os.environ.pop(var, None)
+    drop_ckptd_env()
 
     info = run_info("admission_bench", quick)
     info.update(jobs=jobs, checkpoints=checkpoints, snapshots=snapshots, reps=reps)
@@ -527,10 +453,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         empty.touch()
         (work / "xdg" / "ckptd").mkdir(parents=True)
         (work / "xdg" / "ckptd" / "ckptd.toml").touch()
-        client_env = {
-            k: v for k, v in os.environ.items() if not k.startswith(("CKPTD_", "NOTIFY_"))
+        client_env = private_env() | {
+            "CKPTD_CONFIG": str(empty),
+            "XDG_CONFIG_HOME": str(work / "xdg"),
         }
-        client_env.update(CKPTD_CONFIG=str(empty), XDG_CONFIG_HOME=str(work / "xdg"))
 
         log(f"building {jobs} jobs x {checkpoints} checkpoints under {work}")
         t0 = time.perf_counter()
@@ -553,11 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     roots[code, mode] = root
                     config = guard_toml if mode == GUARD else empty
                     sock, label = sd / f"{code}-{mode}.sock", f"{code}-{mode}"
-                    daemon = (
-                        BenchDaemon(label, sock, root, config)
-                        if code == NEW
-                        else TreeDaemon(label, sock, root, config, trees[code])
-                    )
+                    daemon = trees[code].start_daemon(label, sock, root, config)
                     started.append(daemon)
                     daemons[code, mode] = daemon
             info["daemon_pids"] = {f"{c}-{m}": d.pid for (c, m), d in daemons.items()}
@@ -571,7 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     log(f"  {f'rep {rep + 1}' if rep >= 0 else 'warm-up'}: {code} {mode} done")
                 return done
 
-            result = measure(reps, not quick, quiet_of(args), one_rep)
+            result = repeat(reps, not quick, quiet_of(args), one_rep)
         finally:
             final = {}
             for daemon in started:
@@ -581,15 +503,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         info["daemons"] = final
 
     text, figures = report(result.reps, codes)
-    out = JsonLines(out_path)
     info.update(loadavg_end=list(os.getloadavg()), foreign_cpu=result.foreign)
     info["redone_reps"] = result.redone
-    for i, rep_cells in enumerate(result.reps):
-        for cell in rep_cells.values():
-            out.write({**info, "kind": "cell", "rep": i, **cell.record()})
-    for rec in figures:
-        out.write({**info, **rec})
-    out.close()
+    cell_records = [
+        {"kind": "cell", "rep": i, **cell.record()}
+        for i, rep_cells in enumerate(result.reps)
+        for cell in rep_cells.values()
+    ]
+    write_records(out_path, info, [*cell_records, *figures])
     skipped = sum(d["guard_skipped_job"] for d in final.values())
     print(
         f"\n### Admission benchmark: {jobs} jobs x {checkpoints} checkpoints, {snapshots} "

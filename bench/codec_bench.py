@@ -12,7 +12,7 @@ Data sets (all lossless, every round trip checked bit for bit):
 Methods, all with 2 threads:
 
 * ``ckptd``: :func:`ckptd.format.codec.encode` / :func:`ckptd.format.codec.decode` over the chunks
-  the write pipeline would make (:func:`ckptd.pipeline.write.plan_chunks`, 8 MiB chunks, small
+  the write pipeline would make (:func:`ckptd.pipeline.plan.plan_chunks`, 8 MiB chunks, small
   tensors packed by dtype) on a 2-thread pool, default :class:`CodecConfig`; decode writes into
   pre-touched buffers;
 * ``zstd-1``: python-zstandard level 1 (no checksum) on the same chunks and pool; decompression
@@ -28,7 +28,6 @@ Run: ``.venv/bin/python -m bench.codec_bench [--quick] [--reps N] [--out PATH]``
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import importlib.metadata
 import os
@@ -37,7 +36,6 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,11 +50,14 @@ from bench._common import (
     Repeated,
     Spread,
     add_quiet_args,
+    add_run_args,
+    bench_parser,
     default_out,
     log,
     markdown_table,
     quiet_of,
     repeat,
+    reps_of,
     rotated,
     run_info,
     show_cpu,
@@ -64,7 +65,7 @@ from bench._common import (
 )
 from bench.minilm import fine_tuned, minilm_weights
 from ckptd.format.codec import CodecConfig, Encoded, decode, encode
-from ckptd.pipeline.write import PipelineConfig, plan_chunks, tensor_source
+from ckptd.pipeline.plan import PipelineConfig, plan_chunks, tensor_source
 
 THREADS = 2
 TARGET_RATIO = {"minilm-fp32": 0.83, "minilm-bf16": 0.69}
@@ -433,15 +434,17 @@ def report(results: Sequence[Result], reps: int, info: dict[str, Any], out: Json
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    ap.add_argument("--quick", action="store_true", help="one layer's tensors, 2 steps, 1 rep")
-    ap.add_argument("--reps", type=int, default=None, help="repetitions (default 5; quick 1)")
+    ap = bench_parser(__doc__)
+    add_run_args(
+        ap,
+        quick="one layer's tensors, 2 steps, 1 rep",
+        reps="repetitions (default 5; quick 1)",
+    )
     ap.add_argument("--steps", type=int, default=30, help="AdamW steps for the optimizer state")
     ap.add_argument("--no-zipnn", action="store_true", help="leave zipnn out")
-    ap.add_argument("--out", type=Path, default=None, help="JSON lines file")
     add_quiet_args(ap)
     args = ap.parse_args(argv)
-    reps = args.reps if args.reps is not None else (1 if args.quick else 5)
+    reps = reps_of(args, 5)
     info = run_info("codec_bench", args.quick)
     out = JsonLines(args.out or default_out("codec_bench", args.quick))
 

@@ -41,17 +41,14 @@ results go to ``bench/results/goodput_bench.jsonl`` (``goodput_bench-quick.jsonl
 
 from __future__ import annotations
 
-import argparse
-import gc
 import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,15 +70,22 @@ from bench._common import (
     MB,
     BenchDaemon,
     CpuWatch,
-    JsonLines,
     Spread,
+    add_run_args,
+    bench_parser,
     default_out,
+    drop_ckptd_env,
     log,
     markdown_table,
+    reps_of,
     rotated,
     run_info,
+    scratch,
+    settle,
     show_cpu,
+    write_records,
 )
+from bench.states import tensors_of
 from ckptd_client import Client, PendingSnapshot
 
 NONE = "none"
@@ -183,20 +187,6 @@ class Trainer:
 
     def state(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict()}
-
-
-def tensors_of(obj: object) -> Iterator[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from tensors_of(v)
-    elif isinstance(obj, list | tuple):
-        for v in obj:
-            yield from tensors_of(v)
-
-
-# ---- the daemon ---------------------------------------------------------------------------------
 
 
 # ---- the checkpointing methods ------------------------------------------------------------------
@@ -375,9 +365,6 @@ class Bench:
         self.daemons.clear()
         return stopped
 
-    def daemon_cpu_s(self) -> float:
-        return sum(d.cpu_s() for d in self.daemons.values())
-
     def next_step(self) -> int:
         self.ckpt_step += 1
         return self.ckpt_step
@@ -395,8 +382,7 @@ class Bench:
         saver = self.saver(name)
         for _ in range(2):  # untimed: settle the caches after the previous method
             self.trainer.step()
-        daemon_cpu0 = self.daemon_cpu_s()
-        watch = CpuWatch()
+        watch = CpuWatch()  # the daemons are this process's children: not "other"
         stall = 0.0
         checkpoints = 0
         t0 = time.perf_counter()
@@ -410,10 +396,6 @@ class Bench:
         t_end = time.perf_counter()
         done = saver.finish() if saver is not None else t_end
         foreign = watch.foreign()
-        wall = time.perf_counter() - t0
-        if foreign is not None:  # the daemons are ours, not "other"
-            daemon_cpu = self.daemon_cpu_s() - daemon_cpu0
-            foreign = max(0.0, foreign - daemon_cpu / (wall * (os.cpu_count() or 1)))
         extra = saver.extra() if saver is not None else {}
         if saver is not None:
             saver.cleanup()
@@ -424,13 +406,6 @@ class Bench:
             f" stall {stall:6.2f}s tail {run.tail_s:5.2f}s others' CPU {show_cpu(foreign)}"
         )
         return run
-
-
-def settle() -> None:
-    """Between runs: collect garbage and flush the filesystem, so that no method pays for the
-    previous one's writes or deletes."""
-    gc.collect()
-    os.sync()
 
 
 # ---- report -------------------------------------------------------------------------------------
@@ -517,21 +492,15 @@ def report(runs: list[Run], reps: int) -> tuple[str, list[dict[str, Any]]]:
 # ---- main ---------------------------------------------------------------------------------------
 
 
-@contextmanager
-def scratch(parent: Path, prefix: str) -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap = bench_parser(__doc__)
     ap.add_argument("--steps", type=int, default=None, help="training steps per run (default 60)")
     ap.add_argument("--every", type=int, default=None, help="checkpoint interval (default 10)")
-    ap.add_argument("--reps", type=int, default=None, help="repetitions (default 3; quick 1)")
-    ap.add_argument("--quick", action="store_true", help="a tiny model, 6 steps, 1 rep (smoke)")
+    add_run_args(
+        ap,
+        quick="a tiny model, 6 steps, 1 rep (smoke)",
+        reps="repetitions (default 3; quick 1)",
+    )
     ap.add_argument(
         "--root",
         type=Path,
@@ -545,11 +514,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"comma-separated methods to measure (default all: {', '.join(METHODS[1:])}); "
         "each is paired with a no-checkpoint run",
     )
-    ap.add_argument("--out", type=Path, default=None, help="JSON lines file")
     args = ap.parse_args(argv)
     steps = args.steps if args.steps is not None else (6 if args.quick else 60)
     every = args.every if args.every is not None else (2 if args.quick else 10)
-    reps = args.reps if args.reps is not None else (1 if args.quick else 3)
+    reps = reps_of(args, 3)
     if steps < 1 or every < 1 or reps < 1:
         ap.error("--steps, --every and --reps must be >= 1")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] or METHODS[1:]
@@ -558,10 +526,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(f"--methods: unknown {sorted(unknown)}; known: {', '.join(METHODS[1:])}")
     size = QUICK_SIZE if args.quick else DEFAULT_SIZE
     out_path = args.out or default_out("goodput_bench", args.quick)
-    for var in ("CKPTD_ROOT", "CKPTD_CONFIG", "CKPTD_SOCKET"):
-        os.environ.pop(var, None)
+    drop_ckptd_env()
     parent = (args.root or Path(tempfile.gettempdir())).absolute()
-    parent.mkdir(parents=True, exist_ok=True)
     info = run_info("goodput_bench", args.quick)
     info.update(steps=steps, every=every, reps=reps, model=size.__dict__)
 
@@ -584,11 +550,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             stopped = bench.close()
     text, records = report(runs, reps)
-    out = JsonLines(out_path)
     info.update(loadavg_end=list(os.getloadavg()), daemon_stopped=stopped)
-    for rec in records:
-        out.write({**info, **rec})
-    out.close()
+    write_records(out_path, info, records)
     foreign = [r.foreign for r in runs]
     print(
         f"\n### Goodput: {bench.trainer.n_params / 1e6:.1f}M-param LM, "

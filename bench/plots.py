@@ -20,7 +20,6 @@ Run: ``.venv/bin/python -m bench.plots [--results DIR] [--out DIR]``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -35,7 +34,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FuncFormatter
 
-from bench._common import RESULTS_DIR
+from bench._common import add_results_arg, bench_parser
 from bench.scaling import SMALL_BYTES, Scaling, analyse, read_points
 
 MB = 1_000_000
@@ -220,8 +219,8 @@ def plot_goodput(records: list[dict[str, Any]], out: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    ap.add_argument("--results", type=Path, default=RESULTS_DIR, help="where the JSON lines are")
+    ap = bench_parser(__doc__)
+    add_results_arg(ap)
     ap.add_argument("--out", type=Path, default=None, help="where PNGs go (default: --results)")
     args = ap.parse_args(argv)
     results: Path = args.results

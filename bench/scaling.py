@@ -20,7 +20,6 @@ and writes JSON lines (default ``bench/results/scaling.jsonl``). ``python -m ben
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -28,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench._common import MB, RESULTS_DIR, MiB, markdown_table
+from bench._common import MB, MiB, add_results_arg, bench_parser, markdown_table
 
 SIZE_TAGS = ("64MiB", "256MiB", "1GiB", "4GiB")
 GB = 1e9
@@ -215,8 +214,8 @@ def report(s: Scaling) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    ap.add_argument("--results", type=Path, default=RESULTS_DIR, help="where the JSON lines are")
+    ap = bench_parser(__doc__)
+    add_results_arg(ap)
     ap.add_argument("--out", type=Path, default=None, help="JSON lines file to write")
     args = ap.parse_args(argv)
     points = read_points(args.results)

@@ -45,8 +45,6 @@ Run: ``.venv/bin/python bench/snapshot_bench.py [--size 64MiB|256MiB|1GiB|4GiB|m
 
 from __future__ import annotations
 
-import argparse
-import gc
 import json
 import os
 import resource
@@ -57,9 +55,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,19 +80,27 @@ from bench._common import (
     REPO,
     RESULTS_DIR,
     BenchDaemon,
-    JsonLines,
     MiB,
     Spread,
     add_quiet_args,
+    add_run_args,
+    bench_parser,
+    drop_ckptd_env,
     log,
     markdown_table,
+    mount_of,
     quiet_of,
+    repeat,
+    reps_of,
     rotated,
     run_info,
+    scratch,
+    settle,
     show_cpu,
-    wait_for_quiet,
+    write_records,
 )
 from bench.minilm import fine_tuned
+from bench.states import TransformerLM, tensors_of
 from ckptd.format.store import Store
 from ckptd_client import Client
 
@@ -147,28 +152,14 @@ OPTIONAL = [DCP_PROCESS, CKPTD_RAW, DCP_REUSED, DCP_DEFAULT]
 # ---- the state -------------------------------------------------------------------------------
 
 
-class TransformerLike(torch.nn.Module):
-    """An embedding, ``layers`` pre-norm encoder layers and a final norm (never run forward)."""
-
-    def __init__(self, vocab: int, dim: int, layers: int) -> None:
-        super().__init__()
-        self.embed = torch.nn.Embedding(vocab, dim)
-        self.layers = torch.nn.ModuleList(
-            torch.nn.TransformerEncoderLayer(
-                dim, max(1, dim // 64), 4 * dim, dropout=0.0, batch_first=True, norm_first=True
-            )
-            for _ in range(layers)
-        )
-        self.norm = torch.nn.LayerNorm(dim)
-
-
-def build(size: int, dim: int, layers: int) -> tuple[TransformerLike, torch.optim.AdamW]:
-    """The model and its AdamW after one step with nonzero random gradients."""
+def build(size: int, dim: int, layers: int) -> tuple[TransformerLM, torch.optim.AdamW]:
+    """The model (never run forward) and its AdamW after one step with nonzero random
+    gradients."""
     params = size // 12  # 4 bytes of weight + 8 of Adam moments per parameter
     per_layer = 12 * dim * dim + 13 * dim
     vocab = max(256, (params - layers * per_layer - 2 * dim) // dim)
     torch.manual_seed(0)
-    model = TransformerLike(vocab, dim, layers)
+    model = TransformerLM(vocab, dim, layers)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     for p in model.parameters():
         p.grad = torch.randn_like(p).mul_(1e-2)
@@ -186,17 +177,6 @@ def build_state(tag: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
 
 def state_of(model: torch.nn.Module, opt: torch.optim.Optimizer) -> State:
     return {"model": model.state_dict(), "optimizer": opt.state_dict()}
-
-
-def tensors_of(obj: object) -> Iterator[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from tensors_of(v)
-    elif isinstance(obj, list | tuple):
-        for v in obj:
-            yield from tensors_of(v)
 
 
 class Perturber:
@@ -271,38 +251,6 @@ class MemSampler:
         self._sample()
 
 
-class OurCpu:
-    """Share of all CPUs used by *other* processes since creation: this process, its children
-    (the daemons, dcp's checkpoint process) do not count."""
-
-    def __init__(self) -> None:
-        self.wall = time.perf_counter()
-        self.busy = self._busy()
-        self.ours = self._ours()
-
-    @staticmethod
-    def _busy() -> float:
-        t = psutil.cpu_times()
-        return float(sum(t)) - t.idle - getattr(t, "iowait", 0.0)
-
-    @staticmethod
-    def _ours() -> float:
-        total = 0.0
-        me = psutil.Process()
-        for p in [me, *me.children(recursive=True)]:
-            try:
-                c = p.cpu_times()
-            except psutil.Error:
-                continue
-            total += c.user + c.system
-        return total
-
-    def foreign(self) -> float:
-        wall = time.perf_counter() - self.wall
-        other = (self._busy() - self.busy) - (self._ours() - self.ours)
-        return max(0.0, other / (wall * (os.cpu_count() or 1)))
-
-
 # ---- measurements -------------------------------------------------------------------------------
 
 
@@ -318,13 +266,6 @@ class Sample:
 def minor_faults() -> int:
     """Minor page faults of this process so far (all threads)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def settle() -> None:
-    """Between methods: collect garbage and flush the filesystem (deletes, discards), so that no
-    method pays for the previous one's clean-up."""
-    gc.collect()
-    os.sync()
 
 
 def upload_future(res: Future[Any] | AsyncSaveResponse) -> Future[Any]:
@@ -615,7 +556,7 @@ def verdict(value: float, limit: float, *, at_most: bool) -> tuple[bool, str]:
 
 
 def report(
-    bench: Bench, reps: list[dict[str, Sample]], foreign: list[float], redone: int
+    bench: Bench, reps: list[dict[str, Sample]], foreign: list[float | None], redone: int
 ) -> tuple[str, list[dict[str, Any]]]:
     lines: list[str] = []
     records: list[dict[str, Any]] = []
@@ -845,16 +786,6 @@ def report(
 # ---- main ----------------------------------------------------------------------------------------
 
 
-def mount_of(path: Path) -> str:
-    best = ("?", "/", "?")
-    real = str(path.resolve())
-    for line in Path("/proc/mounts").read_text().splitlines():
-        dev, mnt, fstype, *_ = line.split()
-        if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[1]):
-            best = (dev, mnt, fstype)
-    return f"{best[0]} on {best[1]} type {best[2]}"
-
-
 def default_parent() -> Path:
     """/tmp unless it is a RAM filesystem, else /work: checkpoints must go to the real disk."""
     for cand in (Path(tempfile.gettempdir()), Path("/work"), REPO):
@@ -863,55 +794,19 @@ def default_parent() -> Path:
     return REPO
 
 
-@contextmanager
-def scratch(parent: Path, prefix: str) -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def measure(
-    bench: Bench, reps: int, quiet_wait: float, max_foreign: float
-) -> tuple[list[dict[str, Sample]], list[float], int]:
-    """A warm-up rep, then ``reps`` kept reps (a rep is redone, at most 5 times in all, when
-    other processes used more than ``max_foreign`` of the CPUs during it)."""
-    kept: list[dict[str, Sample]] = []
-    foreign: list[float] = []
-    redone = 0
-    rep = -1
-    while rep < reps:
-        waited = wait_for_quiet(quiet_wait)
-        if waited > 3:
-            log(f"waited {waited:.0f}s for other processes to quieten down")
-        cpu = OurCpu()
-        result = bench.one_rep(rep)
-        busy = cpu.foreign()
-        if rep < 0:
-            log(f"warm-up rep done (other processes' CPU {busy:.0%})")
-        elif busy > max_foreign and redone < 5:
-            redone += 1
-            log(f"rep {rep + 1}: other processes used {busy:.0%} of the CPUs; doing it again")
-            continue
-        else:
-            kept.append(result)
-            foreign.append(busy)
-            log(f"rep {rep + 1}/{reps} done (other processes' CPU {busy:.0%})")
-        rep += 1
-    return kept, foreign, redone
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap = bench_parser(__doc__)
     ap.add_argument(
         "--size",
         default="1GiB",
         choices=[*SIZES, MINILM],
         help=f"state size, or {MINILM}: all-MiniLM-L6-v2 + AdamW after {MINILM_STEPS} real steps",
     )
-    ap.add_argument("--reps", type=int, default=None, help="kept repetitions (default 5; quick 1)")
-    ap.add_argument("--quick", action="store_true", help="a 4 MiB state, 1 rep (smoke test)")
+    add_run_args(
+        ap,
+        quick="a 4 MiB state, 1 rep (smoke test)",
+        reps="kept repetitions (default 5; quick 1)",
+    )
     ap.add_argument(
         "--root",
         type=Path,
@@ -925,19 +820,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="",
         help=f"comma-separated methods to leave out ({', '.join(OPTIONAL)}, {DCP_SAVE})",
     )
-    ap.add_argument("--out", type=Path, default=None, help="JSON lines file")
     add_quiet_args(ap)
     args = ap.parse_args(argv)
-    quiet = quiet_of(args)
     tag = "quick" if args.quick else args.size
     size = QUICK[0] if args.quick else MINILM_BYTES if tag == MINILM else SIZES[tag][0]
-    reps = args.reps if args.reps is not None else (1 if args.quick else 5)
+    reps = reps_of(args, 5)
     out_path = args.out or RESULTS_DIR / f"snapshot_bench-{tag}.jsonl"
-    for var in ("CKPTD_ROOT", "CKPTD_CONFIG", "CKPTD_SOCKET"):
-        os.environ.pop(var, None)
+    drop_ckptd_env()
 
     parent = (args.root or default_parent()).absolute()
-    parent.mkdir(parents=True, exist_ok=True)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     unknown = skip - set(ORDER)
     if unknown:
@@ -960,21 +851,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             bench.start()
             info["daemon_pids"] = {k: d.pid for k, d in bench.daemons.items()}
-            kept, foreign, redone = measure(bench, reps, quiet.wait_s, quiet.max_foreign)
+            done = repeat(reps, True, quiet_of(args), bench.one_rep)
         finally:
             final = bench.close()
-        text, records = report(bench, kept, foreign, redone)
+        text, records = report(bench, done.reps, done.foreign, done.redone)
 
-    out = JsonLines(out_path)
-    info.update(loadavg_end=list(os.getloadavg()), foreign_cpu=foreign, redone_reps=redone)
-    for rec in records:
-        out.write({**info, **rec})
-    out.write({**info, "kind": "daemons", "daemons": final})
-    out.close()
+    info.update(loadavg_end=list(os.getloadavg()), foreign_cpu=done.foreign)
+    info["redone_reps"] = done.redone
+    write_records(out_path, info, [*records, {"kind": "daemons", "daemons": final}])
     print(
         f"\n### Snapshot benchmark: {bench.raw_bytes / MB:.0f} MB state "
         f"({bench.n_params / 1e6:.1f}M params + AdamW, {len(bench.tensors)} tensors), "
-        f"median [min-max] of {len(kept)} rep(s)\n\n"
+        f"median [min-max] of {len(done.reps)} rep(s)\n\n"
         f"root: {info['root']} ({info['filesystem']}); ratios are per rep, to the copy floor "
         "(blocked) and to torch.save+fsync (done) measured in the same rep; ckptd done = "
         "snapshot() call until wait() returns the CheckpointInfo\n"

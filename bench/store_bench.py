@@ -40,7 +40,6 @@ replace the committed results.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import importlib.util
 import json
@@ -72,20 +71,28 @@ from bench._common import (
     Repeated,
     Spread,
     add_quiet_args,
+    add_run_args,
+    bench_parser,
     default_out,
+    drop_ckptd_env,
     log,
     markdown_table,
+    mount_of,
     quiet_of,
     repeat,
+    reps_of,
     rotated,
     run_info,
+    scratch,
     show_cpu,
     timer,
     touch_every_byte,
 )
 from bench.minilm import fine_tuned
-from ckptd.config import Config, parse_size
+from bench.states import TransformerLM, tensors_of
+from ckptd.config import Config
 from ckptd.format.codec import CodecConfig
+from ckptd.units import parse_size
 
 MINILM_STEPS = 30
 SIZES = {"64MiB": 64 * MiB, "256MiB": 256 * MiB, "1GiB": 1024 * MiB}
@@ -95,30 +102,6 @@ State = dict[str, Any]
 
 
 # ---- the state --------------------------------------------------------------------------------
-
-
-class TransformerLM(torch.nn.Module):
-    """Embedding, ``layers`` pre-norm encoder layers, final norm, output through the embedding."""
-
-    def __init__(self, vocab: int, dim: int, layers: int) -> None:
-        super().__init__()
-        self.embed = torch.nn.Embedding(vocab, dim)
-        self.layers = torch.nn.ModuleList(
-            torch.nn.TransformerEncoderLayer(
-                dim, max(1, dim // 64), 4 * dim, dropout=0.0, batch_first=True, norm_first=True
-            )
-            for _ in range(layers)
-        )
-        self.norm = torch.nn.LayerNorm(dim)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self.embed(ids)
-        for layer in self.layers:
-            h = layer(h)
-        # Output projection through the embedding matrix, without sharing a parameter (that
-        # safetensors' save_file would refuse).
-        out: torch.Tensor = self.norm(h) @ self.embed.weight.T
-        return out
 
 
 def shape_for(size: int) -> tuple[int, int, int]:
@@ -154,21 +137,21 @@ def minilm_state() -> tuple[State, int]:
     return {"model": model.state_dict(), "optimizer": opt.state_dict()}, n_params
 
 
-def tensors_of(obj: object, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+def named_tensors(obj: object, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor in a nested state, with its dotted key path."""
     if isinstance(obj, torch.Tensor):
         yield path, obj
     elif isinstance(obj, dict):
         for k, v in obj.items():
-            yield from tensors_of(v, f"{path}.{k}" if path else str(k))
+            yield from named_tensors(v, f"{path}.{k}" if path else str(k))
     elif isinstance(obj, list | tuple):
         for i, v in enumerate(obj):
-            yield from tensors_of(v, f"{path}.{i}" if path else str(i))
+            yield from named_tensors(v, f"{path}.{i}" if path else str(i))
 
 
 def to_flat(state: State) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The state as safetensors takes it: a flat name -> tensor dict plus string metadata."""
-    flat = dict(tensors_of(state))
+    flat = dict(named_tensors(state))
     meta = {"param_groups": json.dumps(state["optimizer"]["param_groups"])}
     return flat, meta
 
@@ -199,7 +182,7 @@ def same_state(got: object, want: object) -> bool:
 
 
 def state_bytes(state: State) -> int:
-    return sum(t.nbytes for _, t in tensors_of(state))
+    return sum(t.nbytes for t in tensors_of(state))
 
 
 def dir_bytes(path: Path) -> int:
@@ -368,7 +351,7 @@ def one_rep(state: State, rep: int, base: Path) -> RepResult:
                 gc.collect()
                 with timer() as t:
                     loaded = m.load(d)
-                    for _, tensor in tensors_of(loaded):
+                    for tensor in tensors_of(loaded):
                         touch_every_byte(tensor)
                 result.seconds[phase, m.name] = t[0]
                 result.exact[phase, m.name] = same_state(loaded, m.expected(state))
@@ -394,22 +377,6 @@ def run(
             else:
                 cell.exact.append(r.exact[phase, name])
     return cells, done
-
-
-def mount_of(path: Path) -> str:
-    """``device on mountpoint type fstype`` of the filesystem holding ``path``."""
-    best = ("?", "/", "?")
-    real = str(path.resolve())
-    try:
-        lines = Path("/proc/mounts").read_text().splitlines()
-    except OSError:
-        return "?"
-    for line in lines:
-        dev, mnt, fstype, *_ = line.split()
-        inside = real == mnt or real.startswith(mnt.rstrip("/") + "/")
-        if inside and len(mnt) >= len(best[1]):
-            best = (dev, mnt, fstype)
-    return f"{best[0]} on {best[1]} type {best[2]}"
 
 
 def report(
@@ -478,16 +445,18 @@ def report(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap = bench_parser(__doc__)
     ap.add_argument(
         "--size",
         default="1GiB",
         help="state size: 64MiB, 256MiB, 1GiB (or any), or minilm (all-MiniLM-L6-v2 + AdamW)",
     )
-    ap.add_argument("--quick", action="store_true", help=f"a {QUICK_SIZE >> 20} MiB state, 1 rep")
-    ap.add_argument("--reps", type=int, default=None, help="repetitions (default 5; quick 1)")
+    add_run_args(
+        ap,
+        quick=f"a {QUICK_SIZE >> 20} MiB state, 1 rep",
+        reps="repetitions (default 5; quick 1)",
+    )
     ap.add_argument("--dir", type=Path, default=None, help="where to write (default: $TMPDIR)")
-    ap.add_argument("--out", type=Path, default=None, help="JSON lines file")
     ap.add_argument(
         "--baseline-pipeline",
         metavar="REF",
@@ -507,12 +476,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.quick or minilm
         else SIZES.get(args.size) or parse_size(args.size, "--size")
     )
-    reps = args.reps if args.reps is not None else (1 if args.quick else 5)
+    reps = reps_of(args, 5)
     parent = args.dir or Path(tempfile.gettempdir())
-    parent.mkdir(parents=True, exist_ok=True)
-    base = Path(tempfile.mkdtemp(prefix="ckptd-store-bench-", dir=parent))
-    for var in ("CKPTD_ROOT", "CKPTD_CONFIG"):
-        os.environ.pop(var, None)
+    drop_ckptd_env()
 
     info = run_info("store_bench", args.quick)
     info.update(dir=str(parent.resolve()), filesystem=mount_of(parent))
@@ -532,10 +498,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     log(f"  {n_params / 1e6:.1f}M params, {raw / MB:.0f} MB of tensors, {t[0]:.1f}s")
     name = "store_bench" if args.quick else f"store_bench-{args.size}"
     out = JsonLines(args.out or default_out(name, args.quick))
-    try:
+    with scratch(parent, "ckptd-store-bench-") as base:
         cells, done = run(state, reps, base, not args.quick, quiet_of(args))
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
     info.update(
         foreign_cpu=done.foreign, redone_reps=done.redone, loadavg_end=list(os.getloadavg())
     )

@@ -24,7 +24,6 @@ Run: ``.venv/bin/python -m bench.summary [--results DIR] [--size 1GiB]``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import scaling
-from bench._common import MB, RESULTS_DIR, MiB, markdown_table
+from bench._common import MB, MiB, add_results_arg, bench_parser, markdown_table
 
 SNAPSHOT_SIZES = ("64MiB", "256MiB", "minilm", "1GiB", "4GiB")
 DCP_ASYNC = ("dcp.async-default", "dcp.async-reused", "dcp.async-process")
@@ -398,8 +397,8 @@ def prose(results: Path) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    ap.add_argument("--results", type=Path, default=RESULTS_DIR, help="where the JSON lines are")
+    ap = bench_parser(__doc__)
+    add_results_arg(ap)
     ap.add_argument("--size", default="1GiB", help="size of the full snapshot and store tables")
     args = ap.parse_args(argv)
     results: Path = args.results

@@ -4,6 +4,13 @@ The file is TOML (``config.example.toml`` documents every key with its default).
 to a frozen dataclass; unknown keys and bad values raise :class:`ConfigError` naming the key path,
 the value found and what is expected (``store.chunk_bytes: expected a size >= 64KiB, got 12``).
 
+A part's own section is defined with that part and composed here: ``[codec]`` is
+:class:`~ckptd.format.codec.CodecConfig`, the pipeline's settings
+:class:`~ckptd.pipeline.plan.PipelineConfig`, ``[retention]``
+:class:`~ckptd.policy.retention.RetentionPolicy`, ``[disk]``
+:class:`~ckptd.policy.diskguard.DiskConfig`. So this module sits above format, pipeline and
+policy (none of them imports it) and below the daemon and the CLI, which read a :class:`Config`.
+
 Where the file is: ``--config`` / ``CKPTD_CONFIG``, else ``$XDG_CONFIG_HOME/ckptd/ckptd.toml``
 (``~/.config``), else ``/etc/ckptd/ckptd.toml``; none of them existing means all defaults.
 Where checkpoints go: ``--root`` / ``root=``, else ``CKPTD_ROOT``, else ``store.root`` of the
@@ -20,31 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckptd.errors import ConfigError
+from ckptd.errors import ConfigError, InvalidNameError
 from ckptd.format.codec import CodecConfig
-from ckptd.pipeline.write import PipelineConfig
+from ckptd.format.store import validate_job_name
+from ckptd.pipeline.plan import PipelineConfig
+from ckptd.policy.diskguard import DiskConfig
 from ckptd.policy.retention import RetentionPolicy, policy_from_dict
+from ckptd.units import parse_size
 
 DEFAULT_ROOT = Path("checkpoints")
 SYSTEM_CONFIG = Path("/etc/ckptd/ckptd.toml")
-
-_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*", re.IGNORECASE)
-
-
-def parse_size(value: object, key: str) -> int:
-    """Parse a byte size: an integer, or a string like ``"8MiB"``, ``"1.5 GiB"``, ``"100MB"``."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        m = _SIZE_RE.fullmatch(value)
-        if m:
-            unit = (m.group(2) or "").lower().removesuffix("b")
-            power = "kmgt".index(unit[0]) + 1 if unit else 0
-            factor = (1024 if unit.endswith("i") else 1000) ** power
-            return int(float(m.group(1)) * factor)
-    raise ConfigError(
-        f'{key}: expected a size in bytes (an integer, or a string such as "8MiB"), got {value!r}'
-    )
 
 
 @dataclass(frozen=True)
@@ -79,14 +71,6 @@ class MetricsConfig:
     """``[metrics]``: the Prometheus endpoint, off unless ``listen = "host:port"``."""
 
     listen: str = ""
-
-
-@dataclass(frozen=True)
-class DiskConfig:
-    """``[disk]``: the guard that refuses snapshots before the filesystem fills up."""
-
-    min_free_bytes: int = 1 << 30
-    min_free_percent: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -204,9 +188,6 @@ def _disk(d: dict[str, Any]) -> DiskConfig:
 
 
 def _jobs(d: dict[str, Any]) -> dict[str, RetentionPolicy]:
-    from ckptd.errors import InvalidNameError
-    from ckptd.format.store import validate_job_name
-
     out = {}
     for name, table in d.items():
         try:

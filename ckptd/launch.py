@@ -69,10 +69,12 @@ class DaemonProcess:
     """A daemon this process started: ``python -m MODULE ARGS`` (``ARGS`` usually from
     :func:`start_args`), answering on ``socket_path``.
 
-    Output (stdout and stderr) is appended to ``log``, a path, or a file descriptor the caller
-    opened (and still owns). ``detached`` starts it in a session of its own: a Ctrl-C at the
-    terminal reaches only this process, whose cleanup then stops the daemon (drain and exit). The
-    constructor returns once the process is started; call :meth:`wait_ready` before using it.
+    Output (stdout and stderr) is appended to ``log``: a path, or a file descriptor the caller
+    opened and keeps open while it uses this object (opened readable too, :meth:`log_tail` reads
+    through it; ``log_path`` names it in messages). ``detached`` starts the daemon in a session
+    of its own: a Ctrl-C at the terminal reaches only this process, whose cleanup then stops the
+    daemon (drain and exit). The constructor returns once the process is started; call
+    :meth:`wait_ready` before using it.
     """
 
     def __init__(
@@ -81,6 +83,7 @@ class DaemonProcess:
         args: Sequence[str],
         *,
         log: Path | int,
+        log_path: Path | None = None,
         env: Mapping[str, str] | None = None,
         cwd: Path | str | None = None,
         module: str = "ckptd",
@@ -88,6 +91,7 @@ class DaemonProcess:
     ) -> None:
         self.socket = socket_path
         self.log = log
+        self.log_path = log if isinstance(log, Path) else log_path
         self.args = [sys.executable, "-m", module, *args]
         fd = log if isinstance(log, int) else os.open(log, _LOG_FLAGS, 0o600)
         try:
@@ -114,13 +118,19 @@ class DaemonProcess:
         return self.proc.poll()
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> list[str]:
-        """The last ``lines`` lines of the log (empty when the log is a descriptor)."""
-        if isinstance(self.log, int):
-            return []
+        """The last ``lines`` lines of the log (of its last 64 KiB; empty when it cannot be
+        read, e.g. a descriptor opened write-only)."""
         try:
-            return self.log.read_text(errors="replace").splitlines()[-lines:]
+            if isinstance(self.log, int):
+                end = os.fstat(self.log).st_size
+                data = os.pread(self.log, _TAIL_BYTES, max(0, end - _TAIL_BYTES))
+            else:
+                with self.log.open("rb") as f:
+                    f.seek(max(0, f.seek(0, os.SEEK_END) - _TAIL_BYTES))
+                    data = f.read()
         except OSError:
             return []
+        return data.decode(errors="replace").splitlines()[-lines:]
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S, *, what: str = "ckptd") -> None:
         """Return once ``socket_path`` accepts a connection.
@@ -140,7 +150,7 @@ class DaemonProcess:
                     if code is not None and not lost_race
                     else f"did not answer within {timeout_s:g} s"
                 )
-                where = f"its log ({self.log})" if not isinstance(self.log, int) else "its log"
+                where = f"its log ({self.log_path})" if self.log_path else "its log"
                 raise DaemonUnavailableError(
                     f"the {what} daemon started on {self.socket} {problem}; {where} ends with: "
                     + (" | ".join(tail) or "(nothing)")
@@ -174,4 +184,5 @@ class DaemonProcess:
         self.stop()
 
 
+_TAIL_BYTES = 1 << 16
 _LOG_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW

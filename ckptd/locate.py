@@ -14,6 +14,11 @@ list_checkpoints``, the ``ckptd`` CLI):
 So a trainer's ``Client("run")`` writes where an operator's ``ckptd start --root DIR`` (or the
 shipped unit's ``/var/lib/ckptd``) writes, and ``ckptd list`` finds those checkpoints from any
 working directory while that daemon runs.
+
+Asking is :func:`ask_daemon`: one request and its reply on a connection of their own, to a daemon
+of this user or root only. It is also how ``ckptd status`` and ``ckptd stop`` talk to the daemon;
+a trainer's long-lived connection is the client's own (``ckptd_client.client``). Blocking, for any
+thread; nothing is shared between calls.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from pathlib import Path
 
 from ckptd.config import DEFAULT_ROOT, Config, configured_root, load_config, locate_socket
 from ckptd.errors import DaemonNoAnswerError, DaemonUnavailableError, error_from_reply
-from ckptd.protocol import check_daemon_peer, recv_message, send_message
+from ckptd.protocol import Message, check_daemon_peer, close_fds, recv_message, send_message
 
 ASK_TIMEOUT_S = 10.0
 SOURCES = {
@@ -39,6 +44,61 @@ SOURCES = {
 
 
 @dataclass(frozen=True)
+class DaemonReply:
+    """A daemon's answer to one request."""
+
+    message: Message
+    pid: int
+    """The daemon's pid as the kernel reports it for the connection (``SO_PEERCRED``)."""
+
+
+def ask_daemon(
+    socket_path: Path, request: Message, timeout_s: float = ASK_TIMEOUT_S
+) -> DaemonReply:
+    """Send ``request`` to the daemon on ``socket_path`` on a new connection; return its reply.
+
+    Raises the :class:`OSError` of ``connect`` when nothing accepts a connection there: whether
+    no daemon is an error, and what to do about it, is the caller's to say. Once connected:
+    :class:`~ckptd.errors.UntrustedDaemonError` for a listener of another user (it is sent
+    nothing), the daemon's own error for an ``error`` reply (e.g. it refuses this user), and
+    :class:`~ckptd.errors.DaemonNoAnswerError` when no reply comes within ``timeout_s`` seconds
+    or the daemon closes the connection first.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(timeout_s)
+        sock.connect(os.fspath(socket_path))
+        pid = check_daemon_peer(sock, socket_path)
+        try:
+            send_message(sock, request)
+        except OSError:
+            pass  # a daemon that refuses this user has queued its reason: read it below
+        try:
+            reply, fds = recv_message(sock)
+        except OSError as exc:
+            problem = (
+                f"gave no answer within {timeout_s:g} s"
+                if isinstance(exc, TimeoutError)
+                else f"dropped the connection ({exc.strerror or type(exc).__name__})"
+            )
+            raise DaemonNoAnswerError(
+                f"the ckptd daemon on {socket_path} (pid {pid}) {problem} to a "
+                f"{request.get('op')!r} request"
+            ) from exc
+        close_fds(fds)
+    finally:
+        sock.close()
+    if reply is None:
+        raise DaemonNoAnswerError(
+            f"the ckptd daemon on {socket_path} (pid {pid}) closed the connection without "
+            f"answering a {request.get('op')!r} request"
+        )
+    if reply.get("op") == "error":
+        raise error_from_reply(reply.get("type"), reply.get("message"))
+    return DaemonReply(reply, pid)
+
+
+@dataclass(frozen=True)
 class DaemonRoot:
     """What a daemon said about itself: its root, and whether a client spawned it on demand."""
 
@@ -48,38 +108,24 @@ class DaemonRoot:
 
 
 def ask_daemon_root(socket_path: Path, timeout_s: float = ASK_TIMEOUT_S) -> DaemonRoot | None:
-    """The root of the daemon on ``socket_path``; None when nothing listens there. Raises
-    :class:`~ckptd.errors.UntrustedDaemonError` for a listener of another user (its answer could
-    point anywhere), :class:`~ckptd.errors.DaemonNoAnswerError` when a daemon accepts but does
-    not answer, and the daemon's own error when it refuses this user."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    """The root of the daemon on ``socket_path``; None when nothing listens there. Raises what
+    :func:`ask_daemon` raises once connected (a listener of another user could point anywhere)."""
+    advice = "pass root= / --root, or set CKPTD_ROOT"
     try:
-        sock.settimeout(timeout_s)
-        try:
-            sock.connect(os.fspath(socket_path))
-        except OSError:
-            return None
-        pid = check_daemon_peer(sock, socket_path)
-        try:
-            send_message(sock, {"op": "status", "id": 1, "job": "-"})
-            reply, _fds = recv_message(sock)
-        except TimeoutError as exc:
-            raise DaemonNoAnswerError(
-                f"the ckptd daemon on {socket_path} (pid {pid}) did not say where it writes "
-                f"checkpoints within {timeout_s:.0f} s; pass root= / --root, or set CKPTD_ROOT"
-            ) from exc
-        except OSError:
-            reply = None  # the daemon closed on us (it refuses this user): its reason is lost
-    finally:
-        sock.close()
-    if reply is not None and reply.get("op") == "error":
-        raise error_from_reply(reply.get("type"), reply.get("message"))
-    if reply is None or reply.get("op") != "status" or not isinstance(reply.get("root"), str):
+        answer = ask_daemon(socket_path, {"op": "status", "id": 1, "job": "-"}, timeout_s)
+    except OSError:
+        return None
+    except DaemonNoAnswerError as exc:
+        raise DaemonNoAnswerError(
+            f"{exc}, so where it writes checkpoints is unknown; {advice}"
+        ) from exc
+    reply = answer.message
+    if reply.get("op") != "status" or not isinstance(reply.get("root"), str):
         raise DaemonUnavailableError(
-            f"the ckptd daemon on {socket_path} (pid {pid}) did not say where it writes "
-            "checkpoints; pass root= / --root, or set CKPTD_ROOT"
+            f"the ckptd daemon on {socket_path} (pid {answer.pid}) did not say where it writes "
+            f"checkpoints; {advice}"
         )
-    return DaemonRoot(Path(reply["root"]), bool(reply.get("on_demand", False)), pid)
+    return DaemonRoot(Path(reply["root"]), bool(reply.get("on_demand", False)), answer.pid)
 
 
 def store_root(

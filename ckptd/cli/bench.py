@@ -10,67 +10,75 @@ that):
   a 2-thread pool; stored/raw is the compression ratio on *this* data (trained weights compress to
   about 0.83 in the project's codec benchmark; random normals are similar);
 * **disk**: write ``size`` bytes in 8 MiB chunks to a file under ``root``, ``fsync`` it, delete it;
-* **ckptd save**: :func:`ckptd_client.save` of a ``size`` state (float32 tensors of 8-32 MiB)
-  into a temporary store under ``root`` (removed afterwards): the durable latency of an
-  in-process save with the default configuration;
-* **snapshot through a daemon**: what a training loop sees. A private daemon is started (``python
-  -m ckptd start --user`` with an empty config, its socket and log in a new 0700 directory, its
-  checkpoints in a temporary store under ``root``) and stopped afterwards (SIGTERM, then SIGKILL),
-  also when the bench is interrupted. A ``ckptd_client.Client`` snapshots the same kind of state
-  ``reps`` times: the **stall** is how long ``snapshot()`` takes to return (the loop is blocked),
-  the **durable** latency runs from that call until ``wait()`` returns (the checkpoint is
-  committed). Each rep also times one ``copy_`` of the state into reused, pre-touched buffers (the
-  floor of any snapshot's copy) and ``torch.save`` + ``fsync`` of it (what a blocking checkpoint
-  costs), in an order that rotates with the rep; medians are reported with the ratios
-  ``stall_vs_copy`` and ``durable_vs_torch_save``.
+* **ckptd save**: the blocking save of a ``size`` state (float32 tensors of 8-32 MiB) into a
+  temporary store under ``root`` (removed afterwards), through the pipeline that
+  ``ckptd_client.save`` wraps (:func:`ckptd.pipeline.write.write_checkpoint`, default
+  configuration): the durable latency of an in-process save;
+* **snapshot through a daemon**: what a training loop sees. A private daemon is started
+  (:class:`ckptd.launch.DaemonProcess`: ``ckptd start --user`` with an empty config, its socket and
+  log in a new 0700 directory, its checkpoints in a temporary store under ``root``, in a session
+  of its own) and stopped afterwards (SIGTERM, then SIGKILL), also when the bench is interrupted.
 
-This is the one place in the ``ckptd`` package that imports :mod:`ckptd_client` (lazily, inside
-the two functions that measure the client's paths, so the daemon and the other commands never
-load it): measuring what a trainer sees needs the trainer's library.
+  The client runs as a separate trainer process, ``python -m ckptd_client.probe`` (see that module
+  for what it times), whose JSON this reads. Two reasons: ``ckptd`` never imports the client
+  library, in any form (the daemon and the operators' CLI must not depend on the trainer side),
+  and a snapshot costs a trainer what it costs in a process of its own (its address space, page
+  faults and threads), not in one that also holds the bench's buffers. The probe snapshots the
+  state ``reps`` times: the **stall** is how long ``snapshot()`` takes to return, the **durable**
+  latency runs from that call until ``wait()`` returns. It also times, in the same reps and the
+  same process, one ``copy_`` of the state into reused buffers (the floor of any snapshot's copy)
+  and ``torch.save`` + ``fsync`` of it (what a blocking checkpoint costs); medians are reported
+  with the ratios ``stall_vs_copy`` and ``durable_vs_torch_save``.
 
 Then it suggests ``store.threads``, ``codec.codec``, ``codec.level`` and the client's ``slots``,
-each with its reason. ``run_bench`` returns everything as a JSON-friendly dict; ``render`` turns it
-into lines for people.
+each with its reason. :func:`run_bench` returns everything as a JSON-friendly dict; :func:`render`
+turns it into lines for people. Everything runs on the calling thread.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from pathlib import Path
 from typing import Any
 
+import click
 import psutil
 import torch
+from rich.text import Text
 
-import ckptd
-from ckptd.errors import DaemonUnavailableError
+from ckptd.cli.common import out
+from ckptd.config import load_config, resolve_root
+from ckptd.errors import CkptdError, error_from_reply
 from ckptd.format.codec import CodecConfig, Encoded, decode, encode
-from ckptd.protocol import can_connect
+from ckptd.format.skeleton import flatten
+from ckptd.format.store import Store
+from ckptd.launch import DaemonProcess, private_env, start_args
+from ckptd.pipeline.plan import PipelineConfig, tensor_source
+from ckptd.pipeline.write import write_checkpoint
+from ckptd.units import parse_size
 
 MiB = 1 << 20
 CHUNK = 8 * MiB
 CODEC_MAX = 256 * MiB
 CODEC_THREADS = 2
+TENSOR_BYTES = 32 * MiB
+"""The largest tensor of the bench's state (the probe is told, so both build the same state)."""
 SNAPSHOT_REPS = 3
 BENCH_JOB = "ckptd-bench"
-DAEMON_READY_S = 60.0
-"""How long the bench's daemon may take to answer (it imports torch: seconds on a cold cache)."""
-DAEMON_STOP_S = 30.0
-"""How long a SIGTERMed daemon may take to drain and exit before it is SIGKILLed."""
+PROBE_MODULE = "ckptd_client.probe"
 DAEMON_IDLE_EXIT_S = 60.0
 """The daemon exits by itself after this long without a client: a bench that is SIGKILLed
 (its ``finally`` never runs) leaves no daemon behind for longer."""
-_ENV_DROPPED = ("CKPTD_", "NOTIFY_SOCKET", "WATCHDOG_", "LISTEN_")
+TAIL_LINES = 5
 
 
 def _gbps(nbytes: int, seconds: float) -> float:
@@ -166,9 +174,10 @@ def measure_disk(size: int, root: Path) -> dict[str, Any]:
 
 
 def bench_state(size: int) -> dict[str, torch.Tensor]:
-    """About ``size`` bytes of random-normal float32 tensors of at most 32 MiB each (a model's
-    parameters and optimizer moments are tensors of that order)."""
-    per = max(1, min(32 * MiB, size) // 4)
+    """About ``size`` bytes of random-normal float32 tensors of at most ``TENSOR_BYTES`` each, as
+    ``ckptd_client.probe`` builds them (a model's parameters and optimizer moments are tensors of
+    that order)."""
+    per = max(1, min(TENSOR_BYTES, size) // 4)
     state: dict[str, torch.Tensor] = {}
     left = max(size // 4, 1)
     gen = torch.Generator().manual_seed(1)
@@ -179,16 +188,18 @@ def bench_state(size: int) -> dict[str, torch.Tensor]:
     return state
 
 
-def measure_save(size: int, root: Path) -> dict[str, Any]:
-    """``ckptd_client.save`` of a ``size`` state into a temporary store under ``root``."""
-    from ckptd_client import save
-
+def measure_save(size: int, root: Path, pipeline: PipelineConfig) -> dict[str, Any]:
+    """A blocking save of a ``size`` state into a temporary store under ``root``: what
+    ``ckptd_client.save(job, state=...)`` does (flatten, then write and commit), with the
+    ``pipeline`` settings of the configuration the bench was given."""
     state = bench_state(size)
     raw = sum(t.nbytes for t in state.values())
     tmp = Path(tempfile.mkdtemp(prefix=".ckptd-bench-", dir=root))
     try:
         t0 = time.perf_counter()
-        result = save(BENCH_JOB, state=state, step=0, rng=False, root=tmp)
+        flat = flatten(state)
+        sources = [tensor_source(p, t) for p, t in zip(flat.paths, flat.tensors, strict=True)]
+        result = write_checkpoint(Store(tmp), BENCH_JOB, 0, flat.skeleton, sources, config=pipeline)
         seconds = time.perf_counter() - t0
         stored = result.manifest.stored_bytes
     finally:
@@ -202,7 +213,7 @@ def measure_save(size: int, root: Path) -> dict[str, Any]:
     }
 
 
-# ---- a snapshot through a real daemon ----------------------------------------------------------
+# ---- a snapshot through a real daemon, from a trainer process ----------------------------------
 
 
 def _private_dir() -> Path:
@@ -214,159 +225,76 @@ def _private_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="ckptd-bench-", dir=parent))
 
 
-def _daemon_env() -> dict[str, str]:
-    """This environment without what could redirect the daemon or make it talk to systemd
-    (``CKPTD_*``, ``NOTIFY_SOCKET``, ``WATCHDOG_*``, ``LISTEN_*``); with the directory this
-    ``ckptd`` was imported from first on ``PYTHONPATH`` when it is a source tree, so the daemon
-    runs the same code as the bench."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_ENV_DROPPED)}
-    source = Path(ckptd.__file__).resolve().parent.parent
-    if source.name not in ("site-packages", "dist-packages"):
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH")]))
-    return env
+def _tail(text: str) -> str:
+    return " | ".join(text.splitlines()[-TAIL_LINES:]) or "(nothing)"
 
 
-class BenchDaemon:
-    """A ``ckptd start --user`` of the bench's own, in ``work`` (a private directory: socket
-    ``d.sock``, log ``daemon.log``, and ``config/empty.toml`` passed as ``--config`` so that no
-    user or system config applies), writing to ``root``.
-
-    It runs in a session of its own, so a Ctrl-C at the terminal reaches only the bench, whose
-    ``finally`` then stops it with SIGTERM (drain and exit), SIGKILL if it lingers. The
-    constructor returns once the socket accepts connections, or raises
-    :class:`DaemonUnavailableError` with the end of the daemon's log (after stopping it)."""
-
-    def __init__(self, work: Path, root: Path) -> None:
-        self.socket = work / "d.sock"
-        self.log = work / "daemon.log"
-        config = work / "config" / "empty.toml"  # its own directory: the daemon watches it
-        config.parent.mkdir(mode=0o700)
-        config.touch()
-        cmd = [sys.executable, "-m", "ckptd", "start", "--user", "--socket", str(self.socket)]
-        cmd += ["--root", str(root), "--config", str(config)]
-        cmd += ["--idle-exit", str(DAEMON_IDLE_EXIT_S)]
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                cmd,
-                cwd=work,  # not wherever the bench runs: a ./ckptd there must not be imported
-                env=_daemon_env(),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+def run_probe(socket: Path, root: Path, size: int, reps: int, *, cwd: Path) -> dict[str, Any]:
+    """Run ``python -m ckptd_client.probe`` against the daemon on ``socket`` (checkpoints under
+    ``root``) and return the JSON object it prints. A probe that fails, or prints something else,
+    raises :class:`~ckptd.errors.CkptdError` naming the command and the end of its stderr."""
+    cmd = [sys.executable, "-m", PROBE_MODULE, "--socket", str(socket), "--root", str(root)]
+    cmd += ["--size", str(size), "--tensor-bytes", str(TENSOR_BYTES), "--reps", str(reps)]
+    cmd += ["--job", BENCH_JOB]
+    proc = subprocess.run(
+        cmd,
+        cwd=cwd,  # not wherever the bench runs: a ./ckptd there must not be imported
+        env=private_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    problem = f"exited with code {proc.returncode}" if proc.returncode else ""
+    result: Any = None
+    if not problem:
         try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + DAEMON_READY_S
-        while not can_connect(self.socket):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                what = (
-                    f"exited with code {self.proc.returncode}"
-                    if self.proc.poll() is not None
-                    else f"did not answer within {DAEMON_READY_S:.0f} s"
-                )
-                tail = " | ".join(self.log.read_text(errors="replace").splitlines()[-5:])
-                raise DaemonUnavailableError(
-                    f"ckptd bench: the daemon it started on {self.socket} {what}; the end of "
-                    f"its log: {tail or '(empty)'}. Run `ckptd start --user --socket "
-                    f"{self.socket}` to see why it cannot start"
-                )
-            time.sleep(0.02)
-
-    def stop(self) -> int:
-        """SIGTERM (the daemon drains and exits), SIGKILL after ``DAEMON_STOP_S``; return its
-        exit code. A second Ctrl-C while waiting kills it at once and is passed on."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(DAEMON_STOP_S)
-        except (subprocess.TimeoutExpired, KeyboardInterrupt) as exc:
-            self.proc.kill()
-            self.proc.wait()
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-        return self.proc.returncode
-
-
-def _perturb(state: dict[str, torch.Tensor], rep: int) -> None:
-    """Change one value in every 4 KiB of the state, so that every object of the next checkpoint
-    is new: ckptd's dedup must not make later reps free (a training step changes every weight)."""
-    with torch.no_grad():
-        for t in state.values():
-            t.view(-1)[::1024].add_(1.0 + rep)
+            result = json.loads(proc.stdout)
+        except json.JSONDecodeError:
+            problem = f"printed no JSON object (stdout: {_tail(proc.stdout)})"
+        else:
+            if not isinstance(result, dict) or not (
+                isinstance(result.get("samples"), dict) or isinstance(result.get("error"), str)
+            ):
+                problem = f"printed no result object (stdout: {_tail(proc.stdout)})"
+    if problem:
+        raise CkptdError(
+            f"ckptd bench: its trainer process `{shlex.join(cmd)}` {problem}; its stderr ends "
+            f"with: {_tail(proc.stderr)}"
+        )
+    if "error" in result:  # the probe's CkptdError, by type: the CLI exits with its code
+        raise error_from_reply(
+            result["error"], f"ckptd bench: its trainer process failed: {result.get('message')}"
+        )
+    return dict(result)
 
 
 def measure_snapshot(size: int, root: Path, reps: int = SNAPSHOT_REPS) -> dict[str, Any]:
-    """Stall and durable latency of ``Client.snapshot`` through a daemon started for it, beside
-    one ``copy_`` and ``torch.save`` + ``fsync`` of the same state in the same reps."""
-    from ckptd.format.store import Store
-    from ckptd_client import Client
-
+    """Stall and durable latency of ``Client.snapshot`` in a trainer process, through a daemon
+    started for it, beside one ``copy_`` and ``torch.save`` + ``fsync`` of the same state in the
+    same reps (all timed by the probe)."""
     if reps < 1:
         raise ValueError(f"reps must be at least 1, got {reps}")
-    state = bench_state(size)
-    raw = sum(t.nbytes for t in state.values())
-    copies = {k: torch.empty_like(t) for k, t in state.items()}
-    for k, t in state.items():
-        copies[k].copy_(t)  # first touch, untimed
     work = _private_dir()
     store_dir = Path(tempfile.mkdtemp(prefix=".ckptd-bench-", dir=root))
-    stall: list[float] = []
-    durable: list[float] = []
-    copy_s: list[float] = []
-    torch_save_s: list[float] = []
-    daemon: BenchDaemon | None = None
+    socket = work / "d.sock"
+    daemon: DaemonProcess | None = None
     exit_code: int | None = None
     try:
-        daemon = BenchDaemon(work, store_dir)
-        with Client(
-            BENCH_JOB, socket=daemon.socket, root=store_dir, spawn=False, slots=1
-        ) as client:
-            # Sizes and page-faults the slot, as a training loop does once after its first step.
-            client.prepare(state=state, background=False)
-            store = Store(store_dir)
-
-            def snapshot(step: int) -> None:
-                t0 = time.perf_counter()
-                pending = client.snapshot(state=state, step=step)
-                t1 = time.perf_counter()
-                pending.wait()
-                t2 = time.perf_counter()
-                stall.append(t1 - t0)
-                durable.append(t2 - t0)
-                store.delete_checkpoint(BENCH_JOB, step)  # untimed: keep one rep on disk
-                store.gc(BENCH_JOB)
-
-            def copy() -> None:
-                t0 = time.perf_counter()
-                for k, t in state.items():
-                    copies[k].copy_(t)
-                copy_s.append(time.perf_counter() - t0)
-
-            def torch_save() -> None:
-                path = store_dir / "torch-save.pt"
-                t0 = time.perf_counter()
-                with path.open("wb") as f:
-                    torch.save(state, f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                torch_save_s.append(time.perf_counter() - t0)
-                path.unlink()
-
-            for rep in range(reps):
-                _perturb(state, rep)
-                methods: list[Callable[[], None]] = [copy, partial(snapshot, rep + 1), torch_save]
-                for method in methods[rep % 3 :] + methods[: rep % 3]:
-                    method()
+        config = work / "config" / "empty.toml"  # its own directory: the daemon watches it
+        config.parent.mkdir(mode=0o700)
+        config.touch()
+        args = start_args(socket, store_dir, config, "--idle-exit", f"{DAEMON_IDLE_EXIT_S:g}")
+        daemon = DaemonProcess(
+            socket,
+            args,
+            log=work / "daemon.log",
+            env=private_env(),
+            cwd=work,  # not wherever the bench runs: a ./ckptd there must not be imported
+            detached=True,  # a Ctrl-C reaches only the bench, whose finally stops the daemon
+        )
+        daemon.wait_ready(what="ckptd bench")
+        probe = run_probe(socket, store_dir, size, reps, cwd=work)
     finally:
         try:
             if daemon is not None:
@@ -374,34 +302,24 @@ def measure_snapshot(size: int, root: Path, reps: int = SNAPSHOT_REPS) -> dict[s
         finally:
             shutil.rmtree(work, ignore_errors=True)
             shutil.rmtree(store_dir, ignore_errors=True)
-    med = {
-        name: statistics.median(v)
-        for name, v in (
-            ("stall", stall),
-            ("durable", durable),
-            ("copy", copy_s),
-            ("torch_save", torch_save_s),
-        )
-    }
+    samples: dict[str, list[float]] = probe["samples"]
+    med = {name: statistics.median(samples[name]) for name in samples}
     return {
-        "bytes": raw,
-        "tensors": len(state),
+        "bytes": probe["bytes"],
+        "tensors": probe["tensors"],
         "reps": reps,
-        "stall_s": med["stall"],
-        "durable_s": med["durable"],
-        "copy_s": med["copy"],
-        "torch_save_s": med["torch_save"],
-        "stall_vs_copy": med["stall"] / max(med["copy"], 1e-9),
-        "durable_vs_torch_save": med["durable"] / max(med["torch_save"], 1e-9),
+        "stall_s": med["stall_s"],
+        "durable_s": med["durable_s"],
+        "copy_s": med["copy_s"],
+        "torch_save_s": med["torch_save_s"],
+        "stall_vs_copy": med["stall_s"] / max(med["copy_s"], 1e-9),
+        "durable_vs_torch_save": med["durable_s"] / max(med["torch_save_s"], 1e-9),
         "samples": {
-            "stall_s": stall,
-            "durable_s": durable,
-            "copy_s": copy_s,
-            "torch_save_s": torch_save_s,
+            name: samples[name] for name in ("stall_s", "durable_s", "copy_s", "torch_save_s")
         },
         "daemon": {
             "pid": daemon.pid if daemon is not None else None,
-            "socket": str(work / "d.sock"),
+            "socket": str(socket),
             "exit_code": exit_code,
         },
     }
@@ -413,7 +331,7 @@ def suggest(results: dict[str, Any], size: int) -> dict[str, dict[str, Any]]:
     disk = results["disk"]["gb_per_s"]
     comp = results["codec"]["compress_gb_per_s"] / results["codec"]["threads"] * min(cores, 8)
     ratio = results["codec"]["stored_over_raw"]
-    out: dict[str, dict[str, Any]] = {
+    suggested: dict[str, dict[str, Any]] = {
         "store.threads": {
             "value": min(2 * cores, 16),
             "reason": f"{cores} CPU core(s): two pipeline threads per core, so that one "
@@ -422,44 +340,51 @@ def suggest(results: dict[str, Any], size: int) -> dict[str, dict[str, Any]]:
         }
     }
     if disk > 2 * comp:
-        out["codec.codec"] = {
+        suggested["codec.codec"] = {
             "value": "raw",
             "reason": f"disk write+fsync ({disk:.2f} GB/s) is more than twice the compression "
             f"speed with {min(cores, 8)} thread(s) ({comp:.2f} GB/s): compressing would make "
             f"checkpoints durable later; it would save {1 - ratio:.0%} of the disk space",
         }
     else:
-        out["codec.codec"] = {
+        suggested["codec.codec"] = {
             "value": "auto",
             "reason": f"disk write+fsync ({disk:.2f} GB/s) is at most twice the compression "
             f"speed with {min(cores, 8)} thread(s) ({comp:.2f} GB/s): compression (stored/raw "
             f"{ratio:.2f} on this data) costs little or no durability time and saves space",
         }
-    out["codec.level"] = {
+    suggested["codec.level"] = {
         "value": 1,
         "reason": "zstd level 1: higher levels are 1.5-2x slower and, after byte grouping, "
         "no smaller",
     }
     available = int(psutil.virtual_memory().available)
     if available >= 3 * size:
-        out["slots"] = {
+        suggested["slots"] = {
             "value": 2,
             "reason": f"{available / 2**30:.1f} GiB available >= 3x the state "
             f"({3 * size / 2**30:.1f} GiB): one snapshot can be written while the next is copied",
         }
     else:
-        out["slots"] = {
+        suggested["slots"] = {
             "value": 1,
             "reason": f"only {available / 2**30:.1f} GiB available, less than 3x the state "
             f"({3 * size / 2**30:.1f} GiB): one slot of shared memory per client",
         }
-    return out
+    return suggested
 
 
-def run_bench(size_bytes: int, root: Path, *, reps: int = SNAPSHOT_REPS) -> dict[str, Any]:
+def run_bench(
+    size_bytes: int,
+    root: Path,
+    *,
+    reps: int = SNAPSHOT_REPS,
+    pipeline: PipelineConfig | None = None,
+) -> dict[str, Any]:
     """Measure memory copy, codec, disk, ckptd save speed and a snapshot through a daemon
     (``reps`` times) for ``size_bytes`` under ``root``; return the measurements and the suggested
-    config values (with reasons)."""
+    config values (with reasons). The save uses ``pipeline`` (default: that of the configuration
+    :func:`~ckptd.config.load_config` finds), as ``ckptd_client.save`` would."""
     if size_bytes <= 0:
         raise ValueError(f"size must be positive, got {size_bytes}")
     root = Path(root)
@@ -474,7 +399,8 @@ def run_bench(size_bytes: int, root: Path, *, reps: int = SNAPSHOT_REPS) -> dict
     results["memory_copy"] = measure_copy(size_bytes)
     results["codec"] = measure_codec(size_bytes)
     results["disk"] = measure_disk(size_bytes, root)
-    results["ckptd_save"] = measure_save(size_bytes, root)
+    pipeline = load_config().pipeline() if pipeline is None else pipeline
+    results["ckptd_save"] = measure_save(size_bytes, root, pipeline)
     results["snapshot"] = measure_snapshot(size_bytes, root, reps)
     results["suggestions"] = suggest(results, size_bytes)
     return results
@@ -509,3 +435,39 @@ def render(results: dict[str, Any]) -> list[str]:
         where = "Client(slots=...)" if key == "slots" else key
         lines.append(f"  {where} = {value}: {s['reason']}")
     return lines
+
+
+@click.command("bench")
+@click.option(
+    "--size",
+    default="1GiB",
+    show_default=True,
+    metavar="SIZE",
+    help="Bytes to copy, compress (at most 256MiB), write and save, e.g. 256MiB.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object for scripts.")
+@click.option(
+    "--config", "config", metavar="FILE", default=None, help="Config file (for store.root)."
+)
+@click.option(
+    "--root",
+    "root",
+    metavar="DIR",
+    default=None,
+    help="Where to write the benchmark's scratch files and its daemon's checkpoints (default: "
+    "CKPTD_ROOT, then store.root, then ./checkpoints; never a running daemon's root).",
+)
+def bench_cmd(size: str, as_json: bool, root: str | None, config: str | None) -> None:
+    """Measure this machine (memory copy, codec, disk, ckptd save) and suggest config values.
+
+    Writes SIZE bytes under the checkpoint root (then deletes them) and needs about 3x SIZE of
+    memory.
+    """
+    size_bytes = parse_size(size, "--size")
+    cfg = load_config(config)
+    result = run_bench(size_bytes, resolve_root(root, cfg), pipeline=cfg.pipeline())
+    if as_json:
+        out.print_json(json.dumps(result))
+    else:
+        for line in render(result):
+            out.print(Text(line))

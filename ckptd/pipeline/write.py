@@ -1,32 +1,26 @@
 """The write pipeline: one checkpoint from a flattened state to a committed manifest.
 
-Call order: :func:`write_checkpoint` plans chunks (large tensors split into ``chunk_bytes`` pieces,
-tensors of at most ``pack_bytes`` packed together by dtype), then, on a bounded thread pool and with
-at most ``max_inflight_bytes`` of chunks being worked on at once, for each chunk: copy its bytes
-into the worker thread's private buffer, hash that copy (blake3), reuse the job's object of that
-name if its content verifies (dedup, :meth:`Store.reusable_object`), else encode the same copy and
-write it durably. When every chunk has been read it calls ``on_read_done`` (the daemon releases the
-shared-memory slot there), fsyncs the directories of every object the manifest names that the
-store does not know durable (:meth:`Store.make_durable`) and commits the manifest, numbered with
-the job's next commit sequence number (:meth:`Store.commit_lock`).
-
-The checkpoint digest (:func:`ckptd.format.manifest.checkpoint_digest`) hashes each tensor in
-leaves of :data:`~ckptd.format.manifest.LEAF_BYTES`, computed from the same private copies, never
-from the source again nor from disk: a chunk that is exactly one leaf (a large tensor's chunk with
-the default ``chunk_bytes``) gives the object name it already hashed; a leaf inside a chunk (a
-packed small tensor) is hashed from the copy; a leaf that spans chunks (other chunk sizes) is
-assembled from the copies of its pieces and hashed by the thread that completes it
-(:class:`_SpanningLeaves`).
+Call order: :func:`write_checkpoint` plans chunks (:func:`~ckptd.pipeline.plan.plan_chunks`: large
+tensors split into ``chunk_bytes`` pieces, tensors of at most ``pack_bytes`` packed together by
+dtype), then, on a bounded thread pool and with at most ``max_inflight_bytes`` of chunks being
+worked on at once, for each chunk: copy its bytes into the worker thread's private buffer, hash
+that copy (blake3) and the checkpoint digest's leaves in it (:mod:`ckptd.pipeline.digest`), reuse
+the job's object of that name if its content verifies (dedup, :meth:`Store.reusable_object`), else
+encode the same copy and write it durably. Chunks of one write with the same content are produced
+once (:class:`_Claims`). When every chunk has been read it calls ``on_read_done`` (the daemon
+releases the shared-memory slot there), fsyncs the directories of every object the manifest names
+that the store does not know durable (:meth:`Store.make_durable`) and commits the manifest,
+numbered with the job's next commit sequence number (:meth:`Store.commit_lock`).
 
 Ownership: the caller owns the tensor buffers and must not mutate them until ``on_read_done`` has
 been called (or the function has returned or raised); a mutation that happens anyway (another
 process writing shared memory) can tear a checkpoint across chunks, but every object still holds
-exactly the bytes its name was hashed from, because a chunk's hash, encoding and write all read one
-private copy. Each worker thread owns its copy buffer (grown as needed, reused chunk after chunk
-because fresh memory costs page faults) and overwrites it with its next chunk, so a chunk is
-encoded and written before its thread takes the next one. If this function raises, no manifest was
-written; objects already written stay as unreferenced garbage for :meth:`Store.gc`, and tmp files
-are removed.
+exactly the bytes its name was hashed from, because a chunk's hash, leaf hashes, encoding and
+write all read one private copy. Each worker thread owns its copy buffer (grown as needed, reused
+chunk after chunk because fresh memory costs page faults) and overwrites it with its next chunk,
+so a chunk is encoded and written before its thread takes the next one. If this function raises,
+no manifest was written; objects already written stay as unreferenced garbage for
+:meth:`Store.gc`, and tmp files are removed.
 """
 
 from __future__ import annotations
@@ -38,30 +32,16 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-
-import numpy as np
-import torch
 
 from ckptd.format.codec import CodecConfig, encode
 from ckptd.format.hashing import content_hash
-from ckptd.format.manifest import (
-    LEAF_BYTES,
-    Manifest,
-    ObjectInfo,
-    Piece,
-    TensorEntry,
-    check_step,
-    checkpoint_digest,
-    compute_digest,
-    leaf_count,
-    leaf_hash,
-    now_iso,
-    tensor_hash_of_leaves,
-)
-from ckptd.format.skeleton import JSON, dtype_from_name, dtype_name
+from ckptd.format.manifest import Manifest, ObjectInfo, Piece, TensorEntry, check_step, now_iso
+from ckptd.format.skeleton import JSON, dtype_from_name
 from ckptd.format.store import Store, validate_job_name
+from ckptd.pipeline.digest import LeafHash, SpanningLeaves, digest_of_leaves, leaf_hashes
+from ckptd.pipeline.plan import Chunk, PipelineConfig, TensorSource, copy_bytes, plan_chunks
 
 _FLOAT_COMPONENT_BYTES = {
     "float16": 2,
@@ -72,27 +52,6 @@ _FLOAT_COMPONENT_BYTES = {
     "complex64": 4,
     "complex128": 8,
 }
-
-
-@dataclass(frozen=True)
-class PipelineConfig:
-    """Sizes and parallelism of the write pipeline (units in the names)."""
-
-    chunk_bytes: int = 8 << 20
-    pack_bytes: int = 1 << 20
-    threads: int = 4
-    max_inflight_bytes: int = 256 << 20
-    codec: CodecConfig = field(default_factory=CodecConfig)
-
-
-@dataclass(frozen=True)
-class TensorSource:
-    """One tensor handed to the pipeline: ``data`` is its C-order bytes (``nbytes`` long)."""
-
-    path: str
-    dtype: str
-    shape: tuple[int, ...]
-    data: memoryview
 
 
 @dataclass(frozen=True)
@@ -107,76 +66,12 @@ class WriteResult:
     reused_objects: int
 
 
-def tensor_source(path: str, tensor: torch.Tensor) -> TensorSource:
-    """Describe ``tensor`` for the pipeline, copying only if it is not CPU-contiguous already.
-
-    The returned view keeps the (possibly copied) tensor alive.
-    """
-    t = tensor.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.resolve_conj().resolve_neg().contiguous()
-    flat = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
-    return TensorSource(path, dtype_name(t.dtype), tuple(t.shape), flat.numpy().data)
-
-
-def state_digest(tensors: Sequence[TensorSource], skeleton: JSON) -> str:
-    """The checkpoint digest of a flattened state (what a save of it records as ``digest``)."""
-    return compute_digest(((t.path, t.dtype, t.shape, t.data) for t in tensors), skeleton)
-
-
-def recompute_digest(manifest: Manifest, tensors: Sequence[torch.Tensor]) -> str:
-    """The checkpoint digest of ``manifest``'s skeleton and ``tensors`` (its tensors as read
-    back, in manifest order, e.g. by :func:`ckptd.format.restore.read_tensors`): equal to
-    ``manifest.digest`` when the data is what was saved."""
-    if len(tensors) != len(manifest.tensors):
-        raise ValueError(
-            f"{len(tensors)} tensors given for a manifest of {len(manifest.tensors)} tensors"
-        )
-    sources = [tensor_source(e.path, t) for e, t in zip(manifest.tensors, tensors, strict=True)]
-    return state_digest(sources, manifest.skeleton)
-
-
-@dataclass
-class _Chunk:
-    dtype: str
-    pieces: list[tuple[int, int, int]]  # (tensor index, offset in tensor, length)
-    nbytes: int = 0
-
-
-LeafHash = tuple[int, int, bytes]
-"""``(tensor index, leaf index, 32-byte leaf hash)``."""
-
-
 @dataclass(frozen=True)
 class _ChunkResult:
     digest: str
     info: ObjectInfo
     written_bytes: int
     leaves: tuple[LeafHash, ...] = ()
-
-
-def plan_chunks(tensors: Sequence[TensorSource], config: PipelineConfig) -> list[_Chunk]:
-    """Split large tensors into chunks and pack small ones by dtype (deterministic)."""
-    chunks: list[_Chunk] = []
-    open_packs: dict[str, _Chunk] = {}
-    for index, t in enumerate(tensors):
-        n = len(t.data)
-        if n == 0:
-            continue
-        if n > config.pack_bytes:
-            step = max(config.chunk_bytes - config.chunk_bytes % 8, 8)
-            for off in range(0, n, step):
-                length = min(step, n - off)
-                chunks.append(_Chunk(t.dtype, [(index, off, length)], length))
-            continue
-        pack = open_packs.get(t.dtype)
-        if pack is None or pack.nbytes + n > config.chunk_bytes:
-            pack = open_packs[t.dtype] = _Chunk(t.dtype, [])
-            chunks.append(pack)
-        pack.pieces.append((index, 0, n))
-        pack.nbytes += n
-    return chunks
 
 
 def write_checkpoint(
@@ -258,7 +153,7 @@ def _commit(
     skeleton: JSON,
     tensors: Sequence[TensorSource],
     sizes: Sequence[int],
-    chunks: Sequence[_Chunk],
+    chunks: Sequence[Chunk],
     results: Sequence[_ChunkResult],
     *,
     metric: float | None,
@@ -284,7 +179,8 @@ def _commit(
         TensorEntry(t.path, t.dtype, t.shape, sizes[i], tuple(by_tensor.get(i, ())))
         for i, t in enumerate(tensors)
     )
-    digest = _digest(entries, results, skeleton)
+    leaves = (leaf for res in results for leaf in res.leaves)
+    digest = digest_of_leaves(entries, leaves, skeleton)
     manifest = Manifest(
         job=job,
         step=step,
@@ -304,25 +200,11 @@ def _commit(
     return manifest, written, new_objects
 
 
-def _digest(entries: Sequence[TensorEntry], results: Sequence[_ChunkResult], skeleton: JSON) -> str:
-    """The checkpoint digest from the leaf hashes the chunk workers computed."""
-    leaves: list[list[bytes | None]] = [[None] * leaf_count(e.nbytes) for e in entries]
-    for res in results:
-        for index, k, h in res.leaves:
-            leaves[index][k] = h
-    hashes = []
-    for e, row in zip(entries, leaves, strict=True):
-        if any(h is None for h in row):
-            raise AssertionError(f"{e.path}: a leaf of the checkpoint digest was not hashed")
-        hashes.append((e.path, e.dtype, e.shape, tensor_hash_of_leaves(h for h in row if h)))
-    return checkpoint_digest(hashes, skeleton)
-
-
 def _run_chunks(
     store: Store,
     job: str,
     tensors: Sequence[TensorSource],
-    chunks: Sequence[_Chunk],
+    chunks: Sequence[Chunk],
     config: PipelineConfig,
     pool: Executor,
 ) -> list[_ChunkResult]:
@@ -333,10 +215,10 @@ def _run_chunks(
     failed = threading.Event()
     futures: list[Future[_ChunkResult]] = []
     claims = _Claims()
-    spanning = _SpanningLeaves()
+    spanning = SpanningLeaves()
     sizes = [len(t.data) for t in tensors]
 
-    def work(chunk: _Chunk) -> _ChunkResult:
+    def work(chunk: Chunk) -> _ChunkResult:
         try:
             if failed.is_set():
                 raise _CancelledError
@@ -401,12 +283,9 @@ class _Claims:
 
 
 _local = threading.local()
-_GIL_FREE_COPY_BYTES = 256 << 10
-"""Pieces this large are copied by numpy, which releases the GIL (a memoryview slice assignment
-holds it); smaller ones by slice assignment, which costs ~0.25 us a piece against ~2 us."""
 
 
-def _private_copy(tensors: Sequence[TensorSource], chunk: _Chunk) -> memoryview:
+def _private_copy(tensors: Sequence[TensorSource], chunk: Chunk) -> memoryview:
     """The chunk's bytes, copied into the calling thread's buffer.
 
     The buffer belongs to the calling thread and is overwritten by its next call: whatever reads
@@ -420,76 +299,9 @@ def _private_copy(tensors: Sequence[TensorSource], chunk: _Chunk) -> memoryview:
     view = memoryview(buf)
     pos = 0
     for index, off, length in chunk.pieces:
-        src = tensors[index].data[off : off + length]
-        if length >= _GIL_FREE_COPY_BYTES:
-            np.copyto(np.frombuffer(buf, np.uint8, length, pos), np.frombuffer(src, np.uint8))
-        else:
-            view[pos : pos + length] = src
+        copy_bytes(view, pos, tensors[index].data[off : off + length])
         pos += length
     return view[: chunk.nbytes]
-
-
-class _SpanningLeaves:
-    """Digest leaves that span chunk boundaries, assembled from the chunks' private copies.
-
-    Each chunk copies its part of such a leaf into the leaf's buffer; the thread whose part
-    completes it hashes it and drops the buffer. Only leaves with some but not all parts copied
-    hold memory, about one per chunk in flight.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._open: dict[tuple[int, int], tuple[bytearray, list[int]]] = {}
-
-    def add(self, index: int, k: int, size: int, at: int, part: memoryview) -> bytes | None:
-        """Copy ``part`` to offset ``at`` of leaf ``k`` (``size`` bytes) of tensor ``index``;
-        the leaf's hash once this completed it, else None."""
-        key = (index, k)
-        with self._lock:
-            entry = self._open.get(key)
-            if entry is None:
-                entry = self._open[key] = (bytearray(size), [size])
-        buf, missing = entry
-        if len(part) >= _GIL_FREE_COPY_BYTES:
-            np.copyto(np.frombuffer(buf, np.uint8, len(part), at), np.frombuffer(part, np.uint8))
-        else:
-            memoryview(buf)[at : at + len(part)] = part
-        with self._lock:
-            missing[0] -= len(part)
-            if missing[0]:
-                return None
-            del self._open[key]
-        return leaf_hash(buf)
-
-
-def _leaf_hashes(
-    sizes: Sequence[int],
-    chunk: _Chunk,
-    raw: memoryview,
-    digest: str,
-    spanning: _SpanningLeaves,
-) -> tuple[LeafHash, ...]:
-    """The digest leaves this chunk completes, hashed from its private copy ``raw``."""
-    out: list[LeafHash] = []
-    pos = 0
-    for index, off, length in chunk.pieces:
-        end = off + length
-        for k in range(off // LEAF_BYTES, (end - 1) // LEAF_BYTES + 1):
-            lo, hi = k * LEAF_BYTES, min((k + 1) * LEAF_BYTES, sizes[index])
-            if lo >= off and hi <= end:
-                if hi - lo == len(raw):
-                    h = bytes.fromhex(digest)  # the chunk is this leaf: its name is the hash
-                else:
-                    h = leaf_hash(raw[pos + lo - off : pos + hi - off])
-            else:
-                a, b = max(lo, off), min(hi, end)
-                done = spanning.add(index, k, hi - lo, a - lo, raw[pos + a - off : pos + b - off])
-                if done is None:
-                    continue
-                h = done
-            out.append((index, k, h))
-        pos += length
-    return tuple(out)
 
 
 def _write_chunk(
@@ -497,14 +309,14 @@ def _write_chunk(
     job: str,
     tensors: Sequence[TensorSource],
     sizes: Sequence[int],
-    chunk: _Chunk,
+    chunk: Chunk,
     codec: CodecConfig,
     claims: _Claims,
-    spanning: _SpanningLeaves,
+    spanning: SpanningLeaves,
 ) -> _ChunkResult:
     raw = _private_copy(tensors, chunk)
     digest = content_hash(raw)
-    leaves = _leaf_hashes(sizes, chunk, raw, digest, spanning)
+    leaves = leaf_hashes(sizes, chunk, raw, digest, spanning)
     known = claims.claim(digest)
     if known is not None:
         return _ChunkResult(digest, known, 0, leaves)

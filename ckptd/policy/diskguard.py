@@ -13,20 +13,27 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from ckptd.config import DiskConfig
 from ckptd.errors import CkptdError, DiskFullError, NotFoundError
 from ckptd.format.store import Store
 from ckptd.policy.prune import delete_unprotected, job_facts
-from ckptd.policy.retention import commit_order, decide, deletable
-
-if TYPE_CHECKING:
-    from ckptd.daemon.lifecycle import Daemon
+from ckptd.policy.retention import RetentionPolicy, commit_order, decide, deletable
 
 log = logging.getLogger("ckptd.policy.diskguard")
+
+PolicyFor = Callable[[Store, str], RetentionPolicy]
+"""The retention policy of a job in a store, as configured now (``Daemon.policy_for``)."""
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    """``[disk]``: the guard that refuses snapshots before the filesystem fills up."""
+
+    min_free_bytes: int = 1 << 30
+    min_free_percent: float = 0.0
 
 
 def _existing(path: Path) -> Path:
@@ -37,11 +44,12 @@ def _existing(path: Path) -> Path:
 
 class DiskGuard:
     """Used from the daemon's control threads (several admissions may run at once: each is
-    told the others' estimates); ``config`` may be replaced on reload."""
+    told the others' estimates); ``config`` may be replaced on reload. ``policy_for`` says what
+    retention allows to delete; it is called on those threads (it may read a job's metadata)."""
 
-    def __init__(self, config: DiskConfig, daemon: Daemon) -> None:
+    def __init__(self, config: DiskConfig, policy_for: PolicyFor) -> None:
         self.config = config
-        self.daemon = daemon
+        self.policy_for = policy_for
         self.last_need: dict[int, int] = {}
 
     def device(self, path: Path) -> int:
@@ -101,7 +109,7 @@ class DiskGuard:
                     facts = job_facts(other, job)
                     if not facts:
                         continue
-                    reasons = decide(self.daemon.policy_for(other, job), facts)
+                    reasons = decide(self.policy_for(other, job), facts)
                     created = {f.step: f.created for f in facts}
                     # The job's newest is its last commit (seq); across jobs, oldest time first.
                     newest[(other.root, job)] = max(facts, key=commit_order).step

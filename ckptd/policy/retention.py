@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from ckptd.errors import ConfigError
+from ckptd.units import parse_size
 
 Mode = Literal["min", "max"]
 
@@ -74,8 +75,6 @@ RETENTION_KEYS = ("keep_last", "keep_every", "keep_best", "mode", "max_bytes")
 
 def policy_from_dict(doc: Mapping[str, Any], where: str) -> RetentionPolicy:
     """Validate a ``[retention]`` table or ``Client(retention=...)``; ``where`` prefixes errors."""
-    from ckptd.config import parse_size
-
     unknown = sorted(set(doc) - set(RETENTION_KEYS))
     if unknown:
         raise ConfigError(

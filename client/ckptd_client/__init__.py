@@ -26,7 +26,8 @@ from ckptd.errors import (
 )
 from ckptd.format.restore import FallbackWarning
 from ckptd_client.api import list_checkpoints, load, restore, save
-from ckptd_client.client import CheckpointInfo, CheckpointSummary, Client, PendingSnapshot
+from ckptd_client.client import Client
+from ckptd_client.pending import CheckpointInfo, CheckpointSummary, PendingSnapshot
 from ckptd_client.state import collect, rng_state, set_rng_state
 
 __all__ = [

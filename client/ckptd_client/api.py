@@ -16,7 +16,8 @@ from ckptd.format.restore import MapLocation, load_checkpoint
 from ckptd.format.skeleton import flatten
 from ckptd.format.store import Store, validate_job_name
 from ckptd.locate import store_root
-from ckptd.pipeline.write import WriteResult, tensor_source, write_checkpoint
+from ckptd.pipeline.plan import tensor_source
+from ckptd.pipeline.write import WriteResult, write_checkpoint
 from ckptd_client.state import Stateful, apply, collect
 
 _stores: dict[Path, Store] = {}

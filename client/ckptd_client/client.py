@@ -1,13 +1,15 @@
 """``Client``: hand snapshots to the ckptd daemon through shared memory.
 
-``snapshot()`` copies the state once into a *slot* (a sealed memfd shared with the daemon), sends a
-small ``submit`` message and returns as soon as the daemon has accepted it. From then on the
-daemon owns the copy: it hashes, compresses and commits it even if this process dies a moment
-later. The returned :class:`PendingSnapshot` reports when the checkpoint is durable.
+``snapshot()`` copies the state once into a *slot* (a sealed memfd shared with the daemon, see
+:mod:`ckptd_client.slots`), sends a small ``submit`` message over the :mod:`~ckptd_client.link`
+and returns as soon as the daemon has accepted it. From then on the daemon owns the copy: it
+hashes, compresses and commits it even if this process dies a moment later. The returned
+:class:`~ckptd_client.pending.PendingSnapshot` reports when the checkpoint is durable. With no
+daemon on the per-user socket, the client starts one (:mod:`ckptd_client.spawn`).
 
 Thread safety: one trainer thread calls ``snapshot`` / ``prepare`` / ``flush`` / ``close`` (calls
-are serialized by a lock if several threads do). A background thread reads the daemon's replies;
-it only updates slot states and resolves :class:`PendingSnapshot` handles.
+are serialized by a lock if several threads do). The link's reader thread only updates slot
+states and settles :class:`PendingSnapshot` handles.
 
 Daemon failures never raise out of ``snapshot()`` unless ``strict=True``: they are logged as
 warnings and carried by the returned handle (``wait()`` raises them). Errors in the state itself
@@ -16,21 +18,11 @@ warnings and carried by the returned handle (``wait()`` raises them). Errors in 
 
 from __future__ import annotations
 
-import dataclasses
-import enum
-import fcntl
 import logging
-import math
-import mmap
 import os
-import socket
-import stat
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,565 +37,32 @@ from ckptd.errors import (
     SnapshotSkippedError,
     SnapshotUnconfirmedError,
     UntrustedDaemonError,
-    error_from_reply,
 )
 from ckptd.format.restore import MapLocation
-from ckptd.format.skeleton import dtype_name, flatten
+from ckptd.format.skeleton import flatten
+from ckptd.format.store import validate_job_name
+from ckptd.policy.retention import policy_from_dict, policy_to_dict
 from ckptd.protocol import (
     PROTOCOL_VERSION,
     LayoutEntry,
     Message,
-    align,
-    can_connect,
-    check_daemon_peer,
     encode_layout,
     metric_to_wire,
-    recv_message,
-    send_message,
 )
 from ckptd_client.api import list_checkpoints, restore
+from ckptd_client.link import LOST_OP, Link, error_from
+from ckptd_client.pending import (
+    CheckpointInfo,
+    CheckpointSummary,
+    Outstanding,
+    PendingSnapshot,
+    wait_all,
+)
+from ckptd_client.slots import PAGE_BYTES, Ring, Slot, layout, slot_size
+from ckptd_client.spawn import spawn_daemon
 from ckptd_client.state import Stateful, collect
 
-log = logging.getLogger("ckptd_client")
-
-_MADV_POPULATE_WRITE = 23
-_MAX_VIEWS = 1 << 16  # cached slot views before the cache is dropped (a layout that keeps changing)
-_PAGE = mmap.PAGESIZE
-_SLOT_ROUND = 1 << 20
-_spawned: list[subprocess.Popen[bytes]] = []
-SPAWN_IDLE_EXIT_S = 60
-
-
-def error_from(msg: Message) -> CkptdError:
-    """The exception a daemon ``error`` / ``failed`` / ``refused`` message stands for."""
-    return error_from_reply(msg.get("type"), msg.get("message"))
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """A committed checkpoint, as reported by the daemon (bytes and seconds)."""
-
-    job: str
-    step: int
-    path: str
-    raw_bytes: int
-    stored_bytes: int
-    written_bytes: int
-    stall_s: float
-    persist_s: float
-
-
-@dataclass(frozen=True)
-class CheckpointSummary:
-    """A committed checkpoint as :meth:`Client.list` shows it: the manifest without its tensors
-    and state. ``seq`` orders commits (0 for checkpoints written before ckptd recorded it);
-    ``digest`` is the content hash of the tensors and state (None for those older ones)."""
-
-    job: str
-    step: int
-    created: str
-    seq: int
-    digest: str | None
-    raw_bytes: int
-    stored_bytes: int
-    metric: float | None
-    latest: bool
-
-
-class PendingSnapshot:
-    """A snapshot handed to the daemon. ``wait()`` returns its :class:`CheckpointInfo` once it is
-    durable, or raises the daemon's error (or :class:`SnapshotSkippedError` when it was skipped)."""
-
-    def __init__(self, job: str, step: int) -> None:
-        self.job = job
-        self.step = step
-        self.stall_s = 0.0
-        self.skipped = False
-        self._done = threading.Event()
-        self._info: CheckpointInfo | None = None
-        self._error: CkptdError | None = None
-
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    @property
-    def error(self) -> CkptdError | None:
-        """The failure, once done (None while pending or when committed)."""
-        return self._error
-
-    def wait(self, timeout: float | None = None) -> CheckpointInfo:
-        if not self._done.wait(timeout):
-            raise TimeoutError(
-                f"{self.job} step {self.step} not committed within {timeout} s; it is still "
-                "queued or being written (see `ckptd status`)"
-            )
-        if self._error is not None:
-            raise self._error
-        assert self._info is not None
-        return dataclasses.replace(self._info, stall_s=self.stall_s)
-
-    def _resolve(self, info: CheckpointInfo) -> None:
-        self._info = info
-        self._done.set()
-
-    def _reject(self, error: CkptdError) -> None:
-        if not self._done.is_set():
-            self._error = error
-            self._done.set()
-
-    def __repr__(self) -> str:
-        state = "skipped" if self.skipped else ("done" if self.done() else "pending")
-        if self._error is not None:
-            state = f"failed: {type(self._error).__name__}"
-        return f"<PendingSnapshot {self.job} step {self.step} {state}>"
-
-
-class SlotState(enum.Enum):
-    """Who owns a slot's bytes. Only the trainer thread moves a slot out of ``FREE`` and into
-    ``SUBMITTED``; only the daemon's answers move it on from there (see :class:`_Ring`)."""
-
-    FREE = "free"
-    """In the ring; the next snapshot may fill it."""
-    FILLING = "filling"
-    """Taken by ``snapshot()`` / ``prepare()`` on the trainer thread; the daemon never reads it."""
-    SUBMITTED = "submitted"
-    """``submit`` was sent and not yet answered: the daemon may read it at any moment."""
-    DAEMON = "daemon"
-    """Accepted: the daemon reads it until it reports ``released``."""
-
-
-class _Slot:
-    """A sealed memfd mapped read-write here and read-only in the daemon."""
-
-    def __init__(self, slot_id: int, size: int, job: str) -> None:
-        self.id = slot_id
-        self.size = size
-        self.state = SlotState.FILLING
-        self.seq: int | None = None  # the submit whose bytes the daemon reads (SUBMITTED, DAEMON)
-        self.fd = os.memfd_create(f"ckptd-{job}-{slot_id}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        try:
-            os.ftruncate(self.fd, size)
-            fcntl.fcntl(
-                self.fd,
-                fcntl.F_ADD_SEALS,
-                fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL,
-            )
-            self.mm = mmap.mmap(self.fd, size)
-        except BaseException:
-            os.close(self.fd)
-            raise
-        self.bytes = torch.frombuffer(self.mm, dtype=torch.uint8)
-        self.pinned = False
-        # Typed views into the slot by (offset, dtype, shape): a training loop snapshots the same
-        # layout every time, so after the first snapshot no view is made again.
-        self._views: dict[tuple[int, torch.dtype, tuple[int, ...]], torch.Tensor] = {}
-
-    def view(self, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        """The slot's bytes at ``offset`` as a ``dtype`` tensor of ``shape``."""
-        key = (offset, dtype, shape)
-        view = self._views.get(key)
-        if view is None:
-            if len(self._views) >= _MAX_VIEWS:
-                self._views.clear()
-            nbytes = math.prod(shape) * dtype.itemsize
-            view = self.bytes[offset : offset + nbytes].view(dtype).view(shape)
-            self._views[key] = view
-        return view
-
-    def prefault(self) -> None:
-        """Touch every page now so snapshots copy at memory speed, not page-fault speed."""
-        try:
-            self.mm.madvise(_MADV_POPULATE_WRITE)
-        except (OSError, ValueError):
-            self.bytes[::_PAGE].zero_()
-
-    def pin(self) -> None:
-        """Register the slot as pinned memory so CUDA copies into it run asynchronously."""
-        if not self.pinned and torch.cuda.is_available():
-            cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
-            rc = cudart.cudaHostRegister(self.bytes.data_ptr(), self.size, 0)
-            self.pinned = int(rc) == 0
-
-    def close(self) -> None:
-        """Unmap and close this side. The daemon's own mapping (if any) stays valid."""
-        if self.pinned:
-            torch.cuda.cudart().cudaHostUnregister(  # type: ignore[no-untyped-call]
-                self.bytes.data_ptr()
-            )
-            self.pinned = False
-        self._views.clear()
-        del self.bytes
-        self.mm.close()
-        os.close(self.fd)
-
-
-class _Ring:
-    """The client's slots and the one place their :class:`SlotState` changes.
-
-    Thread safety: every method takes ``cond``'s lock. The trainer thread (under the client's call
-    lock) takes, fills, submits and gives back slots; the link's reader thread applies the
-    daemon's answers. When the connection is lost, :meth:`abandon` takes *every* slot out of the
-    ring at once: a slot whose fate is unknown is never filled again. Abandoned slots are closed
-    (unmapped on this side) later, on the trainer thread, which may still be copying into one.
-    """
-
-    def __init__(self) -> None:
-        self.cond = threading.Condition()
-        self.slots: list[_Slot] = []
-        self.abandoned: list[_Slot] = []
-
-    def _move(self, slot: _Slot, expect: SlotState, to: SlotState) -> None:
-        if slot.state is not expect:
-            raise AssertionError(f"slot {slot.id}: {slot.state.value} -> {to.value}")
-        slot.state = to
-        if to is SlotState.FREE:
-            slot.seq = None
-            self.cond.notify_all()
-
-    def free(self) -> list[_Slot]:
-        return [s for s in self.slots if s.state is SlotState.FREE]
-
-    def take(self, slot: _Slot) -> None:
-        """FREE -> FILLING (trainer)."""
-        with self.cond:
-            self._move(slot, SlotState.FREE, SlotState.FILLING)
-
-    def add(self, slot: _Slot) -> None:
-        """A new slot (born FILLING) joins the ring (trainer)."""
-        with self.cond:
-            self.slots.append(slot)
-
-    def remove(self, slot: _Slot) -> None:
-        with self.cond:
-            self.slots.remove(slot)
-
-    def give_back(self, slot: _Slot) -> None:
-        """FILLING -> FREE (trainer): the daemon never saw this fill. A slot abandoned meanwhile
-        stays abandoned."""
-        with self.cond:
-            if slot in self.slots:
-                self._move(slot, SlotState.FILLING, SlotState.FREE)
-
-    def submitting(self, slot: _Slot, seq: int) -> None:
-        """FILLING -> SUBMITTED (trainer), just before ``submit`` is sent."""
-        with self.cond:
-            self._move(slot, SlotState.FILLING, SlotState.SUBMITTED)
-            slot.seq = seq
-
-    def answered(self, msg: Message) -> bool:
-        """Apply the daemon's ``accepted`` / ``refused`` / ``released`` (reader thread). False
-        when it names no slot in the state it implies: a protocol violation."""
-        op = msg["op"]
-        seq = msg.get("seq")
-        with self.cond:
-            for slot in self.slots:
-                if slot.seq is None or slot.seq != seq:
-                    continue
-                if op == "accepted" and slot.state is SlotState.SUBMITTED:
-                    self._move(slot, SlotState.SUBMITTED, SlotState.DAEMON)
-                    return True
-                if op == "refused" and slot.state is SlotState.SUBMITTED:
-                    self._move(slot, SlotState.SUBMITTED, SlotState.FREE)
-                    return True
-                if (
-                    op == "released"
-                    and slot.state is SlotState.DAEMON
-                    and slot.id == msg.get("slot")
-                ):
-                    self._move(slot, SlotState.DAEMON, SlotState.FREE)
-                    return True
-                return False
-            return False
-
-    def abandon(self) -> None:
-        """The connection is gone: no slot of it may be filled again (reader or trainer)."""
-        with self.cond:
-            self.abandoned.extend(self.slots)
-            self.slots = []
-            self.cond.notify_all()
-
-    def close_abandoned(self) -> None:
-        """Unmap abandoned slots (trainer thread only, when no fill is in progress)."""
-        with self.cond:
-            slots, self.abandoned = self.abandoned, []
-        for slot in slots:
-            slot.close()
-
-
-class _Waiter:
-    __slots__ = ("event", "reply")
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.reply: Message | None = None
-
-
-def check_private_dir(socket_path: Path) -> None:
-    """Create the socket's directory (mode 0700) or check that it is a real directory (not a
-    symlink) of this user that no one else may write: the client puts the spawned daemon's
-    socket, lock and log there. Raises :class:`UntrustedDaemonError` for a directory of another
-    user (or writable by others), :class:`DaemonUnavailableError` when it cannot be made."""
-    directory = socket_path.parent
-    try:
-        directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        directory.mkdir(mode=0o700)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise DaemonUnavailableError(
-            f"cannot start a ckptd daemon on {socket_path}: cannot create its directory "
-            f"({exc.strerror}); pass socket= (or CKPTD_SOCKET) in a directory you can write"
-        ) from exc
-    st = os.lstat(directory)
-    if not stat.S_ISDIR(st.st_mode) and not stat.S_ISLNK(st.st_mode):
-        raise DaemonUnavailableError(
-            f"cannot start a ckptd daemon on {socket_path}: {directory} is not a directory"
-        )
-    problem = None
-    if stat.S_ISLNK(st.st_mode):
-        problem = "is a symlink"
-    elif st.st_uid != os.getuid():
-        problem = f"belongs to uid {st.st_uid}, not to this user (uid {os.getuid()})"
-    elif stat.S_IMODE(st.st_mode) & 0o022:
-        problem = f"is writable by others (mode {stat.S_IMODE(st.st_mode):04o})"
-    if problem is not None:
-        raise UntrustedDaemonError(
-            f"will not start a ckptd daemon on {socket_path}: its directory {directory} "
-            f"{problem}. Remove it, or set XDG_RUNTIME_DIR or socket= to a directory only you "
-            "can write"
-        )
-
-
-class _Link:
-    """One connection to the daemon: requests matched to replies by id, plus a reader thread.
-
-    Every request gets a fresh ``id`` that the daemon echoes; the reader hands a reply only to the
-    request with that id, and treats any other reply as a broken daemon. A request not answered
-    within ``timeout_s`` *breaks* the link: the socket is shut down, every waiter is woken, and
-    the owner must treat every slot registered on it as of unknown fate (the daemon may still act
-    on what it received). ``on_answer(msg)`` runs on the reader thread for ``accepted`` /
-    ``refused`` before the waiter wakes; ``on_event(link, msg)`` gets ``released``,
-    ``committed``, ``failed`` and finally ``{"op": "__lost__"}``.
-    """
-
-    EVENTS = frozenset({"released", "committed", "failed"})
-
-    def __init__(self, path: Path, timeout_s: float, on_event: Any, on_answer: Any) -> None:
-        self.path = path
-        self.timeout_s = timeout_s
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        try:
-            self.sock.connect(str(path))
-            self.daemon_pid = check_daemon_peer(self.sock, path)
-        except BaseException:
-            self.sock.close()
-            raise
-        self.lost = False
-        self.lost_reason = "the connection was closed"
-        self._error: Message | None = None  # a connection-level error the daemon sent
-        self._next_id = 0
-        self._waiting: dict[int, _Waiter] = {}
-        self._send_lock = threading.Lock()
-        self._wait_lock = threading.Lock()
-        self._on_event = on_event
-        self._on_answer = on_answer
-        self._reader = threading.Thread(target=self._read, name="ckptd-client-reader", daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        try:
-            while True:
-                msg, fds = recv_message(self.sock)
-                for fd in fds:
-                    os.close(fd)
-                if msg is None:
-                    break
-                rid = msg.get("id")
-                if rid is not None:
-                    with self._wait_lock:
-                        waiter = self._waiting.pop(rid, None) if isinstance(rid, int) else None
-                    if waiter is None:
-                        self.lost_reason = f"the daemon sent a reply to no request ({msg['op']!r})"
-                        break
-                    if msg["op"] in ("accepted", "refused") and not self._on_answer(msg):
-                        self.lost_reason = f"the daemon's {msg['op']!r} names no submitted slot"
-                        waiter.event.set()  # reply None: unanswered
-                        break
-                    waiter.reply = msg
-                    waiter.event.set()
-                elif msg["op"] == "error":
-                    self._error = msg  # about the connection; the daemon closes it next
-                    self.lost_reason = f"the daemon closed it: {msg.get('message')}"
-                    break
-                elif msg["op"] in self.EVENTS:
-                    self._on_event(self, msg)
-                else:
-                    self.lost_reason = f"the daemon sent an unexpected {msg['op']!r}"
-                    break
-        except (OSError, ProtocolError) as exc:
-            self.lost_reason = f"the connection failed ({exc})"
-        finally:
-            self.lost = True
-            try:
-                self.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            with self._wait_lock:
-                waiting, self._waiting = list(self._waiting.values()), {}
-            for waiter in waiting:
-                waiter.reply = self._error
-                waiter.event.set()
-            self._on_event(self, {"op": "__lost__"})
-
-    def request(self, msg: Message, fds: list[int] | None = None) -> Message:
-        """Send ``msg`` and return its reply (an ``error`` reply raises its exception).
-
-        Raises :class:`DaemonUnavailableError` when it could not be sent, and its subclass
-        :class:`DaemonNoAnswerError` when it was sent but not answered (the link is broken then)."""
-        waiter = _Waiter()
-        with self._send_lock:
-            if self.lost:
-                raise DaemonUnavailableError(
-                    f"the connection to ckptd at {self.path} was lost: {self.lost_reason}"
-                )
-            self._next_id += 1
-            rid = self._next_id
-            with self._wait_lock:
-                self._waiting[rid] = waiter
-            try:
-                send_message(self.sock, {**msg, "id": rid}, fds)
-            except OSError as exc:
-                with self._wait_lock:
-                    self._waiting.pop(rid, None)
-                self._reader.join(timeout=1.0)  # the daemon may have said why it closed
-                if self._error is not None:
-                    raise error_from(self._error) from exc
-                self.lost_reason = f"cannot send to it: {exc.strerror or exc}"
-                self.break_link()
-                raise DaemonUnavailableError(
-                    f"cannot send {msg['op']!r} to ckptd at {self.path}: {exc.strerror or exc}"
-                ) from exc
-        if not waiter.event.wait(self.timeout_s):
-            self.lost_reason = f"no answer to {msg['op']!r} within {self.timeout_s} s"
-            self.break_link()
-            # The reader reports the loss (every other handle of this link resolves) before
-            # the caller hears of it.
-            self._reader.join(timeout=5)
-            raise DaemonNoAnswerError(
-                f"ckptd at {self.path} did not answer {msg['op']!r} within {self.timeout_s} s; "
-                "the connection was dropped and its slots abandoned (the next call reconnects)"
-            )
-        reply = waiter.reply
-        if reply is None:
-            self._reader.join(timeout=5)
-            raise DaemonNoAnswerError(
-                f"ckptd at {self.path} closed the connection during {msg['op']!r}: "
-                f"{self.lost_reason}"
-            )
-        if reply["op"] == "error":
-            raise error_from(reply)
-        return reply
-
-    def send(self, msg: Message) -> None:
-        """A message that gets no reply (``skipped``); lost silently with the link."""
-        with self._send_lock:
-            try:
-                send_message(self.sock, msg)
-            except OSError:
-                pass
-
-    def break_link(self) -> None:
-        """Give up on this connection: the reader sees EOF and reports it lost."""
-        self.lost = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self.break_link()
-        self._reader.join(timeout=5)
-        self.sock.close()
-
-
-def spawn_daemon(socket_path: Path, root: Path, timeout_s: float = 60.0) -> None:
-    """Start ``ckptd start --user`` detached (own session, idle exit) and wait until it answers.
-
-    The socket's directory must be this user's own (see :func:`check_private_dir`); the log is
-    opened there without following symlinks."""
-    for proc in list(_spawned):  # reap daemons that exited
-        if proc.poll() is not None:
-            _spawned.remove(proc)
-    check_private_dir(socket_path)
-    log_path = socket_path.parent / "ckptd.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_SOCKET", "WATCHDOG_"))}
-    cmd = [
-        sys.executable,
-        "-m",
-        "ckptd",
-        "start",
-        "--user",
-        "--socket",
-        str(socket_path),
-        "--root",
-        str(root),
-        "--idle-exit",
-        str(SPAWN_IDLE_EXIT_S),
-        "--on-demand",
-    ]
-    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
-    try:
-        fd = os.open(log_path, flags, 0o600)
-    except OSError as exc:
-        raise UntrustedDaemonError(
-            f"cannot open the daemon log {log_path} ({exc.strerror}); it must be a regular file "
-            "of yours, not a symlink"
-        ) from exc
-    try:
-        if os.fstat(fd).st_uid != os.getuid() or not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise UntrustedDaemonError(
-                f"the daemon log {log_path} is not a regular file of uid {os.getuid()}; remove it"
-            )
-        proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=fd,
-            stderr=fd,
-            cwd="/",
-            env=env,
-            start_new_session=True,
-        )
-    finally:
-        os.close(fd)
-    _spawned.append(proc)
-    # One line a user sees by default: a background process now runs on their behalf.
-    log.warning(
-        "ckptd_client: no daemon answered on %s; started one (pid %d) writing checkpoints to %s "
-        "(exits after %d s idle; log %s)",
-        socket_path,
-        proc.pid,
-        root,
-        SPAWN_IDLE_EXIT_S,
-        log_path,
-    )
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if can_connect(socket_path):
-            return
-        if proc.poll() is not None and proc.returncode != 0:
-            tail = log_path.read_text(errors="replace").splitlines()[-5:]
-            if any("already serving" in line for line in tail):
-                continue  # another process spawned it first; keep trying to connect
-            raise DaemonUnavailableError(
-                f"the ckptd daemon started on {socket_path} exited with code {proc.returncode}; "
-                f"its log ({log_path}) ends with: " + " | ".join(tail)
-            )
-        time.sleep(0.05)
-    raise DaemonUnavailableError(
-        f"the ckptd daemon started on {socket_path} did not answer within {timeout_s} s; "
-        f"see {log_path}"
-    )
-
+log = logging.getLogger("ckptd_client.client")
 
 OnFull = Literal["block", "skip"]
 
@@ -639,8 +98,6 @@ class Client:
         retention: dict[str, Any] | None = None,
         timeout_s: float = 60.0,
     ) -> None:
-        from ckptd.format.store import validate_job_name
-
         self.job = validate_job_name(job)
         if not isinstance(slots, int) or slots < 1:
             raise ValueError(f"slots must be an integer >= 1, got {slots!r}")
@@ -663,29 +120,27 @@ class Client:
         self.allow_pickle = allow_pickle
         self.retention = None
         if retention is not None:
-            from ckptd.policy.retention import policy_from_dict, policy_to_dict
-
             self.retention = policy_to_dict(policy_from_dict(retention, "retention"))
         self.timeout_s = timeout_s
         self.stats = {"snapshots": 0, "skipped": 0, "blocked": 0, "blocked_s": 0.0, "failed": 0}
-        self._ring = _Ring()
+        self._ring = Ring()
         self._call = threading.RLock()
         self._next_slot_id = 0
-        self._pending: dict[int, tuple[_Link, PendingSnapshot]] = {}
+        self._outstanding = Outstanding()
         self._seq = 0
         self._submitting: int | None = None  # the submit waiting for accepted / refused
-        self._link: _Link | None = None
+        self._link: Link | None = None
         self._closed = False
-        self._stream: Any = None
+        self._stream: torch.cuda.Stream | None = None  # CUDA copies into slots, made on first use
         self._prepare_thread: threading.Thread | None = None
         self._last_wait_s = 0.0
         self._connect()
 
     # ---- connection ----------------------------------------------------------------------
 
-    def _connect(self) -> _Link:
+    def _connect(self) -> Link:
         try:
-            link = _Link(self.socket_path, self.timeout_s, self._on_event, self._ring.answered)
+            link = Link(self.socket_path, self.timeout_s, self._on_event, self._ring.answered)
         except UntrustedDaemonError:
             raise
         except OSError as exc:
@@ -704,7 +159,7 @@ class Client:
                 ) from exc
             try:
                 spawn_daemon(self.socket_path, self._asked_root or self._default_root)
-                link = _Link(self.socket_path, self.timeout_s, self._on_event, self._ring.answered)
+                link = Link(self.socket_path, self.timeout_s, self._on_event, self._ring.answered)
             except OSError as spawn_exc:
                 raise DaemonUnavailableError(
                     f"no ckptd daemon answers on {self.socket_path} and none could be started "
@@ -741,7 +196,7 @@ class Client:
         self._link = link
         return link
 
-    def _ensure_link(self) -> _Link:
+    def _ensure_link(self) -> Link:
         """The live connection, reconnecting (with a fresh, empty ring) after a lost one.
         Trainer thread, under the call lock."""
         link = self._link
@@ -754,8 +209,8 @@ class Client:
             link = self._connect()
         return link
 
-    def _on_event(self, link: _Link, msg: Message) -> None:
-        """Reader thread: ``released`` / ``committed`` / ``failed`` / ``__lost__`` of ``link``."""
+    def _on_event(self, link: Link, msg: Message) -> None:
+        """Reader thread: ``released`` / ``committed`` / ``failed`` / lost, of ``link``."""
         op = msg["op"]
         if op == "released":
             if not self._ring.answered(msg):
@@ -764,11 +219,9 @@ class Client:
                 link.break_link()
             return
         if op in ("committed", "failed"):
-            with self._ring.cond:
-                entry = self._pending.pop(int(msg.get("seq", -1)), None)
-            if entry is None or entry[0] is not link:
+            pending = self._outstanding.pop(int(msg.get("seq", -1)), link)
+            if pending is None:
                 return
-            pending = entry[1]
             if op == "committed":
                 pending._resolve(
                     CheckpointInfo(
@@ -788,11 +241,11 @@ class Client:
                 log.warning("ckptd: %s step %d failed: %s", self.job, pending.step, error)
                 pending._reject(error)
             return
-        if op == "__lost__":
+        if op == LOST_OP:
             if link is self._link:
                 self._ring.abandon()
             # The submit still waiting for its answer is failed by the snapshot() that sent it.
-            unconfirmed = self._take_pending(link, keep=self._submitting)
+            unconfirmed = self._outstanding.take(link, keep=self._submitting)
             for pending in unconfirmed:
                 pending._reject(
                     SnapshotUnconfirmedError(
@@ -809,26 +262,12 @@ class Client:
                     link.lost_reason,
                 )
 
-    def _take_pending(
-        self, link: _Link | None = None, keep: int | None = None
-    ) -> list[PendingSnapshot]:
-        """Remove and return the handles still waiting for ``link`` (every link: None), except
-        the one of submit ``keep``."""
-        with self._ring.cond:
-            gone = {
-                seq
-                for seq, (lk, _p) in self._pending.items()
-                if (link is None or lk is link) and seq != keep
-            }
-            taken = [self._pending.pop(seq)[1] for seq in sorted(gone)]
-        return taken
-
     # ---- slots ---------------------------------------------------------------------------
 
-    def _new_slot(self, link: _Link, need: int, pin: bool) -> _Slot:
+    def _new_slot(self, link: Link, need: int, pin: bool) -> Slot:
         """A new slot of at least ``need`` bytes, registered with the daemon, in FILLING."""
-        size = max(_SLOT_ROUND, (need + _SLOT_ROUND - 1) // _SLOT_ROUND * _SLOT_ROUND)
-        slot = _Slot(self._next_slot_id, size, self.job)
+        size = slot_size(need)
+        slot = Slot(self._next_slot_id, size, self.job)
         self._next_slot_id += 1
         try:
             slot.prefault()
@@ -841,7 +280,7 @@ class Client:
         self._ring.add(slot)
         return slot
 
-    def _acquire(self, link: _Link, need: int, pin: bool, *, wait: bool) -> _Slot | None:
+    def _acquire(self, link: Link, need: int, pin: bool, *, wait: bool) -> Slot | None:
         """A slot of at least ``need`` bytes, now FILLING and owned by the caller; None when
         every slot is held by the daemon and ``wait`` is false. A free slot that is too small is
         replaced by a bigger one. Trainer thread, under the call lock.
@@ -851,8 +290,8 @@ class Client:
         and one that does not answer breaks the link (:class:`DaemonUnavailableError`)."""
         waited = 0.0
         ring = self._ring
-        victim: _Slot | None = None
-        fit: _Slot | None = None
+        victim: Slot | None = None
+        fit: Slot | None = None
         while True:
             since_ping = 0.0
             with ring.cond:
@@ -870,8 +309,7 @@ class Client:
                     if free or len(ring.slots) < self.n_slots:
                         victim = free[0] if free else None
                         if victim is not None:
-                            ring.take(victim)
-                            ring.remove(victim)
+                            ring.take_out(victim)
                         break
                     if not wait:
                         return None
@@ -901,44 +339,17 @@ class Client:
                 victim.close()
         return self._new_slot(link, need, pin)
 
-    @staticmethod
-    def _layout(
-        paths: Sequence[str], tensors: Sequence[torch.Tensor]
-    ) -> tuple[list[LayoutEntry], int]:
-        entries = []
-        cursor = 0
-        for path, t in zip(paths, tensors, strict=True):
-            nbytes = t.numel() * t.element_size()
-            entries.append(LayoutEntry(path, dtype_name(t.dtype), tuple(t.shape), cursor, nbytes))
-            cursor = align(cursor + nbytes)
-        return entries, cursor
-
     def _fill(
         self,
-        slot: _Slot,
+        slot: Slot,
         entries: list[LayoutEntry],
         tensors: Sequence[torch.Tensor],
         meta_offset: int,
         meta: bytes,
     ) -> None:
-        cuda = [t for t in tensors if t.is_cuda]
-        if cuda:
-            if self._stream is None:
-                self._stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
-            self._stream.wait_stream(torch.cuda.current_stream())
-        with torch.no_grad():
-            for e, t in zip(entries, tensors, strict=True):
-                if e.nbytes == 0:
-                    continue
-                dst = slot.view(e.offset, t.dtype, e.shape)
-                if t.is_cuda:
-                    with torch.cuda.stream(self._stream):
-                        dst.copy_(t, non_blocking=True)
-                else:
-                    dst.copy_(t)
-        if cuda:
-            self._stream.synchronize()
-        slot.mm[meta_offset : meta_offset + len(meta)] = meta
+        if self._stream is None and any(t.is_cuda for t in tensors):
+            self._stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+        slot.fill(entries, tensors, meta_offset, meta, self._stream)
 
     # ---- public API ----------------------------------------------------------------------
 
@@ -976,9 +387,9 @@ class Client:
             ),
             allow_pickle=self.allow_pickle,
         )
-        entries, data_end = self._layout(flat.paths, flat.tensors)
+        entries, data_end = layout(flat.paths, flat.tensors)
         meta = encode_layout(flat.skeleton, entries)
-        need = int((data_end + len(meta)) * (1 + headroom)) + 2 * _PAGE
+        need = int((data_end + len(meta)) * (1 + headroom)) + 2 * PAGE_BYTES
         pin = any(t.is_cuda for t in flat.tensors)
 
         def work() -> None:
@@ -986,7 +397,7 @@ class Client:
                 if self._closed:
                     return
                 link = self._ensure_link()
-                taken: list[_Slot] = []
+                taken: list[Slot] = []
                 try:
                     for _ in range(self.n_slots):
                         slot = self._acquire(link, need, pin, wait=False)
@@ -1005,7 +416,8 @@ class Client:
         thread.start()
         return thread
 
-    def _guarded(self, fn: Any) -> Any:
+    @staticmethod
+    def _guarded(fn: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
             try:
                 fn()
@@ -1055,7 +467,7 @@ class Client:
             ),
             allow_pickle=self.allow_pickle,
         )
-        entries, data_end = self._layout(flat.paths, flat.tensors)
+        entries, data_end = layout(flat.paths, flat.tensors)
         meta = encode_layout(flat.skeleton, entries)
         meta_offset = data_end
         pending = PendingSnapshot(self.job, step)
@@ -1114,8 +526,7 @@ class Client:
             raise
         self._seq += 1
         seq = self._seq
-        with self._ring.cond:
-            self._pending[seq] = (link, pending)
+        self._outstanding.add(seq, link, pending)
         pending.stall_s = time.perf_counter() - started
         self._ring.submitting(slot, seq)
         self._submitting = seq
@@ -1136,33 +547,24 @@ class Client:
             )
         except DaemonNoAnswerError as exc:
             # The daemon may have accepted it: the slot left the ring with the link.
-            with self._ring.cond:
-                self._pending.pop(seq, None)
+            self._outstanding.discard(seq)
             raise SnapshotUnconfirmedError(
                 f"{self.job} step {step}: {exc}; the daemon may or may not commit it (check "
                 f"`ckptd list {self.job}`)"
             ) from exc
         except BaseException:
-            with self._ring.cond:
-                self._pending.pop(seq, None)
+            self._outstanding.discard(seq)
             raise
         finally:
             self._submitting = None
         if reply["op"] == "refused":  # the ring already took the slot back
-            with self._ring.cond:
-                self._pending.pop(seq, None)
+            self._outstanding.discard(seq)
             raise error_from(reply)
 
     def flush(self, timeout: float | None = None) -> list[PendingSnapshot]:
         """Wait until every accepted snapshot is committed or failed; return those still pending
         when ``timeout`` runs out (empty when all are done). Failures stay on their handles."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._ring.cond:
-            waiting = [p for _link, p in self._pending.values()]
-        for pending in waiting:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            pending._done.wait(left)
-        return [p for p in waiting if not p.done()]
+        return wait_all(self._outstanding.handles(), timeout)
 
     def close(self, timeout: float | None = 60.0) -> None:
         """Wait (up to ``timeout``) for outstanding snapshots, then disconnect and free the slots.
@@ -1176,7 +578,7 @@ class Client:
         self.flush(timeout)
         with self._call:
             self._closed = True
-            unanswered = self._take_pending()
+            unanswered = self._outstanding.take()
             if self._link is not None:
                 self._link.close()
                 self._link = None

@@ -18,7 +18,7 @@ from typing import Any, Protocol, cast
 import numpy as np
 import torch
 
-log = logging.getLogger("ckptd_client")
+log = logging.getLogger("ckptd_client.state")
 
 STATE_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "extra")
 INCOMPATIBLE_KEYS = "__incompatible_keys__"

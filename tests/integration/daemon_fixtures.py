@@ -5,16 +5,18 @@ and bit-exact comparisons.
 A test module registers the fixtures it uses by assigning them to module globals of the same
 name (``daemons = daemon_fixtures.daemons``).
 
-Socket paths must stay below 108 bytes (``sun_path``), so every daemon lives under a fresh
-``/tmp/ckXXXXXXXX`` directory (pytest's ``tmp_path`` is far too long). Each factory stops its
-daemons on teardown (SIGTERM, then SIGKILL) and fails the test if any process that mentions its
-directory on the command line is still alive: no daemon, spawned daemon or trainer may outlive
-its test; nor may a daemon log show a traceback the test did not announce.
+Every daemon here is a :class:`ckptd.launch.DaemonProcess`, the one way ckptd starts a daemon:
+it is ready when a connection to its socket succeeds, not when the socket file exists, and it is
+stopped with SIGTERM (it drains), then SIGKILL. Socket paths must stay below 108 bytes
+(``sun_path``), so every daemon lives under a fresh ``/tmp/ckXXXXXXXX`` directory (pytest's
+``tmp_path`` is far too long). Each factory stops its daemons on teardown and fails the test if
+any process that mentions its directory on the command line is still alive: no daemon, spawned
+daemon or trainer may outlive its test; nor may a daemon log show a traceback the test did not
+announce.
 
-A daemon is ready when a connection to its socket succeeds, not when the socket file exists
-(:meth:`DaemonFactory.start` waits for that). Every environment here (:func:`clean_env`) names
-an empty config file in ``CKPTD_CONFIG`` and holds an empty user config, so no daemon, trainer
-or CLI run of a test reads the machine's ``/etc/ckptd/ckptd.toml``.
+Every environment here (:func:`clean_env`) names an empty config file in ``CKPTD_CONFIG`` and
+holds an empty user config, so no daemon, trainer or CLI run of a test reads the machine's
+``/etc/ckptd/ckptd.toml``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,12 +41,13 @@ import numpy as np
 import pytest
 import torch
 
-from ckptd.protocol import can_connect, close_fds, recv_message, send_message
+from ckptd.launch import DaemonProcess, private_env, start_args
+from ckptd.protocol import close_fds, recv_message, send_message
 
+STOP_TIMEOUT_S = 60.0
+"""How long a stopped daemon may drain on a loaded CI machine before it is SIGKILLed."""
 REPO = Path(__file__).resolve().parents[2]
 CKPTD = Path(sys.executable).parent / "ckptd"
-READY_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 60.0
 
 
 # ---- environment -------------------------------------------------------------------------------
@@ -69,19 +73,18 @@ def empty_config_home(base: Path) -> Path:
 
 
 def clean_env(base: Path, **extra: str) -> dict[str, str]:
-    """The environment for daemons, trainers, benchmark scripts and CLI runs: no CKPTD_* from
-    outside; ``CKPTD_CONFIG`` set to an empty file and an XDG config home holding an empty user
-    config, so the config lookup never reaches a real user's config or the machine's
+    """The environment for daemons, trainers, benchmark scripts and CLI runs: a daemon's private
+    one (:func:`ckptd.launch.private_env`: no CKPTD_* from outside, none of systemd's variables)
+    without pytest's; ``CKPTD_CONFIG`` set to an empty file and an XDG config home holding an
+    empty user config, so the config lookup never reaches a real user's config or the machine's
     ``/etc/ckptd/ckptd.toml`` (an explicit ``--config`` still wins); the repo importable
     (``tests.integration...``). Creates the two empty files under ``base``."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("CKPTD_", "NOTIFY_SOCKET", "WATCHDOG_", "PYTEST_"))
-    }
+    env = {k: v for k, v in private_env().items() if not k.startswith("PYTEST_")}
     env["CKPTD_CONFIG"] = str(empty_config(base))
     env["XDG_CONFIG_HOME"] = str(empty_config_home(base))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    path = env.get("PYTHONPATH", "").split(os.pathsep)
+    if str(REPO) not in path:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), *path]))
     env["COLUMNS"] = "160"
     env.update(extra)
     return env
@@ -180,16 +183,24 @@ def memfd_maps(pid: int, name: str = "memfd:") -> list[str]:
 @dataclass
 class Daemon:
     """A ``ckptd start`` process (``--user`` unless started with ``user=False``) started by a
-    :class:`DaemonFactory`."""
+    :class:`DaemonFactory`: ``process`` serves ``socket`` on the store ``root``, its output in
+    ``log``. The factory stops it; a test may signal ``proc`` itself."""
 
-    socket: Path
+    process: DaemonProcess
     root: Path
-    proc: subprocess.Popen[bytes]
     log: Path
 
     @property
+    def socket(self) -> Path:
+        return self.process.socket
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.process.proc
+
+    @property
     def pid(self) -> int:
-        return self.proc.pid
+        return self.process.pid
 
     def status(self) -> dict[str, Any]:
         return query(self.socket, "status")
@@ -248,60 +259,35 @@ class DaemonFactory:
         *extra: str,
         socket_path: Path | None = None,
         root: Path | None = None,
-        config: str | None = None,
+        config: str | Path | None = None,
         user: bool = True,
         module: str = "ckptd",
     ) -> Daemon:
-        """Start a daemon and wait (30 s) until its socket accepts a connection (a socket file
-        alone is not readiness). ``user=False`` starts a system daemon (no ``--user``);
-        ``module`` runs ``python -m MODULE start ...`` instead of ``ckptd`` (a test's wrapper
-        that injects a fault, then runs ckptd's CLI)."""
+        """Start a daemon (:func:`ckptd.launch.start_args` with ``extra`` last) and wait until
+        its socket accepts a connection; a daemon that exits or does not answer first raises
+        :class:`ckptd.errors.DaemonUnavailableError` with the end of its log. ``config`` is a
+        config file, or TOML text that is written to one. ``user=False`` starts a system daemon
+        (no ``--user``); ``module`` runs ``python -m MODULE start ...`` instead of ``ckptd`` (a
+        test's wrapper that injects a fault, then runs ckptd's CLI)."""
+        n = len(self.started)
         sock = socket_path or self.default_socket
         store_root = root or self.default_root
         assert len(str(sock).encode()) < 108, f"socket path too long: {sock}"
-        args = [sys.executable, "-m", module, "start", *(["--user"] if user else [])]
-        args += ["--socket", str(sock), "--root", str(store_root), *extra]
-        if config is not None:
-            cfg = self.base / f"ckptd-{len(self.started)}.toml"
-            cfg.write_text(config)
-            args += ["--config", str(cfg)]
-        log = self.base / f"daemon-{len(self.started)}.log"
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-        try:
-            proc = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, cwd=self.base, env=self.env
-            )
-        finally:
-            os.close(fd)
-        daemon = Daemon(sock, store_root, proc, log)
+        if isinstance(config, str):
+            text, config = config, self.base / f"ckptd-{n}.toml"
+            config.write_text(text)
+        log = self.base / f"daemon-{n}.log"
+        args = start_args(sock, store_root, config, *extra, user=user)
+        process = DaemonProcess(sock, args, log=log, env=self.env, cwd=self.base, module=module)
+        daemon = Daemon(process, store_root, log)
         self.started.append(daemon)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while not can_connect(sock):
-            if proc.poll() is not None:
-                raise AssertionError(
-                    f"ckptd exited with {proc.returncode} before serving {sock}:\n"
-                    + daemon.log_text()
-                )
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"ckptd did not accept connections on {sock} within {READY_TIMEOUT_S} s:\n"
-                    + daemon.log_text()
-                )
-            time.sleep(0.05)
+        process.wait_ready()
         return daemon
 
     def stop(self, daemon: Daemon, timeout_s: float = STOP_TIMEOUT_S) -> int:
-        """SIGTERM, wait, SIGKILL if needed; return the exit code (negative: signal)."""
-        proc = daemon.proc
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        assert proc.returncode is not None
-        return proc.returncode
+        """Stop ``daemon`` (:meth:`ckptd.launch.DaemonProcess.stop`: SIGTERM, SIGKILL after
+        ``timeout_s``); return its exit code (negative: the signal)."""
+        return daemon.process.stop(timeout_s)
 
     def cleanup(self) -> None:
         for daemon in self.started:
@@ -345,15 +331,23 @@ def unexpected_traceback(text: str, expected: list[str]) -> str:
     return ""
 
 
-@pytest.fixture
-def daemons() -> Iterator[DaemonFactory]:
-    """A daemon factory for one test (its own short tmp dir, cleaned up and checked)."""
+@contextmanager
+def daemon_factory() -> Iterator[DaemonFactory]:
+    """A factory in a fresh short tmp dir with :func:`clean_env`, cleaned up and checked when the
+    block ends."""
     base = short_tmp()
     factory = DaemonFactory(base, clean_env(base))
     try:
         yield factory
     finally:
         factory.cleanup()
+
+
+@pytest.fixture
+def daemons() -> Iterator[DaemonFactory]:
+    """A daemon factory for one test (its own short tmp dir, cleaned up and checked)."""
+    with daemon_factory() as factory:
+        yield factory
 
 
 @pytest.fixture
@@ -365,12 +359,8 @@ def daemon(daemons: DaemonFactory) -> Daemon:
 @pytest.fixture(scope="module")
 def shared_daemon() -> Iterator[Daemon]:
     """One daemon for a whole module (tests that do not stop or kill it)."""
-    base = short_tmp()
-    factory = DaemonFactory(base, clean_env(base))
-    try:
+    with daemon_factory() as factory:
         yield factory.start()
-    finally:
-        factory.cleanup()
 
 
 @pytest.fixture

@@ -48,6 +48,7 @@ from tests.integration.daemon_fixtures import (
     DaemonFactory,
     assert_same,
     clean_env,
+    daemon_factory,
     pid_alive,
     short_tmp,
     status_json,
@@ -479,12 +480,8 @@ def fiu_daemons() -> Iterator[tuple[DaemonFactory, Fiu]]:
 def module_daemons() -> Iterator[DaemonFactory]:
     """A daemon factory for a whole module (one long-running daemon, restarted only when a test
     finds it wedged), cleaned up and checked like ``daemons``."""
-    base = short_tmp()
-    factory = DaemonFactory(base, clean_env(base))
-    try:
+    with daemon_factory() as factory:
         yield factory
-    finally:
-        factory.cleanup()
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """Any sequence of client calls against a real daemon that is paused at random: a hypothesis
-state machine over :class:`~ckptd_client.client.Client`.
+state machine over :class:`~ckptd_client.Client`.
 
 The claim: no sequence of client calls can commit a checkpoint that fails verify. More: every
 committed checkpoint of the job holds exactly the state handed to ``snapshot()`` for that step,
@@ -92,7 +92,8 @@ from ckptd.errors import (
 )
 from ckptd.format.restore import verify_manifest
 from ckptd.format.store import Store
-from ckptd_client.client import Client, OnFull, PendingSnapshot
+from ckptd_client import Client, PendingSnapshot
+from ckptd_client.client import OnFull
 from tests.integration import daemon_fixtures
 from tests.integration.daemon_fixtures import Daemon, DaemonFactory, make_state
 from tests.reliability.fixtures import LoopSummary, difference, loop_seconds, loop_timeout

@@ -22,8 +22,7 @@ from collections import deque
 from pathlib import Path
 
 from ckptd.errors import CkptdError
-from ckptd_client import Client
-from ckptd_client.client import PendingSnapshot
+from ckptd_client import Client, PendingSnapshot
 from tests.reliability.fixtures import SteppedState
 
 

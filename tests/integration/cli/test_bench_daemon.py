@@ -3,9 +3,9 @@
 The command runs as a subprocess at 8 MiB (``--json``): its ``snapshot`` entry must carry the
 stall, the durable latency, the references measured in the same reps and their ratios, and the
 daemon it started must be gone afterwards (process, socket directory, temporary store). A second
-test interrupts the measurement (a KeyboardInterrupt from ``snapshot()``) in this process and
-checks that the daemon is stopped anyway, and that it ran without the caller's ``CKPTD_*`` and
-systemd variables. How fast anything is, is not judged here.
+test interrupts the measurement (a KeyboardInterrupt where its trainer process would run) in
+this process and checks that the daemon is stopped anyway, and that it ran without the caller's
+``CKPTD_*`` and systemd variables. How fast anything is, is not judged here.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from ckptd.cli import bench as benchmark
+from ckptd.launch import DaemonProcess
 from tests.integration.daemon_fixtures import clean_env, pid_alive, processes_mentioning
 
 pytestmark = pytest.mark.timeout(300)  # a hang, never a speed limit
@@ -78,29 +79,27 @@ def test_ckptd_bench_reports_stall_and_durable_through_a_daemon(tmp_path: Path) 
 def test_an_interrupted_bench_stops_its_daemon(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import ckptd_client
-
     for var in ("CKPTD_ROOT", "CKPTD_SOCKET"):
         monkeypatch.setenv(var, str(tmp_path / "elsewhere"))
     monkeypatch.setenv("CKPTD_CONFIG", str(clean_env(tmp_path / "env")["CKPTD_CONFIG"]))
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
-    started: list[benchmark.BenchDaemon] = []
+    started: list[DaemonProcess] = []
     seen: dict[str, Any] = {}
-    real_init = benchmark.BenchDaemon.__init__
+    real_init = DaemonProcess.__init__
 
-    def record(self: benchmark.BenchDaemon, work: Path, root: Path) -> None:
-        real_init(self, work, root)
+    def record(self: DaemonProcess, *args: Any, **kwargs: Any) -> None:
+        real_init(self, *args, **kwargs)
         started.append(self)
 
-    def interrupted(self: ckptd_client.Client, *args: Any, **kwargs: Any) -> Any:
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
         daemon = started[0]
         environ = Path(f"/proc/{daemon.pid}/environ").read_bytes().split(b"\0")
         seen["env"] = {e.split(b"=", 1)[0].decode() for e in environ if e}
         seen["socket"] = str(daemon.socket)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(benchmark.BenchDaemon, "__init__", record)
-    monkeypatch.setattr(ckptd_client.Client, "snapshot", interrupted)
+    monkeypatch.setattr(DaemonProcess, "__init__", record)
+    monkeypatch.setattr(benchmark, "run_probe", interrupted)
     root = tmp_path / "root"
     root.mkdir()
     with pytest.raises(KeyboardInterrupt):

@@ -33,7 +33,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import ckptd_client
-from ckptd.cli.main import human_bytes, main
+from ckptd.cli.common import human_bytes
+from ckptd.cli.main import main
 from ckptd.errors import EXIT_CODES
 from ckptd.format.manifest import Manifest
 from ckptd.format.restore import read_tensors

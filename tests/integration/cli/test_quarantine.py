@@ -20,10 +20,12 @@ import torch
 from ckptd.errors import NotFoundError
 from ckptd.format.codec import HEADER
 from ckptd.format.fsutil import fsync_dir as real_fsync_dir
+from ckptd.format.objects import ObjectState
 from ckptd.format.restore import load_checkpoint, verify_manifest
 from ckptd.format.skeleton import flatten
-from ckptd.format.store import ObjectState, Store
-from ckptd.pipeline.write import PipelineConfig, WriteResult, tensor_source, write_checkpoint
+from ckptd.format.store import Store
+from ckptd.pipeline.plan import PipelineConfig, tensor_source
+from ckptd.pipeline.write import WriteResult, write_checkpoint
 
 JOB = "rot"
 KiB = 1 << 10
@@ -183,7 +185,7 @@ def fsyncs(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Path]]:
         seen.append(path)
         real_fsync_dir(path)
 
-    monkeypatch.setattr("ckptd.format.store.fsync_dir", fsync_dir)
+    monkeypatch.setattr("ckptd.format.objects.fsync_dir", fsync_dir)
     yield seen
 
 

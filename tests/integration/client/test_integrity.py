@@ -48,7 +48,7 @@ from ckptd.protocol import (
     recv_message,
     send_message,
 )
-from ckptd_client.client import Client
+from ckptd_client import Client
 from tests._requirements import require
 from tests.integration import daemon_fixtures
 from tests.integration.daemon_fixtures import (
@@ -512,7 +512,7 @@ def test_status_stays_bounded_with_many_jobs(daemons: DaemonFactory) -> None:
     code = textwrap.dedent(
         """
         import sys, torch
-        from ckptd_client.client import Client
+        from ckptd_client import Client
         sock, root, *jobs = sys.argv[1:]
         for job in jobs:
             with Client(job, socket=sock, root=root, spawn=False) as c:

@@ -23,11 +23,10 @@ import pytest
 import torch
 
 import ckptd_client
-import ckptd_client.client as client_module
 from ckptd.errors import ConfigError, DaemonUnavailableError, StorePermissionError
 from ckptd.format.store import Store
 from ckptd.protocol import can_connect
-from ckptd_client import Client
+from ckptd_client import Client, spawn
 from tests.integration import daemon_fixtures
 from tests.integration.daemon_fixtures import (
     DaemonFactory,
@@ -53,9 +52,9 @@ def stop_spawned(sock: Path) -> None:
     """Stop the daemon a client spawned on ``sock`` and reap it."""
     pid = query(sock)["pid"]
     query(sock, "stop")
-    for proc in [p for p in client_module._spawned if p.pid == pid]:
-        assert proc.wait(30) == 0
-        client_module._spawned.remove(proc)
+    for proc in [p for p in spawn.spawned if p.pid == pid]:
+        assert proc.proc.wait(30) == 0
+        spawn.spawned.remove(proc)
     wait_until(lambda: not pid_alive(pid), 30, f"spawned daemon {pid} to exit")
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -12,20 +10,11 @@ import torch
 import ckptd_client
 from ckptd.format.store import Store
 from tests.integration import daemon_fixtures
-from tests.integration.daemon_fixtures import DaemonFactory
+from tests.integration.daemon_fixtures import DaemonFactory, wait_until
 
 ckptd_env = daemon_fixtures.ckptd_env
 daemons = daemon_fixtures.daemons
 pytestmark = pytest.mark.usefixtures("ckptd_env")
-
-
-def _wait_for(predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
 
 
 def test_reload_applies_codec_and_rejects_bad_edit(daemons: DaemonFactory) -> None:
@@ -33,12 +22,16 @@ def test_reload_applies_codec_and_rejects_bad_edit(daemons: DaemonFactory) -> No
     config = daemons.base / "reload" / "ckptd.toml"
     config.parent.mkdir()
     config.write_text('[codec]\ncodec = "auto"\n')
-    daemon = daemons.start("--config", str(config))
+    daemon = daemons.start(config=config)
     loaded_at = daemon.status()["config_loaded_at"]
     assert isinstance(loaded_at, float)
 
     config.write_text('[codec]\ncodec = "bogus"\n')  # invalid: must be rejected
-    _wait_for(lambda: any("config change rejected" in e for e in daemon.status()["recent_errors"]))
+    wait_until(
+        lambda: any("config change rejected" in e for e in daemon.status()["recent_errors"]),
+        30,
+        "the bad edit to be rejected",
+    )
     errors = daemon.status()["recent_errors"]
     assert isinstance(errors, list)
     assert any("codec.codec" in e and "bogus" in e for e in errors)
@@ -47,7 +40,7 @@ def test_reload_applies_codec_and_rejects_bad_edit(daemons: DaemonFactory) -> No
     tmp = config.with_suffix(".new")  # save by rename, as editors do
     tmp.write_text('[codec]\ncodec = "raw"\n')
     os.replace(tmp, config)
-    _wait_for(lambda: daemon.status()["config_loaded_at"] != loaded_at)
+    wait_until(lambda: daemon.status()["config_loaded_at"] != loaded_at, 30, "the reload")
 
     weights = {"w": torch.randn(64, 64)}
     root = daemon.root

@@ -44,8 +44,7 @@ from ckptd.protocol import (
     recv_message,
     send_message,
 )
-from ckptd_client import client as client_module
-from ckptd_client.client import Client
+from ckptd_client import Client, spawn
 from tests import _other_uid
 from tests.conftest import trained
 from tests.integration import daemon_fixtures
@@ -472,10 +471,10 @@ def test_client_spawns_a_detached_daemon_when_none_runs(daemons: DaemonFactory) 
         assert_same(ckptd_client.load("embedded", 4, root=root), {"w": torch.arange(10.0)})
     finally:
         os.kill(pid, signal.SIGTERM)
-        spawned = [p for p in client_module._spawned if p.pid == pid]
+        spawned = [p for p in spawn.spawned if p.pid == pid]
         for proc in spawned:
-            assert proc.wait(30) == 0
-            client_module._spawned.remove(proc)
+            assert proc.proc.wait(30) == 0
+            spawn.spawned.remove(proc)
         wait_until(lambda: not pid_alive(pid), 30, f"spawned daemon {pid} to exit")
     assert len(spawned) == 1
     assert not sock.exists()

@@ -27,7 +27,7 @@ from ckptd.cli.main import main
 from ckptd.errors import EXIT_CODES, DiskFullError
 from ckptd.format.restore import verify_manifest
 from ckptd.format.store import Store
-from ckptd_client.client import Client
+from ckptd_client import Client
 from tests._requirements import missing, require
 from tests.integration import daemon_fixtures
 from tests.integration.daemon_fixtures import (

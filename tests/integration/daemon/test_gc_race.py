@@ -26,7 +26,8 @@ from ckptd.format.hashing import content_hash
 from ckptd.format.restore import verify_manifest
 from ckptd.format.skeleton import flatten
 from ckptd.format.store import Store
-from ckptd.pipeline.write import PipelineConfig, tensor_source, write_checkpoint
+from ckptd.pipeline.plan import PipelineConfig, tensor_source
+from ckptd.pipeline.write import write_checkpoint
 from tests.integration.daemon_fixtures import REPO, clean_env, wait_until
 
 JOB = "race"

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ckptd.cli.bench import render, run_bench
+import pytest
+
+from ckptd.cli.bench import render, run_bench, run_probe
+from ckptd.errors import DaemonUnavailableError
 
 SIZE = 8 << 20
 
@@ -40,3 +43,12 @@ def test_run_bench_tiny(tmp_path: Path) -> None:
     assert any("suggested configuration" in ln for ln in lines)
     keys = ("store.threads", "codec.", "Client(slots")
     assert sum(ln.strip().startswith(keys) for ln in lines) == 4
+
+
+def test_a_failing_trainer_process_raises_its_own_error_type(tmp_path: Path) -> None:
+    """The probe (``python -m ckptd_client.probe``) finds no daemon on the socket: ``run_probe``
+    raises the probe's DaemonUnavailableError (the CLI then exits with that error's code), not a
+    bare CkptdError."""
+    sock = tmp_path / "nobody.sock"
+    with pytest.raises(DaemonUnavailableError, match=r"^ckptd bench: its trainer process failed"):
+        run_probe(sock, tmp_path / "root", 1 << 20, 1, cwd=tmp_path)

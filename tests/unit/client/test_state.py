@@ -15,7 +15,8 @@ from ckptd import config as config_module
 from ckptd.format.restore import load_checkpoint
 from ckptd.format.skeleton import flatten
 from ckptd.format.store import Store
-from ckptd.pipeline.write import PipelineConfig, tensor_source, write_checkpoint
+from ckptd.pipeline.plan import PipelineConfig, tensor_source
+from ckptd.pipeline.write import write_checkpoint
 from ckptd_client.state import STATE_KEYS, apply, collect, rng_state, set_rng_state
 from tests.conftest import trained
 

@@ -1,4 +1,4 @@
-"""ckptd.daemon.lifecycle.lower_priority: what the write threads run first (the kernel calls are
+"""ckptd.daemon.writer.lower_priority: what the write threads run first (the kernel calls are
 the seam; tests/integration/daemon/test_daemon.py checks the real threads of a real daemon)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from ckptd.daemon.lifecycle import lower_priority
+from ckptd.daemon.writer import lower_priority
 
 
 def test_lowers_the_calling_thread_and_caps_at_19(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -36,7 +36,7 @@ def test_a_refused_setpriority_is_a_warning_and_the_thread_runs_on(
         raise PermissionError(1, "Operation not permitted")
 
     monkeypatch.setattr(os, "setpriority", refuse)
-    with caplog.at_level(logging.WARNING, logger="ckptd.daemon.lifecycle"):
+    with caplog.at_level(logging.WARNING, logger="ckptd.daemon.writer"):
         lower_priority(10)
     assert [r.getMessage() for r in caplog.records] == [
         "could not lower the priority of a write thread by 10: [Errno 1] Operation not permitted"

@@ -25,7 +25,8 @@ from ckptd.format.manifest import commit_seq, parse_manifest, sign_manifest
 from ckptd.format.restore import FallbackWarning, load_checkpoint
 from ckptd.format.skeleton import flatten
 from ckptd.format.store import STORE_MARKER, Store
-from ckptd.pipeline.write import PipelineConfig, WriteResult, tensor_source, write_checkpoint
+from ckptd.pipeline.plan import PipelineConfig, tensor_source
+from ckptd.pipeline.write import WriteResult, write_checkpoint
 
 JOB = "run"
 CONFIG = PipelineConfig(chunk_bytes=64 << 10, pack_bytes=4 << 10, threads=1)
@@ -80,7 +81,7 @@ def test_rolling_back_replaces_the_step_and_makes_it_latest(
 ) -> None:
     for step in (1, 2, 3, 4):
         save(store, step)
-    with caplog.at_level(logging.INFO, logger="ckptd.format.store"):
+    with caplog.at_level(logging.INFO, logger="ckptd.format.commits"):
         again = save(store, 2, value=0.25)
 
     assert again.manifest.seq == 5
@@ -277,7 +278,7 @@ def test_reading_the_commit_order_of_many_checkpoints_is_cheap(store: Store) -> 
         return commit_seq(data, where=where)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("ckptd.format.store.commit_seq", counting)
+        mp.setattr("ckptd.format.commits.commit_seq", counting)
         assert store.resolve_step(JOB, "latest") == 40
         assert read == []  # old, unchanged manifests are only stat()ed
         save(store, 41)

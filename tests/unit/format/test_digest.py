@@ -22,22 +22,18 @@ import numpy as np
 import pytest
 import torch
 
-from ckptd.format import manifest as manifest_module
+from ckptd.format import digest as digest_module
 from ckptd.format.codec import CodecConfig
-from ckptd.format.manifest import LEAF_BYTES, compute_digest, parse_manifest
+from ckptd.format.digest import LEAF_BYTES, compute_digest
+from ckptd.format.manifest import parse_manifest
 from ckptd.format.restore import read_tensors
 from ckptd.format.skeleton import JSON, flatten
 from ckptd.format.store import Store
+from ckptd.pipeline import digest as pipeline_digest
 from ckptd.pipeline import write as pipeline_module
-from ckptd.pipeline.write import (
-    PipelineConfig,
-    TensorSource,
-    WriteResult,
-    recompute_digest,
-    state_digest,
-    tensor_source,
-    write_checkpoint,
-)
+from ckptd.pipeline.digest import recompute_digest, state_digest
+from ckptd.pipeline.plan import PipelineConfig, TensorSource, tensor_source
+from ckptd.pipeline.write import WriteResult, write_checkpoint
 
 JOB = "dig"
 MiB = 1 << 20
@@ -223,13 +219,13 @@ def test_default_config_hashes_no_leaf_of_a_large_tensor_again(
     """With the default chunk size each chunk of a large tensor is one leaf: the object name the
     pipeline computed is the leaf hash. Only packed small tensors are hashed on their own."""
     hashed: list[int] = []
-    real_leaf_hash = manifest_module.leaf_hash
+    real_leaf_hash = digest_module.leaf_hash
 
     def counting(data: bytes | bytearray | memoryview) -> bytes:
         hashed.append(len(data))
         return real_leaf_hash(data)
 
-    monkeypatch.setattr(pipeline_module, "leaf_hash", counting)
+    monkeypatch.setattr(pipeline_digest, "leaf_hash", counting)
     gen = torch.Generator().manual_seed(3)
     state = {
         "big": torch.randn((17 * MiB + 4) // 4, generator=gen),

@@ -26,9 +26,11 @@ from ckptd.format.codec import HEADER, CodecChoice, CodecConfig, decode, encode
 from ckptd.format.fsutil import fsync_dir as real_fsync_dir
 from ckptd.format.hashing import content_hash
 from ckptd.format.manifest import Manifest
+from ckptd.format.objects import ObjectState
 from ckptd.format.restore import read_tensors, verify_manifest
-from ckptd.format.store import ObjectState, Store
-from ckptd.pipeline.write import PipelineConfig, TensorSource, WriteResult, write_checkpoint
+from ckptd.format.store import Store
+from ckptd.pipeline.plan import PipelineConfig, TensorSource
+from ckptd.pipeline.write import WriteResult, write_checkpoint
 
 JOB = "integrity"
 KiB = 1 << 10
@@ -154,7 +156,8 @@ def events(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Event]]:
         seen.append(("commit", None))
         return real_commit(self, manifest)
 
-    monkeypatch.setattr("ckptd.format.store.fsync_dir", fsync_dir)
+    for piece in ("store", "objects", "commits", "jobmeta"):  # the modules that make up a Store
+        monkeypatch.setattr(f"ckptd.format.{piece}.fsync_dir", fsync_dir)
     monkeypatch.setattr(Store, "commit_manifest", commit_manifest)
     yield seen
 
@@ -205,7 +208,7 @@ def test_pin_fsyncs_the_job_directory_after_creating_pins(
         seen.append((path, pins.is_dir()))
         real_fsync_dir(path)
 
-    monkeypatch.setattr("ckptd.format.store.fsync_dir", fsync_dir)
+    monkeypatch.setattr("ckptd.format.jobmeta.fsync_dir", fsync_dir)
     store.pin(JOB, 7)
 
     assert (store.job_dir(JOB), True) in seen
@@ -281,7 +284,7 @@ def test_reused_object_is_verified_once_per_store(
         decoded.append(where)
         real_decode(data, out, where=where)
 
-    monkeypatch.setattr("ckptd.format.store.decode", counting_decode)
+    monkeypatch.setattr("ckptd.format.objects.decode", counting_decode)
     write(store, 2, named)
     assert len(decoded) == 2
     assert {store.object_state(JOB, p.name) for p in object_paths(store)} == {ObjectState.DURABLE}
@@ -302,7 +305,7 @@ def test_object_replaced_behind_the_stores_back_is_checked_again(
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
 
-    with caplog.at_level(logging.WARNING, logger="ckptd.format.store"):
+    with caplog.at_level(logging.WARNING, logger="ckptd.format.objects"):
         result = write(store, 2, {"w": data})
 
     assert result.new_objects == 1

@@ -35,7 +35,8 @@ from ckptd.format.manifest import (
 from ckptd.format.restore import load_checkpoint
 from ckptd.format.skeleton import flatten
 from ckptd.format.store import Store
-from ckptd.pipeline.write import PipelineConfig, tensor_source, write_checkpoint
+from ckptd.pipeline.plan import PipelineConfig, tensor_source
+from ckptd.pipeline.write import write_checkpoint
 
 GOLDEN = Path(__file__).parent / "golden" / "manifest_v1.json"
 CREATED = "2026-01-01T00:00:00.000000Z"

@@ -19,7 +19,7 @@ from hypothesis.extra import numpy as hnp
 from ckptd.errors import ManifestError, UnsupportedStateError
 from ckptd.format.manifest import Manifest, parse_manifest
 from ckptd.format.skeleton import dtype_from_name, dtype_name, flatten, iter_keys, unflatten
-from ckptd.pipeline.write import tensor_source
+from ckptd.pipeline.plan import tensor_source
 
 _QUANTIZED = {"qint8", "quint8", "qint32", "quint4x2", "quint2x4"}
 ALL_DTYPES: list[torch.dtype] = sorted(
@@ -392,7 +392,8 @@ Point = namedtuple("Point", "x y")  # a collections.namedtuple on purpose
     [
         (
             Opaque(),
-            r"cannot store a value of type tests\.unit\.format\.test_skeleton\.Opaque without pickle",
+            r"cannot store a value of type tests\.unit\.format\.test_skeleton\.Opaque "
+            r"without pickle",
         ),
         ({1, 2}, r"cannot store a value of type builtins\.set without pickle"),
         (frozenset({1}), r"cannot store a value of type builtins\.frozenset"),

@@ -25,7 +25,7 @@ from ckptd.errors import (
     UnsupportedStateError,
 )
 from ckptd.format.codec import CodecConfig
-from ckptd.format.fsutil import Buffer
+from ckptd.format.fsutil import STALE_TMP_S, Buffer
 from ckptd.format.restore import (
     FallbackWarning,
     Loaded,
@@ -34,9 +34,10 @@ from ckptd.format.restore import (
     verify_manifest,
 )
 from ckptd.format.skeleton import dtype_name, flatten
-from ckptd.format.store import MAX_JOB_NAME, STALE_TMP_S, TMP_GRACE_S, Store, validate_job_name
+from ckptd.format.store import MAX_JOB_NAME, TMP_GRACE_S, Store, validate_job_name
 from ckptd.pipeline import write as pipeline_module
-from ckptd.pipeline.write import PipelineConfig, WriteResult, tensor_source, write_checkpoint
+from ckptd.pipeline.plan import PipelineConfig, tensor_source
+from ckptd.pipeline.write import WriteResult, write_checkpoint
 from tests.conftest import trained
 
 KiB = 1 << 10

@@ -20,7 +20,7 @@ from ckptd.policy.retention import (
     policy_from_dict,
     policy_to_dict,
 )
-from ckptd_client.client import Client
+from ckptd_client import Client
 
 NAN = math.nan
 INF = math.inf

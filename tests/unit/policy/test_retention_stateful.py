@@ -27,11 +27,12 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from ckptd.format.fsutil import Buffer
+from ckptd.format.fsutil import STALE_TMP_S, Buffer
 from ckptd.format.restore import verify_manifest
 from ckptd.format.skeleton import flatten
-from ckptd.format.store import STALE_TMP_S, TMP_GRACE_S, Store
-from ckptd.pipeline.write import PipelineConfig, tensor_source, write_checkpoint
+from ckptd.format.store import TMP_GRACE_S, Store
+from ckptd.pipeline.plan import PipelineConfig, tensor_source
+from ckptd.pipeline.write import write_checkpoint
 from ckptd.policy.prune import delete_unprotected, job_facts, prune
 from ckptd.policy.retention import RetentionPolicy, decide, deletable
 

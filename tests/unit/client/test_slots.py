@@ -12,33 +12,33 @@ from collections.abc import Iterator
 
 import pytest
 
-from ckptd_client.client import SlotState, _Ring, _Slot
+from ckptd_client.slots import Ring, Slot, SlotState
 
 
 @pytest.fixture
-def ring() -> Iterator[_Ring]:
-    ring = _Ring()
+def ring() -> Iterator[Ring]:
+    ring = Ring()
     yield ring
     ring.abandon()
     ring.close_abandoned()
 
 
-def state(slot: _Slot) -> SlotState:
+def state(slot: Slot) -> SlotState:
     """The slot's state, read afresh (mypy would otherwise narrow it across calls)."""
     return slot.state
 
 
-def seq_of(slot: _Slot) -> int | None:
+def seq_of(slot: Slot) -> int | None:
     return slot.seq
 
 
-def new_slot(ring: _Ring, slot_id: int = 0) -> _Slot:
-    slot = _Slot(slot_id, 1 << 20, "ring")
+def new_slot(ring: Ring, slot_id: int = 0) -> Slot:
+    slot = Slot(slot_id, 1 << 20, "ring")
     ring.add(slot)
     return slot
 
 
-def test_a_slot_goes_round_the_ring(ring: _Ring) -> None:
+def test_a_slot_goes_round_the_ring(ring: Ring) -> None:
     slot = new_slot(ring)
     assert state(slot) is SlotState.FILLING
     ring.submitting(slot, seq=7)
@@ -55,7 +55,7 @@ def test_a_slot_goes_round_the_ring(ring: _Ring) -> None:
     assert state(slot) is SlotState.FILLING
 
 
-def test_a_refused_submit_frees_the_slot(ring: _Ring) -> None:
+def test_a_refused_submit_frees_the_slot(ring: Ring) -> None:
     slot = new_slot(ring)
     ring.submitting(slot, seq=3)
     assert ring.answered({"op": "refused", "seq": 3})
@@ -80,7 +80,7 @@ def test_a_refused_submit_frees_the_slot(ring: _Ring) -> None:
     ],
 )
 def test_answers_that_fit_no_slot_are_refused(
-    ring: _Ring, state_seq: str, msg: dict[str, object]
+    ring: Ring, state_seq: str, msg: dict[str, object]
 ) -> None:
     slot = new_slot(ring)
     if state_seq in ("submitted", "daemon"):
@@ -92,7 +92,7 @@ def test_answers_that_fit_no_slot_are_refused(
     assert slot.state is before
 
 
-def test_the_trainer_cannot_take_or_give_back_out_of_turn(ring: _Ring) -> None:
+def test_the_trainer_cannot_take_or_give_back_out_of_turn(ring: Ring) -> None:
     slot = new_slot(ring)
     ring.submitting(slot, seq=1)
     with pytest.raises(AssertionError, match="submitted -> filling"):
@@ -103,7 +103,7 @@ def test_the_trainer_cannot_take_or_give_back_out_of_turn(ring: _Ring) -> None:
         ring.submitting(slot, seq=2)
 
 
-def test_a_lost_link_abandons_every_slot_even_one_being_filled(ring: _Ring) -> None:
+def test_a_lost_link_abandons_every_slot_even_one_being_filled(ring: Ring) -> None:
     filling, held = new_slot(ring, 0), new_slot(ring, 1)
     ring.submitting(held, seq=1)
     assert ring.answered({"op": "accepted", "seq": 1})
@@ -114,3 +114,16 @@ def test_a_lost_link_abandons_every_slot_even_one_being_filled(ring: _Ring) -> N
     assert not ring.answered({"op": "released", "seq": 1, "slot": 1})
     ring.close_abandoned()
     assert ring.abandoned == []
+
+
+def test_a_slot_too_small_is_taken_out_of_the_ring_to_be_replaced(ring: Ring) -> None:
+    small = new_slot(ring)
+    ring.give_back(small)
+    ring.take_out(small)
+    assert state(small) is SlotState.FILLING and ring.slots == [] and ring.abandoned == []
+    small.close()
+    held = new_slot(ring, 1)
+    ring.submitting(held, seq=2)
+    with pytest.raises(AssertionError, match="submitted -> filling"):
+        ring.take_out(held)
+    assert ring.slots == [held]

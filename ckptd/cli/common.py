@@ -1,0 +1,204 @@
+"""What every ``ckptd`` command shares: the consoles, the store options, the STEP argument, and
+how numbers and library messages are printed.
+
+Output contract: results go to :data:`out` (stdout), errors, warnings and progress to :data:`err`
+(stderr); both print user data (paths, job names, shapes) verbatim, never as rich markup. A
+command that acts on a store calls :func:`open_store` and then :meth:`Store.check_store`, so a
+mistyped ``--root`` is an error instead of an empty store.
+
+Library messages name Python arguments (``fallback=True``); the CLI prints them with its own flags
+(:func:`cli_words`).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.text import Text
+
+from ckptd.config import load_config
+from ckptd.errors import NotFoundError
+from ckptd.format.manifest import MAX_STEP
+from ckptd.format.store import Store, validate_job_name
+from ckptd.locate import store_root
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Not a terminal (a pipe, CI): wide enough that tables are not truncated.
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def say(console: Console, label: str, style: str, message: str) -> None:
+    """Print ``label`` styled and ``message`` verbatim (paths and shapes contain brackets)."""
+    console.print(Text.assemble((label, style), " ", message))
+
+
+# ---- the store ---------------------------------------------------------------------------------
+
+
+def open_store(root: str | None, config: str | None) -> Store:
+    """The store to act on: ``--root``, else as clients find it (``ckptd.locate``: CKPTD_ROOT,
+    store.root, the running daemon's root, ./checkpoints)."""
+    return Store(store_root(root, load_config(config) if root is None else None))
+
+
+def store_options(func: F) -> F:
+    """The ``--root`` and ``--config`` options of every command that acts on a store."""
+    func = click.option(
+        "--config",
+        "config",
+        metavar="FILE",
+        default=None,
+        help="Config file (default: CKPTD_CONFIG, ~/.config/ckptd/ckptd.toml, "
+        "/etc/ckptd/ckptd.toml).",
+    )(func)
+    return click.option(
+        "--root",
+        "root",
+        metavar="DIR",
+        default=None,
+        help="Checkpoint root (default: CKPTD_ROOT, then store.root in the config, then the "
+        "root of the daemon answering on the socket, then ./checkpoints).",
+    )(func)
+
+
+def require_job(store: Store, job: str) -> None:
+    """Raise NotFoundError unless ``job`` exists (a job whose checkpoints were all deleted still
+    exists: listing it gives an empty result, collecting its garbage is useful)."""
+    validate_job_name(job)
+    if not (store.job_dir(job) / "manifests").is_dir():
+        raise NotFoundError(
+            f"no job {job!r} under {store.root} (jobs: {', '.join(store.jobs()) or 'none'})"
+        )
+
+
+# ---- arguments ---------------------------------------------------------------------------------
+
+STEP_WORDS = ("latest", "highest")
+STEP_HELP = (
+    f"a step number (0 to {MAX_STEP}), 'latest' (the most recently committed checkpoint) or "
+    "'highest' (the highest step number)"
+)
+_STEP_RE = re.compile(r"[0-9]+")
+
+if TYPE_CHECKING:
+    _StepBase = click.ParamType[int | str]
+else:  # click before 8.4 has no generic ParamType (pyproject allows click>=8.1)
+    _StepBase = click.ParamType
+
+
+class StepParam(_StepBase):
+    """A STEP argument: a non-negative step number, ``latest`` or ``highest``.
+
+    Checked while the command line is parsed, so ``abc``, ``1.5`` or ``-1`` is a usage error
+    (exit 2) naming the argument, not a "not found" after the store was opened.
+    """
+
+    name = "step"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> int | str:
+        text = str(value)
+        if text in STEP_WORDS:
+            return text
+        if _STEP_RE.fullmatch(text) and int(text) <= MAX_STEP:
+            return int(text)
+        self.fail(f"{text!r} is not a step; give {STEP_HELP}", param, ctx)
+
+
+STEP = StepParam()
+
+
+class StepCommand(click.Command):
+    """A command with a STEP argument: ``-1`` is a malformed step, not an unknown option.
+
+    Click takes every word that starts with ``-`` for an option, so ``ckptd rm job -1`` would say
+    "No such option: -1"; this reports it as the bad STEP it is.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption as exc:
+            name = exc.option_name or ""
+            step = next((p for p in self.params if p.name == "step"), None)
+            if step is None or not re.fullmatch(r"-[0-9][0-9.eE+-]*", name):
+                raise
+            raise click.BadParameter(
+                f"{name!r} is not a step; give {STEP_HELP}", ctx=ctx, param=step
+            ) from None
+
+
+def stdin_is_terminal() -> bool:
+    """Whether someone could answer a question on stdin (closed or missing stdin: no)."""
+    try:
+        return sys.stdin is not None and sys.stdin.isatty()
+    except (ValueError, OSError):
+        return False
+
+
+# ---- output ------------------------------------------------------------------------------------
+
+# Library messages advise Python callers; on the command line each names the flag instead.
+_CLI_WORDS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (
+        re.compile(r"\((?:or )?(?:pass|use) fallback=True\)"),
+        "(or `ckptd restore JOB latest --fallback` for the newest one that verifies)",
+    ),
+    (
+        re.compile(r"pass allow_pickle=True to\s+load it"),
+        "`ckptd restore` never unpickles; load it in Python with "
+        "ckptd_client.load(..., allow_pickle=True)",
+    ),
+    (re.compile(r"\bfallback=True\b"), "--fallback"),
+)
+
+
+def cli_words(message: str) -> str:
+    """``message`` (from library code) with Python arguments replaced by the CLI's flags."""
+    for pattern, words in _CLI_WORDS:
+        message = pattern.sub(words, message)
+    return message
+
+
+def human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+@contextmanager
+def progress_bar(total: int, label: str) -> Iterator[Callable[[int], None] | None]:
+    """A byte progress bar on a terminal (stderr); no output when not interactive."""
+    if not err.is_terminal or total < (64 << 20):
+        yield None
+        return
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
