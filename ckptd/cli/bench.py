@@ -10,25 +10,24 @@ that):
   a 2-thread pool; stored/raw is the compression ratio on *this* data (trained weights compress to
   about 0.83 in the project's codec benchmark; random normals are similar);
 * **disk**: write ``size`` bytes in 8 MiB chunks to a file under ``root``, ``fsync`` it, delete it;
-* **ckptd save**: the blocking save of a ``size`` state (float32 tensors of 8-32 MiB) into a
-  temporary store under ``root`` (removed afterwards), through the pipeline that
-  ``ckptd_client.save`` wraps (:func:`ckptd.pipeline.write.write_checkpoint`, default
-  configuration): the durable latency of an in-process save;
-* **snapshot through a daemon**: what a training loop sees. A private daemon is started
-  (:class:`ckptd.launch.DaemonProcess`: ``ckptd start --user`` with an empty config, its socket and
-  log in a new 0700 directory, its checkpoints in a temporary store under ``root``, in a session
-  of its own) and stopped afterwards (SIGTERM, then SIGKILL), also when the bench is interrupted.
+* **ckptd save** and **snapshot through a daemon**: what a training loop sees. A private daemon
+  is started (:class:`ckptd.launch.DaemonProcess`: ``ckptd start --user`` with an empty config,
+  its socket and log in a new 0700 directory, its checkpoints in a temporary store under
+  ``root``, in a session of its own) and stopped afterwards (SIGTERM, then SIGKILL), also when
+  the bench is interrupted.
 
   The client runs as a separate trainer process, ``python -m ckptd_client.probe`` (see that module
   for what it times), whose JSON this reads. Two reasons: ``ckptd`` never imports the client
   library, in any form (the daemon and the operators' CLI must not depend on the trainer side),
   and a snapshot costs a trainer what it costs in a process of its own (its address space, page
-  faults and threads), not in one that also holds the bench's buffers. The probe snapshots the
-  state ``reps`` times: the **stall** is how long ``snapshot()`` takes to return, the **durable**
-  latency runs from that call until ``wait()`` returns. It also times, in the same reps and the
-  same process, one ``copy_`` of the state into reused buffers (the floor of any snapshot's copy)
-  and ``torch.save`` + ``fsync`` of it (what a blocking checkpoint costs); medians are reported
-  with the ratios ``stall_vs_copy`` and ``durable_vs_torch_save``.
+  faults and threads), not in one that also holds the bench's buffers. The probe first saves its
+  state (float32 tensors of 8-32 MiB) with ``ckptd_client.save`` into a temporary store under
+  ``root`` (the durable latency of a blocking in-process save, with the configuration the bench
+  was given), then snapshots it ``reps`` times: the **stall** is how long ``snapshot()`` takes to
+  return, the **durable** latency runs from that call until ``wait()`` returns. It also times, in
+  the same reps and the same process, one ``copy_`` of the state into reused buffers (the floor
+  of any snapshot's copy) and ``torch.save`` + ``fsync`` of it (what a blocking checkpoint
+  costs); medians are reported with the ratios ``stall_vs_copy`` and ``durable_vs_torch_save``.
 
 Then it suggests ``store.threads``, ``codec.codec``, ``codec.level`` and the client's ``slots``,
 each with its reason. :func:`run_bench` returns everything as a JSON-friendly dict; :func:`render`
@@ -59,11 +58,7 @@ from ckptd.cli.common import out
 from ckptd.config import load_config, resolve_root
 from ckptd.errors import CkptdError, error_from_reply
 from ckptd.format.codec import CodecConfig, Encoded, decode, encode
-from ckptd.format.skeleton import flatten
-from ckptd.format.store import Store
 from ckptd.launch import DaemonProcess, private_env, start_args
-from ckptd.pipeline.plan import PipelineConfig, tensor_source
-from ckptd.pipeline.write import write_checkpoint
 from ckptd.units import parse_size
 
 MiB = 1 << 20
@@ -173,46 +168,6 @@ def measure_disk(size: int, root: Path) -> dict[str, Any]:
     }
 
 
-def bench_state(size: int) -> dict[str, torch.Tensor]:
-    """About ``size`` bytes of random-normal float32 tensors of at most ``TENSOR_BYTES`` each, as
-    ``ckptd_client.probe`` builds them (a model's parameters and optimizer moments are tensors of
-    that order)."""
-    per = max(1, min(TENSOR_BYTES, size) // 4)
-    state: dict[str, torch.Tensor] = {}
-    left = max(size // 4, 1)
-    gen = torch.Generator().manual_seed(1)
-    while left > 0:
-        n = min(per, left)
-        state[f"t{len(state)}"] = torch.randn(n, generator=gen)
-        left -= n
-    return state
-
-
-def measure_save(size: int, root: Path, pipeline: PipelineConfig) -> dict[str, Any]:
-    """A blocking save of a ``size`` state into a temporary store under ``root``: what
-    ``ckptd_client.save(job, state=...)`` does (flatten, then write and commit), with the
-    ``pipeline`` settings of the configuration the bench was given."""
-    state = bench_state(size)
-    raw = sum(t.nbytes for t in state.values())
-    tmp = Path(tempfile.mkdtemp(prefix=".ckptd-bench-", dir=root))
-    try:
-        t0 = time.perf_counter()
-        flat = flatten(state)
-        sources = [tensor_source(p, t) for p, t in zip(flat.paths, flat.tensors, strict=True)]
-        result = write_checkpoint(Store(tmp), BENCH_JOB, 0, flat.skeleton, sources, config=pipeline)
-        seconds = time.perf_counter() - t0
-        stored = result.manifest.stored_bytes
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return {
-        "bytes": raw,
-        "tensors": len(state),
-        "seconds": seconds,
-        "gb_per_s": _gbps(raw, seconds),
-        "stored_bytes": stored,
-    }
-
-
 # ---- a snapshot through a real daemon, from a trainer process ----------------------------------
 
 
@@ -229,13 +184,28 @@ def _tail(text: str) -> str:
     return " | ".join(text.splitlines()[-TAIL_LINES:]) or "(nothing)"
 
 
-def run_probe(socket: Path, root: Path, size: int, reps: int, *, cwd: Path) -> dict[str, Any]:
+def run_probe(
+    socket: Path,
+    root: Path,
+    size: int,
+    reps: int,
+    *,
+    cwd: Path,
+    save_root: Path | None = None,
+    config: Path | None = None,
+) -> dict[str, Any]:
     """Run ``python -m ckptd_client.probe`` against the daemon on ``socket`` (checkpoints under
-    ``root``) and return the JSON object it prints. A probe that fails, or prints something else,
-    raises :class:`~ckptd.errors.CkptdError` naming the command and the end of its stderr."""
+    ``root``; with ``save_root``, a blocking save there first, configured by the file ``config``
+    or the defaults) and return the JSON object it prints. A probe that fails, or prints
+    something else, raises :class:`~ckptd.errors.CkptdError` naming the command and the end of
+    its stderr; a ckptd error the probe reports is raised as its own type."""
     cmd = [sys.executable, "-m", PROBE_MODULE, "--socket", str(socket), "--root", str(root)]
     cmd += ["--size", str(size), "--tensor-bytes", str(TENSOR_BYTES), "--reps", str(reps)]
     cmd += ["--job", BENCH_JOB]
+    if save_root is not None:
+        cmd += ["--save-root", str(save_root)]
+    if config is not None:
+        cmd += ["--config", str(config)]
     proc = subprocess.run(
         cmd,
         cwd=cwd,  # not wherever the bench runs: a ./ckptd there must not be imported
@@ -269,14 +239,19 @@ def run_probe(socket: Path, root: Path, size: int, reps: int, *, cwd: Path) -> d
     return dict(result)
 
 
-def measure_snapshot(size: int, root: Path, reps: int = SNAPSHOT_REPS) -> dict[str, Any]:
-    """Stall and durable latency of ``Client.snapshot`` in a trainer process, through a daemon
-    started for it, beside one ``copy_`` and ``torch.save`` + ``fsync`` of the same state in the
-    same reps (all timed by the probe)."""
+def measure_trainer(
+    size: int, root: Path, reps: int = SNAPSHOT_REPS, config: Path | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """In a trainer process (the probe), through a daemon started for it: a blocking
+    ``ckptd_client.save`` of a ``size`` state (configured by the file ``config``, or the
+    defaults), then the stall and durable latency of ``Client.snapshot`` beside one ``copy_``
+    and ``torch.save`` + ``fsync`` of the same state in the same reps. Returns the save's and the
+    snapshots' results."""
     if reps < 1:
         raise ValueError(f"reps must be at least 1, got {reps}")
     work = _private_dir()
     store_dir = Path(tempfile.mkdtemp(prefix=".ckptd-bench-", dir=root))
+    save_dir = Path(tempfile.mkdtemp(prefix=".ckptd-bench-", dir=root))
     socket = work / "d.sock"
     daemon: DaemonProcess | None = None
     exit_code: int | None = None
@@ -294,7 +269,9 @@ def measure_snapshot(size: int, root: Path, reps: int = SNAPSHOT_REPS) -> dict[s
             detached=True,  # a Ctrl-C reaches only the bench, whose finally stops the daemon
         )
         daemon.wait_ready(what="ckptd bench")
-        probe = run_probe(socket, store_dir, size, reps, cwd=work)
+        probe = run_probe(
+            socket, store_dir, size, reps, cwd=work, save_root=save_dir, config=config
+        )
     finally:
         try:
             if daemon is not None:
@@ -302,9 +279,18 @@ def measure_snapshot(size: int, root: Path, reps: int = SNAPSHOT_REPS) -> dict[s
         finally:
             shutil.rmtree(work, ignore_errors=True)
             shutil.rmtree(store_dir, ignore_errors=True)
+            shutil.rmtree(save_dir, ignore_errors=True)
+    saved = probe["save"]
+    save = {
+        "bytes": probe["bytes"],
+        "tensors": probe["tensors"],
+        "seconds": saved["seconds"],
+        "gb_per_s": _gbps(probe["bytes"], saved["seconds"]),
+        "stored_bytes": saved["stored_bytes"],
+    }
     samples: dict[str, list[float]] = probe["samples"]
     med = {name: statistics.median(samples[name]) for name in samples}
-    return {
+    return save, {
         "bytes": probe["bytes"],
         "tensors": probe["tensors"],
         "reps": reps,
@@ -379,12 +365,12 @@ def run_bench(
     root: Path,
     *,
     reps: int = SNAPSHOT_REPS,
-    pipeline: PipelineConfig | None = None,
+    config: Path | None = None,
 ) -> dict[str, Any]:
     """Measure memory copy, codec, disk, ckptd save speed and a snapshot through a daemon
     (``reps`` times) for ``size_bytes`` under ``root``; return the measurements and the suggested
-    config values (with reasons). The save uses ``pipeline`` (default: that of the configuration
-    :func:`~ckptd.config.load_config` finds), as ``ckptd_client.save`` would."""
+    config values (with reasons). The save uses the configuration file ``config`` (None: the
+    defaults)."""
     if size_bytes <= 0:
         raise ValueError(f"size must be positive, got {size_bytes}")
     root = Path(root)
@@ -399,9 +385,7 @@ def run_bench(
     results["memory_copy"] = measure_copy(size_bytes)
     results["codec"] = measure_codec(size_bytes)
     results["disk"] = measure_disk(size_bytes, root)
-    pipeline = load_config().pipeline() if pipeline is None else pipeline
-    results["ckptd_save"] = measure_save(size_bytes, root, pipeline)
-    results["snapshot"] = measure_snapshot(size_bytes, root, reps)
+    results["ckptd_save"], results["snapshot"] = measure_trainer(size_bytes, root, reps, config)
     results["suggestions"] = suggest(results, size_bytes)
     return results
 
@@ -465,7 +449,7 @@ def bench_cmd(size: str, as_json: bool, root: str | None, config: str | None) ->
     """
     size_bytes = parse_size(size, "--size")
     cfg = load_config(config)
-    result = run_bench(size_bytes, resolve_root(root, cfg), pipeline=cfg.pipeline())
+    result = run_bench(size_bytes, resolve_root(root, cfg), config=cfg.source)
     if as_json:
         out.print_json(json.dumps(result))
     else:

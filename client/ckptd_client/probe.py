@@ -5,11 +5,15 @@ user's training loop sees it: from a process of its own, through the public :cla
 Usage::
 
     python -m ckptd_client.probe --socket S --root R --size BYTES [--tensor-bytes N] [--reps N]
+                                 [--save-root DIR [--config FILE]]
 
 It builds a state of ``--size`` bytes of random-normal float32 tensors of at most
 ``--tensor-bytes`` each, connects a ``Client(slots=1, spawn=False)`` to the daemon on ``--socket``
 writing under ``--root``, prepares (sizes and page-faults) the slot, then runs ``--reps`` reps of
-three measurements, in an order that rotates with the rep:
+three measurements, in an order that rotates with the rep. With ``--save-root`` it first times
+one blocking ``ckptd_client.save`` of the state into a store there (``save``: ``seconds``,
+``stored_bytes``), configured by ``--config`` (default: the built-in defaults, not whatever
+config file this environment would find):
 
 * ``stall_s``: how long ``snapshot()`` takes to return (the training loop is blocked), and
   ``durable_s``: from that call until ``wait()`` returns (the checkpoint is committed);
@@ -19,9 +23,10 @@ three measurements, in an order that rotates with the rep:
 
 Before each rep every 4 KiB of the state changes, so the daemon's dedup does not make later reps
 free; after each rep its checkpoint is deleted (untimed). On success it prints one JSON object on
-stdout: ``bytes``, ``tensors``, ``reps`` and ``samples`` (a list of seconds per measurement,
-one per rep), and exits 0. A ckptd error (no daemon, a failed snapshot) is printed on
-stderr with exit code 1; anything unexpected, as a traceback.
+stdout: ``bytes``, ``tensors``, ``reps``, ``samples`` (a list of seconds per measurement, one
+per rep) and ``save`` (with ``--save-root``), and exits 0. A ckptd error (no daemon, a failed
+snapshot) is printed as ``{"error": TYPE, "message": TEXT}``, also with exit code 0 (the caller
+raises that type); anything unexpected, as a traceback and a non-zero exit code.
 """
 
 from __future__ import annotations
@@ -38,9 +43,11 @@ from typing import Any
 
 import torch
 
+from ckptd.config import Config, load_config
 from ckptd.errors import CkptdError
 from ckptd.format.store import Store
-from ckptd_client import Client
+from ckptd_client.api import save
+from ckptd_client.client import Client
 
 MiB = 1 << 20
 TENSOR_BYTES = 32 * MiB
@@ -123,6 +130,15 @@ def measure(
     return samples
 
 
+def measure_save(
+    state: dict[str, torch.Tensor], root: Path, config: Config, job: str = JOB
+) -> dict[str, Any]:
+    """One blocking ``save`` of ``state`` into the store at ``root``: until it is committed."""
+    t0 = time.perf_counter()
+    result = save(job, state=state, step=0, rng=False, root=root, config=config)
+    return {"seconds": time.perf_counter() - t0, "stored_bytes": result.manifest.stored_bytes}
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -141,9 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tensor-bytes", type=_positive, default=TENSOR_BYTES)
     parser.add_argument("--reps", type=_positive, default=3)
     parser.add_argument("--job", default=JOB)
+    parser.add_argument("--save-root", type=Path, help="Time a blocking save into this store.")
+    parser.add_argument("--config", type=Path, help="The save's config file (default: none).")
     args = parser.parse_args(argv)
     state = make_state(args.size, args.tensor_bytes)
+    saved: dict[str, Any] | None = None
     try:
+        if args.save_root is not None:
+            config = Config() if args.config is None else load_config(args.config)
+            saved = measure_save(state, args.save_root, config, args.job)
         samples = measure(args.socket, args.root, state, args.reps, args.job)
     except CkptdError as exc:
         # On stdout as JSON, so that ``ckptd bench`` raises the same error type (and exits with
@@ -156,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         "reps": args.reps,
         "samples": samples,
     }
+    if saved is not None:
+        result["save"] = saved
     print(json.dumps(result))
     return 0
 

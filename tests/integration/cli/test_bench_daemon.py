@@ -103,7 +103,7 @@ def test_an_interrupted_bench_stops_its_daemon(
     root = tmp_path / "root"
     root.mkdir()
     with pytest.raises(KeyboardInterrupt):
-        benchmark.measure_snapshot(8 << 20, root, reps=1)
+        benchmark.measure_trainer(8 << 20, root, reps=1)
 
     [daemon] = started
     assert daemon.proc.returncode == 0
