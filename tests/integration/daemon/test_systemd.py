@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from ckptd.launch import DaemonProcess, start_args
 from tests._requirements import require
 from tests.integration.daemon_fixtures import clean_env
 
@@ -111,7 +111,10 @@ def test_units_keep_what_the_daemon_needs() -> None:
 
 
 def test_daemon_speaks_sd_notify() -> None:
-    """READY=1 only once the socket accepts, WATCHDOG=1 pings, STOPPING=1 on SIGTERM."""
+    """READY=1 only once the socket accepts, WATCHDOG=1 pings, STOPPING=1 on SIGTERM.
+
+    Started through :class:`ckptd.launch.DaemonProcess` without its ``wait_ready``: READY=1 is
+    the readiness under test, so nothing connects before it arrives."""
     base = Path(tempfile.mkdtemp(prefix="ck", dir="/tmp"))
     notify_path = base / "notify"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -119,42 +122,24 @@ def test_daemon_speaks_sd_notify() -> None:
     listener.settimeout(30)
     sock = base / "d.sock"
     env = clean_env(base, NOTIFY_SOCKET=str(notify_path), WATCHDOG_USEC="400000")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ckptd",
-            "start",
-            "--user",
-            "--socket",
-            str(sock),
-            "--root",
-            str(base / "root"),
-        ],
-        env=env,
-        stderr=subprocess.DEVNULL,
-    )
+    daemon = DaemonProcess(sock, start_args(sock, base / "root"), log=base / "d.log", env=env)
     try:
         seen: list[str] = []
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not any("READY=1" in m for m in seen):
             seen.append(listener.recv(4096).decode())
         ready = next(m for m in seen if "READY=1" in m)
-        assert f"MAINPID={proc.pid}" in ready
+        assert f"MAINPID={daemon.pid}" in ready
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         probe.connect(str(sock))  # READY was sent after the socket was bound and listening
         probe.close()
         messages = [listener.recv(4096).decode() for _ in range(3)]
         assert any("WATCHDOG=1" in m for m in messages), messages
-        proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 30
+        assert daemon.stop() == 0, daemon.log_tail()  # SIGTERM: drain and exit
         tail: list[str] = []
-        while time.monotonic() < deadline and not any("STOPPING=1" in m for m in tail):
-            tail.append(listener.recv(4096).decode())
-        assert proc.wait(30) == 0
+        while not any("STOPPING=1" in m for m in tail):
+            tail.append(listener.recv(4096).decode())  # queued before it exited
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        daemon.stop()
         listener.close()
         shutil.rmtree(base, ignore_errors=True)
