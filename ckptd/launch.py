@@ -6,9 +6,9 @@ runs ``python -m MODULE start ARGS`` (``MODULE`` is ``ckptd``, or a wrapper that
 and then runs ckptd's CLI) with its output appended to a log file, and :meth:`wait_ready` returns
 once the socket accepts a connection: a socket file alone is not readiness.
 
-Ownership: whoever constructs a :class:`DaemonProcess` stops it (:meth:`stop`, or leaving the
-``with`` block), except a daemon started ``detached`` for other processes to share, such as the
-client's on-demand daemon, which exits by itself after ``--idle-exit`` seconds without a client.
+Ownership: whoever constructs a :class:`DaemonProcess` stops it (:meth:`stop`), except a daemon
+started for other processes to share, such as the client's on-demand daemon, which exits by itself
+after ``--idle-exit`` seconds without a client.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 
 import ckptd
 from ckptd.errors import DaemonUnavailableError
@@ -142,9 +141,13 @@ class DaemonProcess:
         deadline = time.monotonic() + timeout_s
         while not can_connect(self.socket):
             code = self.proc.poll()
+            timed_out = time.monotonic() > deadline
+            if code is None and not timed_out:
+                time.sleep(0.02)
+                continue
             tail = self.log_tail()
             lost_race = code is not None and any("already serving" in t for t in tail)
-            if (code is not None and not lost_race) or time.monotonic() > deadline:
+            if (code is not None and not lost_race) or timed_out:
                 problem = (
                     f"exited with code {code}"
                     if code is not None and not lost_race
@@ -155,7 +158,7 @@ class DaemonProcess:
                     f"the {what} daemon started on {self.socket} {problem}; {where} ends with: "
                     + (" | ".join(tail) or "(nothing)")
                 )
-            time.sleep(0.02)
+            time.sleep(0.02)  # lost the race: the winner is still binding the socket
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
         """SIGTERM (the daemon drains queued snapshots and exits), SIGKILL if it has not exited
@@ -171,17 +174,6 @@ class DaemonProcess:
             if isinstance(exc, KeyboardInterrupt):
                 raise
         return self.proc.returncode
-
-    def __enter__(self) -> DaemonProcess:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 _TAIL_BYTES = 1 << 16
