@@ -33,7 +33,7 @@ from ckptd.format.store import validate_job_name
 from ckptd.pipeline.plan import PipelineConfig
 from ckptd.policy.diskguard import DiskConfig
 from ckptd.policy.retention import RetentionPolicy, policy_from_dict
-from ckptd.units import parse_size
+from ckptd.units import parse_duration, parse_size
 
 DEFAULT_ROOT = Path("checkpoints")
 SYSTEM_CONFIG = Path("/etc/ckptd/ckptd.toml")
@@ -67,6 +67,15 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True)
+class RanksConfig:
+    """``[ranks]``: multi-rank jobs."""
+
+    pending_timeout_s: float = 3600.0
+    """``pending_timeout``: the parts of a step that some rank never handed off are collected
+    after this long (or as soon as a newer step of the job commits)."""
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     """``[metrics]``: the Prometheus endpoint, off unless ``listen = "host:port"``."""
 
@@ -84,6 +93,7 @@ class Config:
     disk: DiskConfig = field(default_factory=DiskConfig)
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
     jobs: dict[str, RetentionPolicy] = field(default_factory=dict)
+    ranks: RanksConfig = field(default_factory=RanksConfig)
     source: Path | None = None
 
     def policy_for(self, job: str, recorded: dict[str, Any] | None = None) -> RetentionPolicy:
@@ -106,6 +116,7 @@ class Config:
             threads=s.threads,
             max_inflight_bytes=s.max_inflight_bytes,
             codec=self.codec,
+            pending_timeout_s=self.ranks.pending_timeout_s,
         )
 
 
@@ -137,8 +148,9 @@ def _size(value: object, key: str, minimum: int, minimum_text: str) -> int:
 
 def config_from_dict(doc: dict[str, Any], source: Path | None = None) -> Config:
     """Validate a parsed TOML document into a :class:`Config`."""
-    _take(doc, "<top level>", {"store", "codec", "daemon", "metrics", "disk", "retention", "jobs"})
-    for name in ("store", "codec", "daemon", "metrics", "disk", "retention", "jobs"):
+    sections = ("store", "codec", "daemon", "metrics", "disk", "retention", "jobs", "ranks")
+    _take(doc, "<top level>", set(sections))
+    for name in sections:
         if not isinstance(doc.get(name, {}), dict):
             raise ConfigError(f"{name}: expected a table [{name}], got {doc[name]!r}")
     s = _take(doc.get("store", {}), "store", set(StoreConfig.__dataclass_fields__))
@@ -172,8 +184,20 @@ def config_from_dict(doc: dict[str, Any], source: Path | None = None) -> Config:
         disk=_disk(doc.get("disk", {})),
         retention=policy_from_dict(doc.get("retention", {}), "retention"),
         jobs=_jobs(doc.get("jobs", {})),
+        ranks=_ranks(doc.get("ranks", {})),
         source=source,
     )
+
+
+def _ranks(d: dict[str, Any]) -> RanksConfig:
+    _take(d, "ranks", {"pending_timeout"})
+    timeout = parse_duration(d.get("pending_timeout", 3600), "ranks.pending_timeout")
+    if timeout < 1:
+        raise ConfigError(
+            f"ranks.pending_timeout: expected at least 1 s (ranks may be minutes apart: the "
+            f"default is 1h), got {d.get('pending_timeout')!r}"
+        )
+    return RanksConfig(pending_timeout_s=timeout)
 
 
 def _disk(d: dict[str, Any]) -> DiskConfig:

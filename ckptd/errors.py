@@ -136,6 +136,15 @@ class SnapshotUnconfirmedError(DaemonUnavailableError):
     exit_code = 18
 
 
+class RankLayoutError(CkptdError):
+    """The ranks of a multi-rank job do not fit together: a rank outside ``[0, world_size)``,
+    ranks of one step that disagree on the world size, a rank that hands a step off twice in one
+    attempt (or two processes claiming one rank), a world size that differs from the
+    checkpoint's, or a multi-rank job and a single-process client sharing one job name."""
+
+    exit_code = 21
+
+
 def error_from_reply(type_name: object, message: object) -> CkptdError:
     """The exception a daemon reply (``error`` / ``failed`` / ``refused``) stands for."""
     cls = globals().get(str(type_name))
@@ -166,6 +175,7 @@ EXIT_CODES: dict[str, int] = {
         UntrustedDaemonError,
         SnapshotUnconfirmedError,
         DaemonNoAnswerError,
+        RankLayoutError,
     )
 }
 """Exit code of each error type, as the CLI uses them (documented in the README)."""

@@ -31,3 +31,21 @@ def parse_size(value: object, key: str) -> int:
     raise ConfigError(
         f'{key}: expected a size in bytes (an integer, or a string such as "8MiB"), got {value!r}'
     )
+
+
+_DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*", re.IGNORECASE)
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: object, key: str) -> float:
+    """Parse a duration in seconds: a number, or a string like ``"90s"``, ``"30m"``, ``"1h"``,
+    ``"2d"``. Anything else (negative included) raises :class:`~ckptd.errors.ConfigError`."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION_RE.fullmatch(value)
+        if m:
+            return float(m.group(1)) * _SECONDS[(m.group(2) or "").lower()]
+    raise ConfigError(
+        f'{key}: expected a duration (seconds, or a string such as "30m" or "1h"), got {value!r}'
+    )

@@ -50,6 +50,9 @@ mtime. :data:`_RACY_COARSE_NS` applies to whole-second mtimes (filesystems that 
 _RACY_COARSE_NS = 3 * 10**9
 
 
+_GLOBAL_HEAD = b'{\n "format": "ckptd.manifest",\n "version": 2,'
+
+
 @dataclass(frozen=True)
 class _Commit:
     """The commit sequence number of one manifest file, as far as it can be known.
@@ -61,6 +64,8 @@ class _Commit:
 
     seq: int | None
     claimed: int | None = None
+    ranks: bool = False
+    """The manifest is the global record of a multi-rank step (format version 2)."""
 
 
 def missing_step(job: str, step: int, steps: list[int]) -> NotFoundError:
@@ -123,6 +128,16 @@ class Commits:
             refs.update(self.read(job, step).objects)
         return refs
 
+    def kinds(self, job: JobDir) -> set[str]:
+        """``"ranks"`` if the job holds the global record of a multi-rank step, ``"single"`` if
+        it holds a single-process checkpoint (both, one or none; damaged manifests count as
+        neither)."""
+        return {
+            "ranks" if c.ranks else "single"
+            for c in self._commits(job).values()
+            if c.seq is not None
+        }
+
     def order(self, job: JobDir) -> list[int]:
         """The committed steps of ``job`` in commit order, oldest first; see
         :meth:`Store.steps_by_commit`."""
@@ -162,10 +177,11 @@ class Commits:
             finally:
                 held.pop()
 
-    def commit(self, job: JobDir, manifest: Manifest) -> Path:
+    def commit(self, job: JobDir, manifest: Manifest, *, exclusive: bool = False) -> Path:
         """Write ``manifest``, numbered with the seq :meth:`lock` yielded to this thread, under
         its name (durably: tmp, fsync, rename, fsync the directory); a manifest of a step that
-        exists is replaced. Returns its path."""
+        exists is replaced, unless ``exclusive``: then :class:`FileExistsError` is raised and
+        nothing changes. Returns its path."""
         if (manifest.job, manifest.seq) not in self._held():
             raise ValueError(
                 f"job {manifest.job!r} step {manifest.step}: seq {manifest.seq} is not the number "
@@ -174,7 +190,7 @@ class Commits:
             )
         path = job.manifest(manifest.step)
         replaced = os.path.lexists(path)
-        durable_write(path, [manifest.to_json()], tmp_dir=job.tmp)
+        durable_write(path, [manifest.to_json()], tmp_dir=job.tmp, exclusive=exclusive)
         if replaced:
             log.info(
                 "%s: step %d committed again (seq %d); it replaced an earlier commit of that step",
@@ -244,7 +260,12 @@ class Commits:
                 where = str(directory / name)
                 try:
                     found, seq = commit_seq(data, where=where)
-                    commit = _Commit(seq) if found == step else _Commit(None, claimed_seq(data))
+                    ranks = data.startswith(_GLOBAL_HEAD)
+                    commit = (
+                        _Commit(seq, ranks=ranks)
+                        if found == step
+                        else _Commit(None, claimed_seq(data))
+                    )
                 except (ManifestError, FormatVersionError):
                     commit = _Commit(None, claimed_seq(data))
                 out[step] = commit

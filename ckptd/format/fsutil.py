@@ -135,13 +135,21 @@ def _write_all(fd: int, parts: Iterable[Buffer]) -> None:
 
 
 def durable_write(
-    dest: Path, parts: Iterable[Buffer], *, tmp_dir: Path, sync_dir: bool = True, mode: int = 0o644
+    dest: Path,
+    parts: Iterable[Buffer],
+    *,
+    tmp_dir: Path,
+    sync_dir: bool = True,
+    mode: int = 0o644,
+    exclusive: bool = False,
 ) -> int:
     """Atomically and durably write the concatenation of ``parts`` to ``dest``; return its size.
 
     ``tmp_dir`` must be on the same filesystem as ``dest``. With ``sync_dir=False`` the caller
     promises to :func:`fsync_dir` ``dest.parent`` before relying on the file (batching many
-    object writes into one directory fsync).
+    object writes into one directory fsync). With ``exclusive=True`` the file is created only if
+    ``dest`` does not exist (``link``, atomic also on NFS), else :class:`FileExistsError` is raised
+    and nothing changes.
     """
     tmp = tmp_dir / f"{dest.name}.{WRITER_TAG}.{uuid.uuid4().hex[:12]}.tmp"
     try:
@@ -157,10 +165,17 @@ def durable_write(
             size = os.fstat(fd).st_size
         finally:
             os.close(fd)
-        step = "rename into place"
-        os.replace(tmp, dest)
+        if exclusive:
+            step = "link into place"
+            os.link(tmp, dest)
+            tmp.unlink()
+        else:
+            step = "rename into place"
+            os.replace(tmp, dest)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, FileExistsError) and exclusive:
+            raise
         if isinstance(exc, OSError):
             raise os_error(exc, step, dest) from exc
         raise

@@ -5,6 +5,8 @@
     <root>/<job>/manifests/step-000000001200.json   a checkpoint; it exists iff this file exists
     <root>/<job>/quarantine/<blake3 hex>      damaged objects moved aside (never read, never GCed)
     <root>/<job>/pins/step-000000001200.json  an empty file: retention keeps that step
+    <root>/<job>/parts/step-000000001200/<attempt>/rank-00003.json   one rank's part of a
+                                              multi-rank step (the global record is its manifest)
     <root>/<job>/job.json                     the job's owner and settings recorded for it
     <root>/<job>/lock, commit.lock            the job lock and the commit lock (flock)
     <root>/<job>/tmp/                         in-flight files; anything here is garbage once no
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ckptd.format.hashing import check_hash_name
-from ckptd.format.manifest import check_step, manifest_name
+from ckptd.format.manifest import check_attempt, check_step, manifest_name
 
 
 @dataclass(frozen=True)
@@ -73,3 +75,31 @@ class JobDir:
 
     def pin(self, step: int) -> Path:
         return self.pins / manifest_name(check_step(step))
+
+    @property
+    def parts(self) -> Path:
+        return self.path / "parts"
+
+    def part_set(self, step: int, attempt: str) -> Path:
+        """The directory of one multi-rank step's parts written by restart attempt ``attempt``."""
+        return (
+            self.parts / manifest_name(check_step(step))[: -len(".json")] / check_attempt(attempt)
+        )
+
+    def part(self, step: int, attempt: str, rank: int) -> Path:
+        return self.part_set(step, attempt) / part_name(rank)
+
+
+def part_name(rank: int) -> str:
+    """File name of rank ``rank``'s part: fixed width so names sort by rank."""
+    return f"rank-{rank:05d}.json"
+
+
+def rank_from_name(name: str) -> int | None:
+    """Inverse of :func:`part_name`; None for any other file name."""
+    if not (name.startswith("rank-") and name.endswith(".json")):
+        return None
+    digits = name[5:-5]
+    if len(digits) != 5 or not (digits.isascii() and digits.isdigit()):
+        return None
+    return int(digits)

@@ -10,6 +10,11 @@ Two keys order and identify checkpoints: ``seq``, the job's commit sequence numb
 ``latest`` means: the checkpoint committed last, whatever its step), and ``digest``, one hash of
 the tensors and the skeleton that does not depend on chunking or codec (:mod:`ckptd.format.digest`).
 Manifests written before either existed parse with ``seq`` 0 and ``digest`` None.
+
+A job run by several ranks writes one *part* per rank and step (an ordinary manifest of format
+version 1 with its ``rank``, ``world_size`` and ``attempt``, under ``parts/``), and the step is
+committed by a *global record* in ``manifests/``: a manifest of format version 2 that names every
+part (:class:`PartRef`) and holds no tensors itself (:mod:`ckptd.format.parts`).
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ from ckptd.format.hashing import check_hash_name, content_hash
 from ckptd.format.skeleton import JSON, dtype_from_name
 
 FORMAT = "ckptd.manifest"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The newest version this ckptd reads. It writes version 1 for every manifest and part, and
+version 2 only for the global record of a multi-rank step (older readers refuse those)."""
 MAX_STEP = 10**12 - 1
 STEP_DIGITS = 12
 
@@ -51,6 +58,31 @@ def check_step(step: object) -> int:
     if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= MAX_STEP:
         raise ValueError(f"step must be an integer between 0 and {MAX_STEP}, got {step!r}")
     return step
+
+
+_ATTEMPT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_attempt(attempt: object) -> str:
+    """Return ``attempt`` if it is a valid attempt id: 1-128 characters from ``A-Z a-z 0-9 . _
+    -``, starting with a letter or digit, without ``..`` (it names a directory)."""
+    if not isinstance(attempt, str) or not _ATTEMPT.fullmatch(attempt) or ".." in attempt:
+        raise ValueError(
+            f"attempt must be 1-128 characters from A-Z a-z 0-9 . _ - starting with a letter or "
+            f"digit, got {attempt!r}"
+        )
+    return attempt
+
+
+@dataclass(frozen=True)
+class PartRef:
+    """One rank's part of a multi-rank step, as the step's global record names it: the part
+    file (relative to the job directory) and the checksum and digest it had when committed."""
+
+    rank: int
+    record: str
+    checksum: str
+    digest: str | None
 
 
 @dataclass(frozen=True)
@@ -104,6 +136,17 @@ class Manifest:
     written_bytes: int = 0
     seq: int = 0
     digest: str | None = None
+    attempt: str | None = None
+    """The restart attempt of a multi-rank job's part or global record (None: one process)."""
+    parts: tuple[PartRef, ...] = ()
+    """A global record's parts, by rank (empty for a single-process checkpoint or a part)."""
+    part_totals: tuple[int, int, int, int] = (0, 0, 0, 0)
+    """A global record's totals over its parts: tensors, raw, stored and written bytes."""
+
+    @property
+    def is_global(self) -> bool:
+        """True for the global record of a multi-rank step (its tensors are in its parts)."""
+        return bool(self.parts)
 
     def __repr__(self) -> str:
         # Short on purpose: the skeleton (RNG states as arrays) and the tensor list would make
@@ -117,12 +160,21 @@ class Manifest:
 
     @property
     def raw_bytes(self) -> int:
+        if self.parts:
+            return self.part_totals[1]
         return sum(t.nbytes for t in self.tensors)
 
     @property
     def stored_bytes(self) -> int:
         """Bytes on disk of every object this checkpoint needs (shared objects counted once)."""
+        if self.parts:
+            return self.part_totals[2]
         return sum(o.stored_bytes for o in self.objects.values())
+
+    @property
+    def tensor_count(self) -> int:
+        """Tensors in the checkpoint (of every rank, for a global record)."""
+        return self.part_totals[0] if self.parts else len(self.tensors)
 
     @property
     def created_datetime(self) -> datetime:
@@ -132,7 +184,7 @@ class Manifest:
         """The exact bytes written to disk (deterministic for a given manifest)."""
         doc: dict[str, Any] = {
             "format": FORMAT,
-            "version": FORMAT_VERSION,
+            "version": 2 if self.parts else 1,
             "checksum": _PLACEHOLDER,
             "job": self.job,
             "step": self.step,
@@ -145,10 +197,31 @@ class Manifest:
             "created": self.created,
             "rank": self.rank,
             "world_size": self.world_size,
-            "metric": _metric_to_json(self.metric),
         }
+        if self.parts:
+            del doc["rank"]  # a global record is every rank's
+        if self.attempt is not None:
+            doc["attempt"] = self.attempt
+        doc["metric"] = _metric_to_json(self.metric)
         if self.digest is not None:
             doc["digest"] = self.digest
+        if self.parts:
+            tensors, raw, stored, written = self.part_totals
+            doc |= {
+                "totals": {
+                    "ranks": len(self.parts),
+                    "tensors": tensors,
+                    "raw_bytes": raw,
+                    "stored_bytes": stored,
+                    "written_bytes": written,
+                },
+                "parts": [
+                    {"rank": p.rank, "record": p.record, "checksum": p.checksum, "digest": p.digest}
+                    for p in self.parts
+                ],
+            }
+            text = _dump(doc).encode()
+            return text.replace(_field(_PLACEHOLDER), _field(content_hash(text)), 1)
         doc |= {
             "totals": {
                 "tensors": len(self.tensors),
@@ -185,7 +258,7 @@ def _dump(doc: dict[str, Any]) -> str:
     """JSON with one line per top-level key, per tensor and per object: diffable, greppable."""
     lines = []
     for key, value in doc.items():
-        if key == "tensors" and value:
+        if key in ("tensors", "parts") and value:
             body = ",\n".join(f"  {_compact(t)}" for t in value)
             text = f"[\n{body}\n ]"
         elif key == "objects" and value:
@@ -286,6 +359,8 @@ def _int(value: object, name: str, minimum: int = 0) -> int:
 
 
 def _build(doc: dict[str, Any], where: str) -> Manifest:
+    if doc["version"] >= 2:
+        return _build_global(doc)
     objects: dict[str, ObjectInfo] = {}
     for h, o in doc["objects"].items():
         check_hash_name(h)
@@ -342,6 +417,56 @@ def _build(doc: dict[str, Any], where: str) -> Manifest:
         written_bytes=_int(doc.get("totals", {}).get("written_bytes", 0), "totals.written_bytes"),
         seq=_int(doc["seq"], "seq", 1) if "seq" in doc else 0,
         digest=_digest_field(doc["digest"]) if "digest" in doc else None,
+        attempt=check_attempt(doc["attempt"]) if "attempt" in doc else None,
+    )
+
+
+def _build_global(doc: dict[str, Any]) -> Manifest:
+    """A version 2 manifest: the global record of a multi-rank step."""
+    job, created = doc["job"], doc["created"]
+    if not isinstance(job, str) or not isinstance(created, str):
+        raise ValueError("job and created must be strings")
+    datetime.fromisoformat(created)
+    world_size = _int(doc["world_size"], "world_size", 2)
+    parts = []
+    for i, p in enumerate(doc["parts"]):
+        record, checksum = p["record"], p["checksum"]
+        if not isinstance(record, str) or not isinstance(checksum, str):
+            raise ValueError(f"parts[{i}]: record and checksum must be strings")
+        digest = p.get("digest")
+        parts.append(
+            PartRef(
+                _int(p["rank"], f"parts[{i}].rank"),
+                record,
+                _digest_field(checksum),
+                None if digest is None else _digest_field(digest),
+            )
+        )
+    if [p.rank for p in parts] != list(range(world_size)):
+        raise ValueError(
+            f"parts must list ranks 0..{world_size - 1} once each, in order; got "
+            f"{[p.rank for p in parts]}"
+        )
+    totals = doc["totals"]
+    return Manifest(
+        job=job,
+        step=check_step(doc["step"]),
+        created=created,
+        tensors=(),
+        objects={},
+        skeleton=None,
+        metric=_metric_from_json(doc.get("metric"), "metric"),
+        world_size=world_size,
+        seq=_int(doc["seq"], "seq", 1) if "seq" in doc else 0,
+        digest=_digest_field(doc["digest"]) if "digest" in doc else None,
+        attempt=check_attempt(doc["attempt"]),
+        parts=tuple(parts),
+        part_totals=(
+            _int(totals["tensors"], "totals.tensors"),
+            _int(totals["raw_bytes"], "totals.raw_bytes"),
+            _int(totals["stored_bytes"], "totals.stored_bytes"),
+            _int(totals.get("written_bytes", 0), "totals.written_bytes"),
+        ),
     )
 
 
@@ -354,7 +479,7 @@ def _digest_field(value: object) -> str:
 # ---- commit order: the seq of a manifest, cheaply ------------------------------------------------
 
 _HEAD = re.compile(
-    rb'\{\n "format": "ckptd\.manifest",\n "version": 1,\n "checksum": "([0-9a-f]{64})",\n'
+    rb'\{\n "format": "ckptd\.manifest",\n "version": [12],\n "checksum": "([0-9a-f]{64})",\n'
     rb' "job": "[^"\\\n]*",\n "step": (0|[1-9][0-9]*),\n'
     rb'(?: "seq": ([1-9][0-9]*),\n)? "created": "'
 )
@@ -391,3 +516,14 @@ def claimed_seq(data: bytes) -> int | None:
     such line is found near the start. Only for ordering a manifest whose checksum fails."""
     found = _SEQ_LINE.search(data, 0, 1024)
     return None if found is None else int(found.group(1))
+
+
+_CHECKSUM_LINE = re.compile(rb'"checksum": "([0-9a-f]{64})"')
+
+
+def manifest_checksum(data: bytes) -> str:
+    """The ``checksum`` field of manifest bytes that :func:`parse_manifest` accepted."""
+    found = _CHECKSUM_LINE.search(data)
+    if found is None:
+        raise ManifestError('no "checksum" field; the manifest is damaged')
+    return found.group(1).decode()

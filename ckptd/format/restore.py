@@ -34,6 +34,7 @@ from ckptd.errors import (
     CorruptCheckpointError,
     FormatVersionError,
     NotFoundError,
+    RankLayoutError,
 )
 from ckptd.format.codec import decode
 from ckptd.format.hashing import content_hash
@@ -218,8 +219,11 @@ def load_checkpoint(
     fallback: bool = False,
     threads: int = 2,
     progress: Progress | None = None,
+    rank: int | None = None,
 ) -> Loaded:
-    """Load a checkpoint's state, verified.
+    """Load a checkpoint's state, verified; of a multi-rank step, rank ``rank``'s part.
+
+    A multi-rank step with ``rank=None`` raises :class:`RankLayoutError` asking for ``rank=``.
 
     ``map_location`` is checked before anything is read: a device this machine does not have
     raises :class:`ConfigError` at once rather than after reading gigabytes.
@@ -236,7 +240,9 @@ def load_checkpoint(
         skipped: list[str] = []
         for candidate in reversed(store.steps_by_commit(job)):  # newest commit first
             try:
-                loaded = _load_one(store, job, candidate, relocate, allow_pickle, threads, progress)
+                loaded = _load_one(
+                    store, job, candidate, relocate, allow_pickle, threads, progress, rank
+                )
             except (CorruptCheckpointError, FormatVersionError) as exc:
                 skipped.append(f"step {candidate}: {exc}")
                 continue
@@ -252,7 +258,7 @@ def load_checkpoint(
             f"job {job!r}: none of its {len(steps)} checkpoint(s) verifies: " + "; ".join(skipped)
         )
     resolved = store.resolve_step(job, step)
-    return _load_one(store, job, resolved, relocate, allow_pickle, threads, progress)
+    return _load_one(store, job, resolved, relocate, allow_pickle, threads, progress, rank)
 
 
 def _load_one(
@@ -263,8 +269,22 @@ def _load_one(
     allow_pickle: bool,
     threads: int,
     progress: Progress | None,
+    rank: int | None,
 ) -> Loaded:
     manifest = store.read_manifest(job, step)
+    if manifest.is_global:
+        if rank is None:
+            raise RankLayoutError(
+                f"job {job!r} step {step} was written by {manifest.world_size} ranks and no rank "
+                f"was given: pass rank= (0..{manifest.world_size - 1}) to load one rank's part, "
+                "or load it at any world size with ckptd_client.dcp.CkptdStorageReader"
+            )
+        manifest = store.read_part(job, step, rank, manifest)
+    elif rank not in (None, 0):
+        raise RankLayoutError(
+            f"job {job!r} step {step} was written by one process; there is no rank {rank} "
+            "(load it with rank=0 or without rank=)"
+        )
     tensors = read_tensors(store, manifest, threads=threads, progress=progress)
     if relocate is not None:
         # numpy arrays are stored as tensors but are not torch storages: torch.load leaves them

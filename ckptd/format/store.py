@@ -32,13 +32,22 @@ import logging
 import os
 import re
 import stat
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ckptd.errors import InvalidNameError, NoStoreError, NotFoundError, StorePermissionError
+from ckptd.errors import (
+    InvalidNameError,
+    ManifestError,
+    NoStoreError,
+    NotFoundError,
+    RankLayoutError,
+    StorePermissionError,
+)
+from ckptd.format import parts as _parts
 from ckptd.format.commits import Commits, missing_step
 from ckptd.format.fsutil import (
     STALE_TMP_S,
@@ -53,7 +62,7 @@ from ckptd.format.fsutil import (
 )
 from ckptd.format.jobmeta import pin_step, pinned_steps, read_job_info, unpin_step, write_job_info
 from ckptd.format.layout import JobDir
-from ckptd.format.manifest import FORMAT_VERSION, Manifest, ObjectInfo
+from ckptd.format.manifest import Manifest, ObjectInfo, manifest_checksum, parse_manifest
 from ckptd.format.objects import ObjectFiles, ObjectState, read_object, read_object_header
 
 log = logging.getLogger("ckptd.format.store")
@@ -156,7 +165,7 @@ class Store:
         marker = self.root / STORE_MARKER
         if not root_created and os.path.lexists(marker):
             return
-        body = json.dumps({"format": STORE_FORMAT, "version": FORMAT_VERSION}) + "\n"
+        body = json.dumps({"format": STORE_FORMAT, "version": 1}) + "\n"
         # A tmp file of a writer that dies here is left in the root; its name is not a job name.
         durable_write(marker, [body.encode()], tmp_dir=self.root)
         if root_created:
@@ -370,12 +379,213 @@ class Store:
         return self._commits.commit(self._job(manifest.job), manifest)
 
     def delete_checkpoint(self, job: str, step: int) -> None:
-        """Remove a checkpoint's manifest (atomically, durably); objects stay until :meth:`gc`."""
-        self._commits.delete(self._real_job(job), step)
+        """Remove a checkpoint's manifest (atomically, durably); objects stay until :meth:`gc`.
+
+        A multi-rank step's set is marked retired first and removed after its record, so no
+        crash in between can make the step visible again (:mod:`ckptd.format.parts`)."""
+        jd = self._real_job(job)
+        try:
+            record = self._commits.read(jd, step)
+        except ManifestError:
+            record = None  # damaged: delete the file; its set (if any) is collected later
+        retired = None
+        if record is not None and record.is_global and record.attempt is not None:
+            retired = _parts.retire(jd, step, record.attempt)
+        self._commits.delete(jd, step)
+        if retired is not None:
+            _parts.remove_set(retired)
 
     def referenced_objects(self, job: str) -> set[str]:
-        """Every object named by a manifest of ``job``. Unreadable manifests raise."""
-        return self._commits.referenced_objects(self._job(job))
+        """Every object named by a manifest of ``job`` or by a rank part (committed or still
+        pending). Unreadable manifests and parts raise."""
+        jd = self._job(job)
+        refs = self._commits.referenced_objects(jd)
+        for pset in _parts.list_sets(jd):
+            if pset.damaged:
+                raise ManifestError(
+                    f"{pset.path}: " + "; ".join(pset.damaged) + " (gc deletes nothing while "
+                    "a part is unreadable; remove the damaged part once understood)"
+                )
+            for part in pset.parts.values():
+                refs.update(part.objects)
+        return refs
+
+    # ---- multi-rank steps (see ckptd.format.parts) ---------------------------------------------
+
+    def job_kinds(self, job: str) -> set[str]:
+        """What the job's checkpoints are: ``"single"`` (one process), ``"ranks"`` (multi-rank
+        steps; pending parts count), both or none."""
+        jd = self._job(job)
+        kinds = self._commits.kinds(jd)
+        if "ranks" not in kinds and _parts.set_keys(jd):
+            kinds.add("ranks")
+        return kinds
+
+    def check_job_kind(self, job: str, world_size: int) -> None:
+        """Refuse to mix single-process checkpoints and multi-rank steps in one job."""
+        kinds = self.job_kinds(job)
+        if world_size > 1 and "single" in kinds:
+            raise RankLayoutError(
+                f"job {job!r} under {self.root} holds single-process checkpoints; a job of "
+                f"{world_size} ranks cannot write it. Use another job name (or delete the job's "
+                "checkpoints)"
+            )
+        if world_size == 1 and "ranks" in kinds:
+            raise RankLayoutError(
+                f"job {job!r} under {self.root} holds multi-rank checkpoints; a single-process "
+                "client cannot write it. Use another job name, or give the client its rank and "
+                "world size (Client(..., rank=, world_size=))"
+            )
+
+    def write_part(self, part: Manifest) -> Path:
+        """Write one rank's part of a multi-rank step (its objects must be durable already);
+        see :func:`ckptd.format.parts.write_part`."""
+        jd = self._real_job(part.job)
+        self.check_job_kind(part.job, part.world_size)
+        return _parts.write_part(jd, part, self._dirs)
+
+    def part_set(self, job: str, step: int, attempt: str) -> _parts.PartSet:
+        return _parts.read_set(self._job(job), step, attempt)
+
+    def part_sets(self, job: str) -> list[_parts.PartSet]:
+        """Every part set of the job (committed or not)."""
+        return _parts.list_sets(self._job(job))
+
+    def global_records(self, job: str) -> list[Manifest]:
+        """The job's global records (damaged ones are skipped)."""
+        jd = self._job(job)
+        out = []
+        for step in self._commits.steps(jd):
+            try:
+                record = self._commits.read(jd, step)
+            except ManifestError:
+                continue
+            if record.is_global:
+                out.append(record)
+        return out
+
+    def pending_sets(self, job: str) -> list[_parts.PartSet]:
+        """The job's part sets that no global record commits: steps waiting for ranks."""
+        jd = self._job(job)
+        committed = {(r.step, r.attempt) for r in self.global_records(job)}
+        keys = [k for k in _parts.set_keys(jd) if k not in committed]
+        return _parts.list_sets(jd, keys) if keys else []
+
+    def commit_step(
+        self, job: str, step: int, attempt: str, *, pending_timeout_s: float
+    ) -> Manifest | None:
+        """Commit ``step`` of ``attempt`` if its set is complete and intact: create its global
+        record exclusively. Returns the record (also when another committer created it first),
+        or None when the set cannot be committed (yet, or ever: then it is collected later)."""
+        jd = self._real_job(job)
+        pset = _parts.read_set(jd, step, attempt)
+        if not pset.complete:
+            return None
+        found = _parts.problems(jd, pset)
+        if found:
+            log.warning("%s step %d not committed: %s", job, step, "; ".join(found))
+            return None
+        records = self.global_records(job)
+        for record in records:
+            if record.step == step and record.attempt == attempt:
+                return record
+        why = _parts.collectable(
+            pset,
+            records,
+            now_ns=time.time_ns() + int(_parts.commit_margin_s(pending_timeout_s) * 1e9),
+            pending_timeout_s=pending_timeout_s,
+            grace_s=0.0,
+        )
+        if why is not None:
+            log.warning("%s step %d (attempt %s) not committed: %s", job, step, attempt, why)
+            return None
+        with self.commit_lock(job) as seq:
+            record = _parts.global_record(pset, seq)
+            replaces = os.path.lexists(jd.manifest(step))
+            try:
+                self._commits.commit(jd, record, exclusive=not replaces)
+            except FileExistsError:
+                try:
+                    other = self._commits.read(jd, step)
+                except ManifestError:
+                    return None
+                return other if other.attempt == attempt else None
+        log.info(
+            "%s step %d committed: %d ranks (attempt %s, seq %d)",
+            job,
+            step,
+            record.world_size,
+            attempt,
+            seq,
+        )
+        return record
+
+    def collect_parts(
+        self, job: str, *, pending_timeout_s: float, dry_run: bool = False
+    ) -> list[tuple[int, str, str]]:
+        """Remove the part sets of ``job`` that can never be committed (see
+        :func:`ckptd.format.parts.collectable`); return ``(step, attempt, why)`` of each."""
+        jd = self._real_job(job)
+        records = self.global_records(job)
+        committed = {(r.step, r.attempt) for r in records}
+        keys = [k for k in _parts.set_keys(jd) if k not in committed]
+        now = time.time_ns()
+        out = []
+        for pset in _parts.list_sets(jd, keys) if keys else []:
+            why = _parts.collectable(pset, records, now_ns=now, pending_timeout_s=pending_timeout_s)
+            if why is None:
+                continue
+            out.append((pset.step, pset.attempt, why))
+            if not dry_run:
+                _parts.remove_set(pset)
+                log.info(
+                    "%s step %d (attempt %s): parts of ranks %s collected: %s",
+                    job,
+                    pset.step,
+                    pset.attempt,
+                    sorted(pset.parts),
+                    why,
+                )
+        return out
+
+    def read_part(self, job: str, step: int, rank: int, record: Manifest | None = None) -> Manifest:
+        """Rank ``rank``'s part of the committed multi-rank ``step``, checked against the global
+        record (its checksum)."""
+        record = record or self.read_manifest(job, step)
+        if not record.is_global:
+            raise RankLayoutError(
+                f"job {job!r} step {step} was written by one process; it has no rank {rank}"
+            )
+        if not 0 <= rank < record.world_size:
+            raise RankLayoutError(
+                f"job {job!r} step {step} has ranks 0..{record.world_size - 1}; there is no "
+                f"rank {rank}"
+            )
+        ref = record.parts[rank]
+        path = self._job(job).path / ref.record
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise ManifestError(
+                f"job {job!r} step {step}: rank {rank}'s part {path} is missing; the step is "
+                "damaged: restore another step"
+            ) from None
+        except OSError as exc:
+            raise os_error(exc, "read", path) from exc
+        part = parse_manifest(data, where=str(path))
+        if manifest_checksum(data) != ref.checksum:
+            raise ManifestError(
+                f"{path}: this part is not the one job {job!r} step {step} committed (checksum "
+                "differs); the step is damaged: restore another step"
+            )
+        return part
+
+    def step_parts(self, job: str, step: int) -> list[Manifest]:
+        """Every rank's part of ``step`` (one manifest for a single-process checkpoint)."""
+        record = self.read_manifest(job, step)
+        if not record.is_global:
+            return [record]
+        return [self.read_part(job, step, r, record) for r in range(record.world_size)]
 
     # ---- objects (see ckptd.format.objects) --------------------------------------------------
 

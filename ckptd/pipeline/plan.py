@@ -32,6 +32,9 @@ class PipelineConfig:
     threads: int = 4
     max_inflight_bytes: int = 256 << 20
     codec: CodecConfig = field(default_factory=CodecConfig)
+    pending_timeout_s: float = 3600.0
+    """``ranks.pending_timeout``: how long the parts of a multi-rank step that never completes
+    are kept (see :mod:`ckptd.format.parts`)."""
 
 
 @dataclass(frozen=True)

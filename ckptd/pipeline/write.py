@@ -38,6 +38,7 @@ from pathlib import Path
 from ckptd.format.codec import CodecConfig, encode
 from ckptd.format.hashing import content_hash
 from ckptd.format.manifest import Manifest, ObjectInfo, Piece, TensorEntry, check_step, now_iso
+from ckptd.format.parts import check_part
 from ckptd.format.skeleton import JSON, dtype_from_name
 from ckptd.format.store import Store, validate_job_name
 from ckptd.pipeline.digest import LeafHash, SpanningLeaves, digest_of_leaves, leaf_hashes
@@ -56,7 +57,9 @@ _FLOAT_COMPONENT_BYTES = {
 
 @dataclass(frozen=True)
 class WriteResult:
-    """A committed checkpoint. ``written_bytes`` counts only objects this write created."""
+    """A committed checkpoint, or a durable rank part. ``written_bytes`` counts only objects
+    this write created. For a rank part, ``path`` is the part's file and ``record`` the step's
+    global record when this write completed the step (or found it committed), else None."""
 
     manifest: Manifest
     path: Path
@@ -64,6 +67,7 @@ class WriteResult:
     written_bytes: int
     new_objects: int
     reused_objects: int
+    record: Manifest | None = None
 
 
 @dataclass(frozen=True)
@@ -88,8 +92,14 @@ def write_checkpoint(
     created: str | None = None,
     rank: int = 0,
     world_size: int = 1,
+    attempt: str | None = None,
 ) -> WriteResult:
     """Write and commit one checkpoint; see the module docstring for the order and ownership.
+
+    With ``world_size`` > 1 this writes rank ``rank``'s part of the step for restart attempt
+    ``attempt`` instead of a manifest, and commits the step when that completes it
+    (:mod:`ckptd.format.parts`); a part that does not fit the job (a rank out of range, another
+    world size, a rank handing the step off twice) raises :class:`RankLayoutError`.
 
     Raises :class:`~ckptd.errors.DiskFullError`, :class:`~ckptd.errors.StorePermissionError` or
     :class:`~ckptd.errors.StoreIOError` when the store cannot be written; nothing is committed then.
@@ -106,6 +116,21 @@ def write_checkpoint(
                 if size != expected:
                     raise ValueError(f"{t.path}: {size} bytes given for {t.dtype}{list(t.shape)}")
             store.open_job(job)
+            if world_size > 1:
+                check_part(
+                    Manifest(
+                        job,
+                        step,
+                        "",
+                        (),
+                        {},
+                        None,
+                        rank=rank,
+                        world_size=world_size,
+                        attempt=attempt,
+                    )
+                )
+            store.check_job_kind(job, world_size)
             # Shared with other writers, exclusive with GC: objects we dedup against stay put
             # until our manifest names them.
             stack.enter_context(store.job_lock(job, exclusive=False))
@@ -135,14 +160,23 @@ def write_checkpoint(
             created=created,
             rank=rank,
             world_size=world_size,
+            attempt=attempt,
         )
+    record = None
+    if world_size > 1:
+        assert attempt is not None
+        path = store.write_part(manifest)
+        record = store.commit_step(job, step, attempt, pending_timeout_s=config.pending_timeout_s)
+    else:
+        path = store.manifest_path(job, step)
     return WriteResult(
         manifest,
-        store.manifest_path(job, step),
+        path,
         time.perf_counter() - started,
         written,
         new_objects,
         len(manifest.objects) - new_objects,
+        record,
     )
 
 
@@ -160,8 +194,10 @@ def _commit(
     created: str | None,
     rank: int,
     world_size: int,
+    attempt: str | None,
 ) -> tuple[Manifest, int, int]:
-    """Make every object it names durable, then write the manifest: the checkpoint is visible."""
+    """Make every object it names durable, then write the manifest: the checkpoint is visible.
+    A rank part (``world_size`` > 1) is returned unwritten: the caller writes it."""
     by_tensor: dict[int, list[Piece]] = defaultdict(list)
     objects: dict[str, ObjectInfo] = {}
     written = new_objects = 0
@@ -193,7 +229,10 @@ def _commit(
         world_size=world_size,
         written_bytes=written,
         digest=digest,
+        attempt=attempt,
     )
+    if world_size > 1:
+        return manifest, written, new_objects
     with store.commit_lock(job) as seq:
         manifest = replace(manifest, seq=seq)
         store.commit_manifest(manifest)

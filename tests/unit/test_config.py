@@ -334,3 +334,18 @@ def test_tilde_is_expanded(env: Path, monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert resolve_root("~/ckpt") == tmp_path / "home" / "ckpt"
     monkeypatch.setenv("CKPTD_ROOT", "~/env-ckpt")
     assert resolve_root(None) == tmp_path / "home" / "env-ckpt"
+
+
+def test_ranks_pending_timeout() -> None:
+    from ckptd.config import config_from_dict
+
+    assert config_from_dict({}).ranks.pending_timeout_s == 3600.0
+    cfg = config_from_dict({"ranks": {"pending_timeout": "30m"}})
+    assert cfg.ranks.pending_timeout_s == 1800.0
+    assert cfg.pipeline().pending_timeout_s == 1800.0
+    with pytest.raises(ConfigError, match="ranks.pending_timeout: expected at least 1 s"):
+        config_from_dict({"ranks": {"pending_timeout": 0}})
+    with pytest.raises(ConfigError, match="ranks.pending_timeout: expected a duration"):
+        config_from_dict({"ranks": {"pending_timeout": "soon"}})
+    with pytest.raises(ConfigError, match=r"ranks.timeout: unknown key; known keys in \[ranks\]"):
+        config_from_dict({"ranks": {"timeout": 5}})

@@ -131,7 +131,8 @@ def test_golden_manifest_is_strict_json_with_one_line_per_entry() -> None:
     doc = json.loads(text)  # strict JSON: no NaN literals
     assert "NaN" not in text
     assert doc["format"] == FORMAT == "ckptd.manifest"
-    assert doc["version"] == FORMAT_VERSION == 1
+    assert doc["version"] == 1  # single-process manifests stay version 1
+    assert FORMAT_VERSION == 2  # what this ckptd reads (2: global records of multi-rank steps)
     assert doc["totals"] == {
         "tensors": 6,
         "objects": 4,
@@ -199,13 +200,13 @@ def test_not_an_object() -> None:
         parse_manifest(b"[1, 2]", where="m")
 
 
-@pytest.mark.parametrize("version", [2, 17])
+@pytest.mark.parametrize("version", [3, 17])
 def test_newer_version_names_it(version: int) -> None:
     doc = _doc()
     doc["version"] = version
     with pytest.raises(
         FormatVersionError,
-        match=rf"written in manifest format version {version}, this ckptd reads up to 1; "
+        match=rf"written in manifest format version {version}, this ckptd reads up to 2; "
         rf"upgrade ckptd to a release that reads version {version}",
     ):
         _parse(doc)
