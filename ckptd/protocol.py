@@ -12,14 +12,18 @@ its reply (``welcome``, ``registered``, ``unregistered``, ``accepted``, ``refuse
 never takes a late reply for the answer to a later request. Events carry no ``id``::
 
     hello {id, version, job, root, pid,       -> welcome {id, version, root, pid, daemon}
-           default_root}                         (root null: the daemon's root; on a daemon
-                                                 spawned on demand, the client's default_root)
+           default_root, rank, world_size,       (root null: the daemon's root; on a daemon
+           attempt}                              spawned on demand, the client's default_root;
+                                                 world_size > 1: this connection hands off rank
+                                                 ``rank``'s parts of attempt ``attempt``)
     register {id, slot, size} + memfd         -> registered {id, slot}
     submit {id, seq, slot, step, meta_offset, -> accepted {id, seq}
             meta_length, metric}                 | refused {id, seq, type, message}
                                                  ... later, asynchronously (events):
                                                  released {slot, seq}   (slot may be reused)
-                                                 committed {seq, step, path, ...}
+                                                 committed {seq, step, path, ...,
+                                                   step_committed}  (a rank part: durable; true
+                                                   when this part completed the step)
                                                  | failed {seq, type, message}
     unregister {id, slot}                     -> unregistered {id, slot}
     drain {id, timeout_s}                     -> drained {id, pending: [steps]} once the job has no
@@ -56,7 +60,7 @@ from typing import Any
 
 from ckptd.errors import ProtocolError, UntrustedDaemonError
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 MAX_MESSAGE_BYTES = 64 << 10
 MAX_FDS = 1
 MAX_META_BYTES = 64 << 20
@@ -183,6 +187,21 @@ def get_seconds(msg: Message, key: str, maximum: float = 1e7) -> float | None:
     if not isinstance(value, int | float) or isinstance(value, bool):
         return None
     return float(value) if math.isfinite(value) and 0 <= value <= maximum else None
+
+
+def get_ranks(msg: Message) -> tuple[int, int, str | None]:
+    """``(rank, world_size, attempt)`` of a ``hello``: 0, 1, None when absent (one process).
+    The attempt is a string of at most 128 characters; the session checks it is a valid id."""
+    world_size = get_int(msg, "world_size", 1, 2**31) if "world_size" in msg else 1
+    if world_size == 1:
+        return 0, 1, None
+    rank = get_int(msg, "rank", 0, 2**31)
+    if rank >= world_size:
+        raise ProtocolError(
+            f"hello.rank: rank {rank} is outside [0, {world_size}); give each of the job's "
+            "processes its own rank in that range"
+        )
+    return rank, world_size, get_str(msg, "attempt", 128)
 
 
 def get_metric(msg: Message) -> float | None:

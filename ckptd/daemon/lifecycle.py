@@ -28,6 +28,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Coroutine
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,7 @@ class Daemon:
         self.stats = Stats()
         self.metrics = Metrics(config.metrics.listen)
         self.connections: set[Connection] = set()
+        self._tasks: set[asyncio.Future[None]] = set()
         self.stores = Stores(self.root, user=options.user, on_demand=options.on_demand)
         self.control_pool: Executor = ThreadPoolExecutor(
             CONTROL_THREADS, thread_name_prefix="ckptd-control"
@@ -164,6 +166,13 @@ class Daemon:
             os.getpid(),
         )
         notify("READY=1", f"STATUS=serving {socket_path}", f"MAINPID={os.getpid()}")
+        # Multi-rank steps a crash left uncommitted: commit those whose parts are all durable.
+        self._background(self.queue.recover(self.stores.store_for(str(self.root), None)))
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def serve(self) -> None:
         """Serve until the write queue is closed (:meth:`request_stop`) and written."""
@@ -186,6 +195,8 @@ class Daemon:
                 pass
         for conn in list(self.connections):
             conn.close()
+        for task in list(self._tasks):
+            task.cancel()
         self.queue.shutdown()
         # A control thread stuck on a hung filesystem must not keep the daemon from exiting.
         self.control_pool.shutdown(wait=False, cancel_futures=True)
@@ -326,6 +337,8 @@ class Daemon:
             if interval is not None:
                 notify("WATCHDOG=1")
             self.admission.check_space()
+            if self.queue.coordinator:
+                self._background(self.queue.recheck())
             if self.connections or self.queue.pending():
                 self._idle_since = time.monotonic()
             elif self.idle_exit_s and time.monotonic() - self._idle_since >= self.idle_exit_s:
@@ -371,6 +384,9 @@ class Daemon:
             "written_bytes": s.written_bytes,
             "throughput_bytes_per_s": round(s.raw_bytes / s.persist_s) if s.persist_s else None,
             "last_commit": commits[:MAX_STATUS_COMMITS],
+            "waiting_for_ranks": [
+                w for w in self.queue.coordinator.waiting if job in (None, w["job"])
+            ],
             "recent_errors": [e[:400] for e in s.recent_errors],
             "metrics_port": self.metrics.port or None,
             "degraded": None if self.admission.degraded is None else self.admission.degraded[:1000],

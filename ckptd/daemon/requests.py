@@ -139,5 +139,9 @@ class WriteRequest:
     accepted_at: float
     estimate_bytes: int = 0
     pin: bool = False
+    rank: int = 0
+    world_size: int = 1
+    attempt: str | None = None
+    """The rank part this is, of a multi-rank job (world_size > 1)."""
     done: bool = False
     """True once the slot was handed back (``released``); set by the writer, once."""

@@ -38,6 +38,7 @@ from ckptd.daemon.stats import Stats
 from ckptd.daemon.stores import Stores
 from ckptd.daemon.writer import WriteQueue
 from ckptd.errors import CkptdError, InvalidNameError, ProtocolError, StorePermissionError
+from ckptd.format.manifest import check_attempt
 from ckptd.format.skeleton import dtype_from_name
 from ckptd.format.store import Store, validate_job_name
 from ckptd.policy.retention import policy_from_dict, policy_to_dict
@@ -49,6 +50,7 @@ from ckptd.protocol import (
     encode_message,
     get_int,
     get_metric,
+    get_ranks,
     get_seconds,
     parse_layout,
     recv_packet,
@@ -118,6 +120,8 @@ class Connection:
         self.peer = peer
         self.job: str | None = None
         self.store: Store | None = None
+        self.rank, self.world_size = 0, 1
+        self.attempt: str | None = None
         self.slots: dict[int, Slot] = {}
         self.closed = False
         self.refused: str | None = None
@@ -313,6 +317,12 @@ class Connection:
             job = validate_job_name(msg.get("job"))
         except InvalidNameError as exc:
             raise ProtocolError(f"hello.job: {exc}") from exc
+        rank, world_size, attempt = get_ranks(msg)
+        if attempt is not None:
+            try:
+                check_attempt(attempt)
+            except ValueError as exc:
+                raise ProtocolError(f"hello.attempt: {exc}") from exc
         stores = self.host.stores
         store = stores.store_for(
             stores.client_root(msg.get("root"), msg.get("default_root")), self.peer
@@ -329,6 +339,7 @@ class Connection:
         def attach() -> None:  # control thread: reads and fsyncs job.json, creates directories
             try:
                 stores.attach(store, job, uid, policy, first_use)
+                store.check_job_kind(job, world_size)
             except BaseException:
                 if first_use:  # the next client of the job opens it again
                     self.host.loop.call_soon_threadsafe(stores.forget_use, store, job)
@@ -338,6 +349,7 @@ class Connection:
             if self.closed:
                 return
             self.job, self.store = job, store
+            self.rank, self.world_size, self.attempt = rank, world_size, attempt
             self.name = f"{job} (pid {self.peer.pid}, uid {self.peer.uid})"
             log.info("%s: connected", self.name)
             self.reply(
@@ -412,6 +424,9 @@ class Connection:
             raw_bytes=raw,
             accepted_at=self.host.loop.time(),
             pin=pin,
+            rank=self.rank,
+            world_size=self.world_size,
+            attempt=self.attempt,
         )
         slot.busy_seq = seq  # from now on the daemon may read it; close() retires it
 

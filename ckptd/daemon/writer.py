@@ -16,10 +16,11 @@ Threads: the queue, the drain waiters and :attr:`WriteQueue.ratios` belong to th
 The writer thread (``commit_pool``, one thread) only runs :meth:`WriteQueue._write` and hands
 results back with ``call_soon_threadsafe``; the chunk pool's threads run at a lower priority.
 
-Issue 13 (multi-rank jobs) plugs in at :meth:`WriteQueue._committed`: the one call that turns a
-durable write into a reported commit. Today a job has one rank, so the write *is* the checkpoint;
-a coordinator would take the durable rank part there and report the step committed once every
-rank's part is.
+A request of a multi-rank job writes that rank's part; the write commits the step when the part
+completes it, and otherwise the :class:`~ckptd.daemon.coordinator.Coordinator` watches the step
+and commits it once the other ranks' parts are durable (:meth:`WriteQueue.recheck`, on the writer
+thread, from the daemon's ticker). The client hears ``committed`` once its part is durable, with
+``step_committed`` true when that write also committed the step.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from ckptd.daemon.coordinator import Coordinator
 from ckptd.daemon.metrics import Metrics
 from ckptd.daemon.requests import Submitter, WriteRequest
 from ckptd.daemon.stats import Stats
@@ -100,6 +102,8 @@ class WriteQueue:
             initargs=(worker_nice,),
         )
         self.commit_pool = ThreadPoolExecutor(1, thread_name_prefix="ckptd-commit")
+        self.coordinator = Coordinator(pipeline.pending_timeout_s)
+        self._rechecking = False
 
     def pending(self) -> list[WriteRequest]:
         """Accepted and not yet committed or failed: the one being written, then the queue."""
@@ -186,6 +190,9 @@ class WriteQueue:
                 config=self.pipeline,
                 executor=self.chunk_pool,
                 on_read_done=on_read_done,
+                rank=request.rank,
+                world_size=request.world_size,
+                attempt=request.attempt,
             )
         except BaseException as exc:
             # Tracebacks hold the pipeline's frames, whose locals view the slot: drop them so
@@ -201,8 +208,41 @@ class WriteQueue:
             raise
         finally:
             on_read_done()
+        if request.attempt is not None:
+            if result.record is None:
+                self.coordinator.watch(request.store, request.job, request.step, request.attempt)
+            self._collect(request.store, request.job)
         self._retain(request.store, request.job)
         return result
+
+    def _collect(self, store: Store, job: str) -> None:
+        """Writer thread: collect the job's part sets that can never commit (never fails)."""
+        try:
+            store.collect_parts(job, pending_timeout_s=self.pipeline.pending_timeout_s)
+        except Exception as exc:
+            log.warning("%s: uncommitted parts not collected: %s", job, exc)
+
+    async def recheck(self) -> None:
+        """Try the watched multi-rank steps again, on the writer thread (loop thread; the
+        daemon's ticker calls this)."""
+        if self._rechecking or not self.coordinator:
+            return
+        self._rechecking = True
+        self.coordinator.pending_timeout_s = self.pipeline.pending_timeout_s
+        try:
+            records = await self.loop.run_in_executor(self.commit_pool, self.coordinator.recheck)
+        except Exception:
+            log.exception("checking uncommitted multi-rank steps failed")
+            return
+        finally:
+            self._rechecking = False
+        for record in records:
+            log.debug("%s step %d is committed (seq %d)", record.job, record.step, record.seq)
+
+    async def recover(self, store: Store) -> None:
+        """Watch the uncommitted multi-rank steps under ``store`` (at startup)."""
+        await self.loop.run_in_executor(self.commit_pool, self.coordinator.recover, store)
+        await self.recheck()
 
     def _retain(self, store: Store, job: str) -> None:
         """Writer thread, after a commit: apply the job's retention (never fails the commit)."""
@@ -246,10 +286,16 @@ class WriteQueue:
         m = result.manifest
         if m.raw_bytes:
             self.ratios[(request.store.root, request.job)] = m.stored_bytes / m.raw_bytes
+        what = "committed"
+        if request.world_size > 1:
+            what = f"rank {request.rank}/{request.world_size} part durable" + (
+                " (step committed)" if result.record is not None else ""
+            )
         log.info(
-            "%s step %d committed: %d tensors, %.1f MB raw, %.1f MB new, %.2f s",
+            "%s step %d %s: %d tensors, %.1f MB raw, %.1f MB new, %.2f s",
             request.job,
             request.step,
+            what,
             len(m.tensors),
             m.raw_bytes / 1e6,
             result.written_bytes / 1e6,
@@ -265,6 +311,9 @@ class WriteQueue:
                 "stored_bytes": m.stored_bytes,
                 "written_bytes": result.written_bytes,
                 "persist_s": persist_s,
+                "rank": request.rank,
+                "world_size": request.world_size,
+                "step_committed": request.world_size == 1 or result.record is not None,
             }
         )
 

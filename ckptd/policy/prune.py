@@ -30,21 +30,16 @@ class PruneResult:
 
 
 def job_facts(store: Store, job: str) -> list[CheckpointFacts]:
-    """Retention facts of every checkpoint of ``job`` (raises if a manifest is unreadable)."""
+    """Retention facts of every checkpoint of ``job`` (raises if a manifest or a multi-rank
+    step's part is unreadable)."""
     pins = store.pinned_steps(job)
     facts = []
     for step in store.steps(job):
         m = store.read_manifest(job, step)
-        facts.append(
-            CheckpointFacts(
-                step,
-                m.metric,
-                step in pins,
-                {h: o.stored_bytes for h, o in m.objects.items()},
-                m.created,
-                m.seq,
-            )
-        )
+        # A multi-rank step's objects are its parts' (shared ones once).
+        parts = store.step_parts(job, step) if m.is_global else [m]
+        objects = {h: o.stored_bytes for p in parts for h, o in p.objects.items()}
+        facts.append(CheckpointFacts(step, m.metric, step in pins, objects, m.created, m.seq))
     return facts
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptd.config import Config, load_config
+from ckptd.errors import RankLayoutError
 from ckptd.format.manifest import Manifest
 from ckptd.format.restore import MapLocation, load_checkpoint
 from ckptd.format.skeleton import flatten
@@ -18,6 +19,7 @@ from ckptd.format.store import Store, validate_job_name
 from ckptd.locate import store_root
 from ckptd.pipeline.plan import tensor_source
 from ckptd.pipeline.write import WriteResult, write_checkpoint
+from ckptd_client.ranks import current_rank, detect
 from ckptd_client.state import Stateful, apply, collect
 
 _stores: dict[Path, Store] = {}
@@ -51,13 +53,21 @@ def save(
     root: Path | str | None = None,
     allow_pickle: bool = False,
     config: Config | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    attempt: str | None = None,
 ) -> WriteResult:
     """Write a checkpoint of the given objects (or ``state``) and commit it before returning.
+
+    In a multi-rank job (``rank`` / ``world_size`` / ``attempt`` as for
+    :class:`~ckptd_client.Client`) this writes the rank's part in this process and commits the
+    step when it is the last part (``WriteResult.record``).
 
     Unsupported values are refused before anything is written
     (:class:`~ckptd.errors.UnsupportedStateError`, naming the key path and type).
     """
     validate_job_name(job)
+    ranks = detect(rank, world_size, attempt)
     cfg = config if config is not None else load_config()
     flat = flatten(
         collect(
@@ -67,7 +77,16 @@ def save(
     )
     sources = [tensor_source(p, t) for p, t in zip(flat.paths, flat.tensors, strict=True)]
     return write_checkpoint(
-        _store(root, cfg), job, step, flat.skeleton, sources, metric=metric, config=cfg.pipeline()
+        _store(root, cfg),
+        job,
+        step,
+        flat.skeleton,
+        sources,
+        metric=metric,
+        config=cfg.pipeline(),
+        rank=ranks.rank,
+        world_size=ranks.world_size,
+        attempt=ranks.attempt,
     )
 
 
@@ -79,8 +98,13 @@ def load(
     map_location: MapLocation = None,
     fallback: bool = False,
     allow_pickle: bool = False,
+    rank: int | None = None,
 ) -> Any:
     """Return the state exactly as it was handed over, every byte verified.
+
+    Of a multi-rank step, rank ``rank``'s state; ``rank`` defaults to this process's rank
+    (``torch.distributed``, else ``RANK`` with ``WORLD_SIZE``), and where none can be found a
+    multi-rank step raises :class:`~ckptd.errors.RankLayoutError` asking for ``rank=``.
 
     That is the ``state=`` value itself when the snapshot was taken with ``state=``, otherwise a
     dict with the keys ``model``, ``optimizer``, ``scheduler``, ``scaler``, ``rng``, ``extra`` for
@@ -102,7 +126,13 @@ def load(
         map_location=map_location,
         fallback=fallback,
         allow_pickle=allow_pickle,
+        rank=_own_rank() if rank is None else rank,
     ).state
+
+
+def _own_rank() -> int | None:
+    found = current_rank()
+    return None if found is None or found[1] == 1 else found[0]
 
 
 def restore(
@@ -118,8 +148,15 @@ def restore(
     fallback: bool = False,
     rng: bool = True,
     strict: bool = True,
+    rank: int | None = None,
+    world_size: int | None = None,
 ) -> dict[str, Any]:
     """Load a checkpoint into the objects (and the RNG states, when saved); return its ``extra``.
+
+    In a multi-rank job this loads rank ``rank``'s part (``rank`` / ``world_size`` default as for
+    :class:`~ckptd_client.Client`); a checkpoint written at another world size raises
+    :class:`~ckptd.errors.RankLayoutError` naming both (``ckptd_client.dcp.CkptdStorageReader``
+    reshards).
 
     ``extra`` also carries ``"step"`` (under the key ``"__step__"`` only if the user did not use
     that key), so a loop can resume with ``start = restore(...)["__step__"] + 1``.
@@ -132,7 +169,27 @@ def restore(
     before anything is loaded): pass ``optimizer=None`` to restore only the model.
     ``map_location`` is as for :func:`load`.
     """
-    loaded = load_checkpoint(_store(root), job, step, map_location=map_location, fallback=fallback)
+    if rank is None and world_size is None:
+        found = current_rank()
+        rank, world_size = found if found is not None else (0, 1)
+    elif rank is None or world_size is None:
+        raise RankLayoutError("give both rank= and world_size= or neither")
+    loaded = load_checkpoint(
+        _store(root),
+        job,
+        step,
+        map_location=map_location,
+        fallback=fallback,
+        rank=rank if world_size > 1 else None,
+    )
+    if loaded.manifest.world_size != world_size:
+        raise RankLayoutError(
+            f"job {job!r} step {loaded.step} was written by {loaded.manifest.world_size} "
+            f"rank(s), and this job runs {world_size}: restore it at world size "
+            f"{loaded.manifest.world_size}, or reshard it with "
+            "torch.distributed.checkpoint.load(..., storage_reader="
+            f"ckptd_client.dcp.CkptdStorageReader({job!r}, {loaded.step}))"
+        )
     extra = apply(
         loaded.state,
         model,

@@ -33,14 +33,16 @@ from ckptd.errors import (
     CkptdError,
     DaemonNoAnswerError,
     DaemonUnavailableError,
+    NotFoundError,
     ProtocolError,
+    RankLayoutError,
     SnapshotSkippedError,
     SnapshotUnconfirmedError,
     UntrustedDaemonError,
 )
 from ckptd.format.restore import MapLocation
 from ckptd.format.skeleton import flatten
-from ckptd.format.store import validate_job_name
+from ckptd.format.store import Store, validate_job_name
 from ckptd.policy.retention import policy_from_dict, policy_to_dict
 from ckptd.protocol import (
     PROTOCOL_VERSION,
@@ -58,6 +60,7 @@ from ckptd_client.pending import (
     PendingSnapshot,
     wait_all,
 )
+from ckptd_client.ranks import Ranks, agree_on_step, detect
 from ckptd_client.slots import PAGE_BYTES, Ring, Slot, layout, slot_size
 from ckptd_client.spawn import spawn_daemon
 from ckptd_client.state import Stateful, collect
@@ -82,6 +85,15 @@ class Client:
     named (a socket given as ``socket=``, ``CKPTD_SOCKET`` or ``daemon.socket`` means that
     daemon: it not answering is a :class:`DaemonUnavailableError`). ``strict``: raise daemon
     failures from ``snapshot()`` instead of logging them.
+
+    Multi-rank jobs (``torchrun``): ``rank`` / ``world_size`` default to ``torch.distributed``
+    when it is initialized, else to the ``RANK`` / ``WORLD_SIZE`` environment, else rank 0 of 1;
+    ``attempt`` (what keeps restarts apart) to ``CKPTD_ATTEMPT``, an id rank 0 broadcasts when a
+    process group is initialized (one collective, here), or torchrun's run id and restart count
+    (:mod:`ckptd_client.ranks`). Every rank calls ``snapshot()`` with its own state, with no
+    collective; each rank's daemon makes its part durable and the step is committed by a daemon
+    once every rank's part is. To checkpoint from rank 0 only, pass ``rank=0, world_size=1`` on
+    rank 0 (and make no Client elsewhere).
     """
 
     def __init__(
@@ -97,8 +109,13 @@ class Client:
         allow_pickle: bool = False,
         retention: dict[str, Any] | None = None,
         timeout_s: float = 60.0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        attempt: str | None = None,
     ) -> None:
         self.job = validate_job_name(job)
+        self.ranks: Ranks = detect(rank, world_size, attempt)
+        self._handed: set[int] = set()  # steps this rank handed off in this attempt
         if not isinstance(slots, int) or slots < 1:
             raise ValueError(f"slots must be an integer >= 1, got {slots!r}")
         if on_full not in ("block", "skip"):
@@ -177,6 +194,9 @@ class Client:
                     "default_root": str(self._default_root),
                     "pid": os.getpid(),
                     "retention": self.retention,
+                    "rank": self.ranks.rank,
+                    "world_size": self.ranks.world_size,
+                    "attempt": self.ranks.attempt,
                 }
             )
         except BaseException:
@@ -233,6 +253,9 @@ class Client:
                         int(msg["written_bytes"]),
                         pending.stall_s,
                         float(msg["persist_s"]),
+                        self.ranks.rank,
+                        self.ranks.world_size,
+                        bool(msg.get("step_committed", True)),
                     )
                 )
             else:
@@ -455,6 +478,11 @@ class Client:
             raise RuntimeError("snapshot() on a closed ckptd Client")
         if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 10**12:
             raise ValueError(f"step must be an integer in [0, 10**12), got {step!r}")
+        if self.ranks.multi and step in self._handed:
+            raise RankLayoutError(
+                f"{self.job} step {step}: rank {self.ranks.rank} already handed this step off in "
+                f"attempt {self.ranks.attempt}; each rank hands a step off once per attempt"
+            )
         flat = flatten(
             collect(
                 model,
@@ -477,6 +505,8 @@ class Client:
                 self._hand_off(
                     pending, flat.tensors, entries, meta_offset, meta, metric, pin, started
                 )
+                if self.ranks.multi:
+                    self._handed.add(step)
             except CkptdError as exc:
                 self.stats["failed"] += 1
                 pending._reject(exc)
@@ -648,6 +678,21 @@ class Client:
         except DaemonUnavailableError as exc:
             # A daemon that is gone holds nothing in flight: what is on disk is all there is.
             log.warning("ckptd: restoring without asking the daemon about pending commits: %s", exc)
+        if self.ranks.multi and step in ("latest", "highest"):
+            # Every rank must restore the same step: rank 0's choice, when a process group says
+            # so; without one each rank reads the newest step that every rank committed.
+            store = Store(self.root)
+            try:
+                found = store.resolve_step(self.job, step)
+            except NotFoundError:
+                found = -1
+            agreed = agree_on_step(found, self.ranks)
+            if agreed < 0:
+                store.resolve_step(self.job, step)  # raises the error that says why
+                raise NotFoundError(
+                    f"job {self.job!r}: rank 0 found no checkpoint to restore under {self.root}"
+                )
+            step = agreed
         return restore(
             model,
             optimizer,
@@ -660,6 +705,8 @@ class Client:
             fallback=fallback,
             rng=rng,
             strict=strict,
+            rank=self.ranks.rank,
+            world_size=self.ranks.world_size,
         )
 
     def list(self) -> list[CheckpointSummary]:
@@ -679,6 +726,7 @@ class Client:
                 stored_bytes=m.stored_bytes,
                 metric=m.metric,
                 latest=i == len(manifests) - 1,
+                world_size=m.world_size,
             )
             for i, m in enumerate(manifests)
         ]

@@ -31,6 +31,11 @@ class CheckpointInfo:
     written_bytes: int
     stall_s: float
     persist_s: float
+    rank: int = 0
+    world_size: int = 1
+    step_committed: bool = True
+    """For a rank of a multi-rank job the info says the rank's part is durable; this is True
+    when that part also completed the step (another rank's daemon commits it otherwise)."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class CheckpointSummary:
     stored_bytes: int
     metric: float | None
     latest: bool
+    world_size: int = 1
 
 
 class PendingSnapshot:

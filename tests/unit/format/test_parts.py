@@ -400,3 +400,14 @@ class PartsMachine(RuleBasedStateMachine):
 
 TestPartsMachine = PartsMachine.TestCase
 TestPartsMachine.settings = settings(max_examples=25, stateful_step_count=25, deadline=None)
+
+
+def test_retention_sizes_a_multi_rank_step_by_its_parts_objects(store: Store) -> None:
+    from ckptd.policy.prune import job_facts
+
+    for rank in range(3):
+        hand_off(store, 1, rank)
+    (facts,) = job_facts(store, JOB)
+    parts = store.step_parts(JOB, 1)
+    assert set(facts.objects) == {h for p in parts for h in p.objects}
+    assert sum(facts.objects.values()) == store.read_manifest(JOB, 1).stored_bytes > 0
