@@ -97,7 +97,7 @@ def read_tensors_cached(loaded: Loaded) -> list[torch.Tensor]:
     def walk(node: Any, skel: Any) -> None:
         if isinstance(skel, dict):
             tag = next((k for k in skel if k.startswith("$")), None)
-            if tag in ("$tensor", "$ndarray"):
+            if tag in ("$tensor", "$ndarray", "$dtensor"):
                 found[skel[tag]] = (
                     node if isinstance(node, torch.Tensor) else torch.from_numpy(node)
                 )

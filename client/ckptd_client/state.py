@@ -7,16 +7,28 @@ Python's ``random``, so a resumed run draws the same numbers as an uninterrupted
 ``apply(..., strict=False)`` loads a model whose layers changed since the checkpoint (added or
 removed modules): it passes ``strict=False`` to the model's ``load_state_dict`` and reports what
 torch reports, the missing and unexpected keys.
+
+Sharded models (FSDP2, tensor parallel): each rank's checkpoint holds its local shards of the
+DTensors (see :mod:`ckptd.format.skeleton`), restored as plain tensors. ``apply`` wraps each one
+back into a DTensor with the layout the model's (or optimizer's) own value has at that key, after
+checking that the shard is the one this rank holds there. Loading onto another layout (another
+world size, mesh or placement) is resharding: ``torch.distributed.checkpoint.load`` with
+``ckptd_client.dcp.CkptdStorageReader`` does it.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
+import sys
 from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
+
+from ckptd.errors import RankLayoutError
+from ckptd.format.skeleton import dtensor_layout, is_dtensor, shard_info
 
 log = logging.getLogger("ckptd_client.state")
 
@@ -137,6 +149,17 @@ def apply(
     Every requested part is checked to be present, and a torch optimizer's parameter groups to
     match the checkpoint's, before anything is loaded: a model that gained or lost layers cannot
     take its old optimizer state, and that error leaves every object as it was.
+
+    DTensors: where the model's ``state_dict()`` holds a DTensor (or, for a torch optimizer, where
+    the saved per-parameter state is a shard and the parameter is a DTensor), the saved local
+    shard is wrapped as ``DTensor.from_local`` with that value's mesh, placements, global shape and
+    stride, no collective involved. The saved shard must be exactly the block this rank holds
+    there: same global shape, placements and offsets (a plain tensor qualifies only when this
+    rank's block is the whole tensor). Otherwise :class:`~ckptd.errors.RankLayoutError` names the
+    key and both layouts, before anything is loaded; reshard with
+    ``ckptd_client.dcp.CkptdStorageReader`` instead. A saved shard smaller than its tensor is
+    refused the same way where the object holds a plain tensor. States without DTensors or shards
+    are passed to ``load_state_dict`` as they are.
     """
     if not isinstance(state, dict) or not set(state) <= set(STATE_KEYS):
         raise ValueError(
@@ -158,13 +181,19 @@ def apply(
             raise ValueError(f"{where} holds no {name} state (it has: {', '.join(state)})")
     if optimizer is not None:
         _check_optimizer_fits(state["optimizer"], optimizer, where)
+    loads = {
+        name: _with_dtensors(name, state[name], obj, where)
+        if name in _SHARDED_PARTS
+        else state[name]
+        for name, obj in parts
+    }
     incompatible: Any = None
     for name, obj in parts:
         if name == "model" and not strict:
-            incompatible = cast(Any, obj).load_state_dict(state[name], strict=False)
+            incompatible = cast(Any, obj).load_state_dict(loads[name], strict=False)
             _warn_incompatible(incompatible, where)
         else:
-            obj.load_state_dict(state[name])
+            obj.load_state_dict(loads[name])
     if rng and "rng" in state:
         set_rng_state(state["rng"])
     extra = state.get("extra", {})
@@ -172,6 +201,159 @@ def apply(
     if model is not None and not strict:
         out.setdefault(INCOMPATIBLE_KEYS, incompatible)
     return out
+
+
+_SHARDED_PARTS = ("model", "optimizer")
+"""The parts whose saved local shards :func:`apply` wraps back into DTensors."""
+
+
+def _with_dtensors(name: str, saved: Any, obj: Stateful, where: str) -> Any:
+    """``saved`` with every local shard (or plain tensor) whose target in ``obj`` is a DTensor
+    wrapped into one of the target's layout; ``saved`` itself when there is nothing to wrap."""
+    if "torch.distributed.tensor" not in sys.modules and not _holds_shards(saved):
+        return saved  # no DTensor can exist in this process, and none was saved
+    targets = obj.state_dict()
+    if name == "optimizer":
+        targets = _optimizer_targets(saved, targets, obj)
+    return _wrap_like(saved, targets, name, where)
+
+
+def _holds_shards(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return shard_info(value) is not None
+    if isinstance(value, dict):
+        return any(_holds_shards(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_holds_shards(v) for v in value)
+    return False
+
+
+def _optimizer_targets(saved: Any, targets: Any, optimizer: Stateful) -> Any:
+    """The optimizer's ``state_dict()``, its ``state`` keyed by the checkpoint's parameter ids,
+    with the parameter itself as the target of each saved value laid out like it that the
+    optimizer has no state for yet (a fresh optimizer has none: Adam's moments have their
+    parameter's layout). Parameters pair up by position, as
+    ``torch.optim.Optimizer.load_state_dict`` pairs them."""
+    groups = getattr(optimizer, "param_groups", None)
+    if not (
+        isinstance(saved, dict)
+        and isinstance(saved.get("state"), dict)
+        and isinstance(saved.get("param_groups"), list)
+        and isinstance(targets, dict)
+        and isinstance(targets.get("param_groups"), list)
+        and isinstance(groups, list)
+    ):
+        return targets
+    saved_ids = [i for g in saved["param_groups"] for i in g.get("params", ())]
+    current_ids = [i for g in targets["param_groups"] for i in g.get("params", ())]
+    params = [p for g in groups for p in g.get("params", ())]
+    current_state = targets.get("state", {})
+    state: dict[Any, dict[Any, Any]] = {}
+    for saved_id, current_id, param in zip(saved_ids, current_ids, params, strict=False):
+        values = saved["state"].get(saved_id)
+        if not isinstance(values, dict):
+            continue
+        have = current_state.get(current_id, {})
+        state[saved_id] = {
+            key: have.get(key, param)
+            for key, value in values.items()
+            if key in have or _has_param_layout(key, value, param)
+        }
+    return {**targets, "state": state}
+
+
+def _has_param_layout(key: Any, value: Any, param: Any) -> bool:
+    """Whether a saved per-parameter optimizer value is laid out like its parameter: a saved
+    shard, or a plain tensor of a DTensor parameter's global shape (except ``step``, which torch
+    optimizers keep as a plain scalar)."""
+    if not isinstance(value, torch.Tensor):
+        return False
+    if shard_info(value) is not None:
+        return True
+    return key != "step" and is_dtensor(param) and value.shape == param.shape
+
+
+def _wrap_like(saved: Any, target: Any, path: str, where: str) -> Any:
+    if isinstance(target, torch.Tensor):
+        if isinstance(saved, torch.Tensor) and not is_dtensor(saved):
+            return _as_target_layout(saved, target, path, where)
+        return saved
+    if isinstance(saved, dict) and isinstance(target, dict):
+        changed = {}
+        for key, value in saved.items():
+            if key in target:
+                new = _wrap_like(value, target[key], f"{path}.{key}", where)
+                if new is not value:
+                    changed[key] = new
+        if not changed:
+            return saved
+        out = copy.copy(saved)  # keeps the type, and an OrderedDict's _metadata
+        out.update(changed)
+        return out
+    if (
+        type(saved) in (list, tuple)
+        and isinstance(target, list | tuple)
+        and len(saved) == len(target)
+    ):
+        items = [
+            _wrap_like(v, t, f"{path}.{i}", where)
+            for i, (v, t) in enumerate(zip(saved, target, strict=True))
+        ]
+        if all(new is old for new, old in zip(items, saved, strict=True)):
+            return saved
+        return type(saved)(items)
+    return saved
+
+
+def _as_target_layout(local: torch.Tensor, target: torch.Tensor, path: str, where: str) -> Any:
+    """``local`` as a DTensor of ``target``'s layout, when ``target`` is a DTensor and ``local``
+    is the block this rank holds of it; ``local`` itself for a plain target."""
+    info = shard_info(local)
+    local_shape = tuple(local.shape)
+    if not is_dtensor(target):
+        if info is not None and local_shape != info.shape:
+            raise RankLayoutError(
+                f"{where}: {path} holds this rank's shard of a DTensor "
+                f"({info.describe(local_shape)}), but the object it is loaded into holds a plain "
+                f"tensor of shape {list(target.shape)} there. Nothing was loaded. Load a sharded "
+                "checkpoint into an unsharded model with torch.distributed.checkpoint.load and "
+                "ckptd_client.dcp.CkptdStorageReader, which reassembles the shards"
+            )
+        return local
+    from torch.distributed.tensor import DTensor
+
+    want = dtensor_layout(target, path)
+    want_local = tuple(target.to_local().shape)  # type: ignore[attr-defined]
+    if info is None:
+        fits = local_shape == want.shape == want_local
+    else:
+        fits = local_shape == want_local and (info.shape, info.placements, info.offsets) == (
+            want.shape,
+            want.placements,
+            want.offsets,
+        )
+    if not fits:
+        held = (
+            f"a DTensor shard with {info.describe(local_shape)}"
+            if info is not None
+            else f"a plain tensor of shape {list(local_shape)}"
+        )
+        raise RankLayoutError(
+            f"{where}: {path}: the checkpoint holds {held}; on this rank it is loaded into a "
+            f"DTensor with {want.describe(want_local)}. Nothing was loaded. Check that each rank "
+            "restores its own checkpoint; to load onto another layout (world size, mesh, "
+            "placements), reshard with torch.distributed.checkpoint.load(..., "
+            "storage_reader=ckptd_client.dcp.CkptdStorageReader(...))"
+        )
+    with torch.no_grad():
+        return DTensor.from_local(
+            local,
+            target.device_mesh,  # type: ignore[attr-defined]
+            target.placements,  # type: ignore[attr-defined]
+            shape=target.shape,
+            stride=target.stride(),
+            run_check=False,
+        )
 
 
 def _check_optimizer_fits(saved: Any, optimizer: Stateful, where: str) -> None:
