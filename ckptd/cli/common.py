@@ -16,6 +16,7 @@ import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
@@ -30,8 +31,8 @@ from rich.progress import (
 from rich.text import Text
 
 from ckptd.config import load_config
-from ckptd.errors import NotFoundError
-from ckptd.format.manifest import MAX_STEP
+from ckptd.errors import CorruptCheckpointError, FormatVersionError, NotFoundError
+from ckptd.format.manifest import MAX_STEP, Manifest
 from ckptd.format.store import Store, validate_job_name
 from ckptd.locate import store_root
 
@@ -86,6 +87,48 @@ def require_job(store: Store, job: str) -> None:
         )
 
 
+@dataclass(frozen=True)
+class PartRead:
+    """One rank's part of a multi-rank step, as :func:`read_parts` found it: the part, or why it
+    cannot be read (missing, damaged, not the part the step committed)."""
+
+    rank: int
+    record: str
+    """The part file, relative to the job directory."""
+    part: Manifest | None
+    problem: str | None
+
+
+def read_parts(store: Store, record: Manifest) -> list[PartRead]:
+    """Every rank's part of the committed step ``record``, each checked against the record
+    (:meth:`Store.read_part`); a part that fails is returned with its problem, not raised, so a
+    command can report every rank. A single-process checkpoint is its own (only) part."""
+    if not record.is_global:
+        return [PartRead(0, store.manifest_path(record.job, record.step).name, record, None)]
+    out = []
+    for ref in record.parts:
+        try:
+            part = store.read_part(record.job, record.step, ref.rank, record)
+        except (CorruptCheckpointError, FormatVersionError) as exc:
+            out.append(PartRead(ref.rank, ref.record, None, str(exc)))
+            continue
+        out.append(PartRead(ref.rank, ref.record, part, None))
+    return out
+
+
+def step_objects(store: Store, record: Manifest) -> tuple[set[str], list[int]]:
+    """The objects the committed step ``record`` needs (of every rank's part), and the ranks
+    whose part could not be read (their objects are not included)."""
+    objects: set[str] = set()
+    unreadable = []
+    for found in read_parts(store, record):
+        if found.part is None:
+            unreadable.append(found.rank)
+        else:
+            objects.update(found.part.objects)
+    return objects, unreadable
+
+
 # ---- arguments ---------------------------------------------------------------------------------
 
 STEP_WORDS = ("latest", "highest")
@@ -122,6 +165,18 @@ class StepParam(_StepBase):
 
 
 STEP = StepParam()
+
+
+def rank_option(what: str) -> Callable[[F], F]:
+    """The ``--rank R`` option of a command that reads one rank's part of a multi-rank step."""
+    return click.option(
+        "--rank",
+        "rank",
+        type=click.IntRange(min=0),
+        default=None,
+        metavar="R",
+        help=f"Of a step written by several ranks: {what} rank R's part (0 to world size - 1).",
+    )
 
 
 class StepCommand(click.Command):
@@ -166,6 +221,8 @@ _CLI_WORDS: tuple[tuple[re.Pattern[str], str], ...] = (
         "ckptd_client.load(..., allow_pickle=True)",
     ),
     (re.compile(r"\bfallback=True\b"), "--fallback"),
+    (re.compile(r"\bpass rank= \("), "pass --rank R ("),
+    (re.compile(r"\bload it with rank=0 or without rank=\)"), "pass --rank 0 or no --rank)"),
 )
 
 

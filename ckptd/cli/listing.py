@@ -3,6 +3,11 @@
 Read-only: neither command changes the store. ``list`` of an empty store (or job) says so and
 exits 0; an unreadable manifest is printed on stderr and makes it exit with the corrupt-checkpoint
 code once everything readable was listed.
+
+A step written by several ranks is one checkpoint: ``list`` gives its world size and its totals
+over every rank (from its global record, without reading the parts); ``show`` lists its parts,
+and ``show --rank R`` one rank's tensors. Steps still waiting for ranks are not checkpoints (they
+are not visible): ``ckptd status`` shows them.
 """
 
 from __future__ import annotations
@@ -19,23 +24,30 @@ from rich.text import Text
 from ckptd.cli.common import (
     STEP,
     StepCommand,
+    cli_words,
     err,
     human_bytes,
     open_store,
     out,
+    rank_option,
+    read_parts,
     require_job,
     say,
     store_options,
 )
 from ckptd.config import load_config
-from ckptd.errors import CorruptCheckpointError
+from ckptd.errors import CorruptCheckpointError, RankLayoutError
 from ckptd.format.manifest import Manifest
 from ckptd.format.skeleton import iter_keys
+from ckptd.format.store import Store
 from ckptd.policy.prune import job_facts
 from ckptd.policy.retention import decide
 
 FOLDED_MIN = 12
 """Columns that fold (job, kept by) need at least this much to stay readable."""
+NARROW_DROPS = ("digest", "ratio", "tensors", "metric", "created")
+"""The columns left out, in this order, while a ``list`` table does not fit the terminal (``show``
+and ``--json`` carry them), so that job, step and what keeps each checkpoint stay readable."""
 
 
 def table_fits(columns: list[str], rows: list[list[str]], width: int) -> bool:
@@ -48,23 +60,33 @@ def table_fits(columns: list[str], rows: list[list[str]], width: int) -> bool:
     return need - 1 <= width
 
 
+def drop_column(columns: list[str], rows: list[list[str]], name: str) -> None:
+    i = columns.index(name)
+    del columns[i]
+    for row in rows:
+        del row[i]
+
+
 def short_digest(digest: str | None) -> str:
     """The first 12 hex digits (like a short git hash), or "-" for a manifest without one."""
     return digest[:12] if digest else "-"
 
 
 def summary(m: Manifest) -> dict[str, Any]:
-    """The ``list --json`` record of a checkpoint."""
+    """The ``list --json`` record of a checkpoint (of a multi-rank step: its totals over every
+    rank, from its global record)."""
     metric = m.metric if m.metric is None or math.isfinite(m.metric) else str(m.metric)
+    written = m.part_totals[3] if m.is_global else m.written_bytes
     return {
         "job": m.job,
         "step": m.step,
         "created": m.created,
+        "world_size": m.world_size,
         "raw_bytes": m.raw_bytes,
         "stored_bytes": m.stored_bytes,
-        "written_bytes": m.written_bytes,
+        "written_bytes": written,
         "ratio": round(m.stored_bytes / m.raw_bytes, 4) if m.raw_bytes else None,
-        "tensors": len(m.tensors),
+        "tensors": m.tensor_count,
         "metric": metric,
         "digest": m.digest,
     }
@@ -124,6 +146,7 @@ def list_cmd(job: str | None, as_json: bool, root: str | None, config: str | Non
             "stored",
             "ratio",
             "tensors",
+            "ranks",
             "metric",
             "digest",
             "kept by",
@@ -140,19 +163,19 @@ def list_cmd(job: str | None, as_json: bool, root: str | None, config: str | Non
                     human_bytes(m.raw_bytes),
                     human_bytes(m.stored_bytes),
                     f"{s['ratio']:.3f}" if s["ratio"] is not None else "-",
-                    str(len(m.tensors)),
+                    str(m.tensor_count),
+                    str(m.world_size),
                     "-" if m.metric is None else f"{m.metric:.6g}",
                     short_digest(m.digest),
                     ", ".join(kept.get((m.job, m.step), [])) or "(prunable)",
                 ]
             )
-        if not table_fits(columns, rows, out.width):
-            # The digest goes first on a narrow terminal (`show` and --json carry it), so
-            # that job and step stay readable.
-            i = columns.index("digest")
-            del columns[i]
-            for row in rows:
-                del row[i]
+        if all(m.world_size == 1 for m in manifests):
+            drop_column(columns, rows, "ranks")  # only where some step has several ranks
+        for col in NARROW_DROPS:
+            if table_fits(columns, rows, out.width):
+                break
+            drop_column(columns, rows, col)
         table = Table(title=f"checkpoints in {store.root}", box=box.HEAVY_HEAD, show_edge=False)
         for col in columns:
             # Values never shrink (rich would blank them); job names and "kept by" fold instead.
@@ -175,21 +198,42 @@ def list_cmd(job: str | None, as_json: bool, root: str | None, config: str | Non
 @click.command("show", cls=StepCommand)
 @click.argument("job")
 @click.argument("step", type=STEP)
+@rank_option("show")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @store_options
 def show_cmd(
-    job: str, step: int | str, as_json: bool, root: str | None, config: str | None
+    job: str,
+    step: int | str,
+    rank: int | None,
+    as_json: bool,
+    root: str | None,
+    config: str | None,
 ) -> None:
     """Show the tensors and state keys of checkpoint JOB STEP.
 
-    STEP is a step number, 'latest' (the most recently committed) or 'highest'.
+    STEP is a step number, 'latest' (the most recently committed) or 'highest'. A step written
+    by several ranks shows its parts (one per rank); --rank R shows rank R's tensors and keys.
     """
     store = open_store(root, config)
     store.check_store()
     m = store.read_manifest(job, store.resolve_step(job, step))
+    if m.is_global and rank is None:
+        show_parts(store, m, as_json)
+        return
+    if rank is not None:
+        if not m.is_global and rank != 0:
+            raise RankLayoutError(
+                f"job {job!r} step {m.step} was written by one process; it has no rank {rank} "
+                "(show it without --rank)"
+            )
+        if m.is_global:
+            m = store.read_part(job, m.step, rank, m)
     keys = iter_keys(m.skeleton)
     if as_json:
-        doc = summary(m) | {
+        doc = summary(m)
+        if m.attempt is not None:
+            doc |= {"rank": m.rank, "attempt": m.attempt}
+        doc |= {
             "tensors": [
                 {"path": t.path, "dtype": t.dtype, "shape": list(t.shape), "nbytes": t.nbytes}
                 for t in m.tensors
@@ -199,8 +243,9 @@ def show_cmd(
         out.print_json(json.dumps(doc))
         return
     s = summary(m)
+    of_rank = f" rank {m.rank} of {m.world_size}" if m.attempt is not None else ""
     out.print(
-        f"{m.job} step {m.step}  created {m.created}  {len(m.tensors)} tensors  "
+        f"{m.job} step {m.step}{of_rank}  created {m.created}  {len(m.tensors)} tensors  "
         f"raw {human_bytes(m.raw_bytes)}  stored {human_bytes(m.stored_bytes)} "
         f"(ratio {s['ratio']})  metric {s['metric']}",
         markup=False,
@@ -215,3 +260,60 @@ def show_cmd(
     out.print("[bold]state keys[/]")
     for k in keys:
         out.print(f"  {k}", markup=False)
+
+
+def show_parts(store: Store, m: Manifest, as_json: bool) -> None:
+    """``ckptd show`` of a multi-rank step: its totals and one line per rank's part. A part
+    that is missing or damaged is shown as such, and makes the command exit with the
+    corrupt-checkpoint code (the step no longer restores: ``ckptd verify`` checks its bytes)."""
+    found = read_parts(store, m)
+    if as_json:
+        parts: list[dict[str, Any]] = []
+        for f in found:
+            doc: dict[str, Any] = {"rank": f.rank, "record": f.record}
+            if f.part is None:
+                doc["problem"] = f.problem
+            else:
+                doc |= {
+                    "tensors": len(f.part.tensors),
+                    "raw_bytes": f.part.raw_bytes,
+                    "stored_bytes": f.part.stored_bytes,
+                    "digest": f.part.digest,
+                }
+            parts.append(doc)
+        out.print_json(json.dumps(summary(m) | {"attempt": m.attempt, "parts": parts}))
+    else:
+        s = summary(m)
+        out.print(
+            f"{m.job} step {m.step}  created {m.created}  {m.world_size} ranks (attempt "
+            f"{m.attempt})  {m.tensor_count} tensors  raw {human_bytes(m.raw_bytes)}  stored "
+            f"{human_bytes(m.stored_bytes)} (ratio {s['ratio']})  metric {s['metric']}",
+            markup=False,
+        )
+        out.print(f"digest {m.digest or '-'}", markup=False)
+        table = Table()
+        for col in ("rank", "tensors", "raw", "stored", "part"):
+            table.add_column(col, justify="left" if col == "part" else "right")
+        for f in found:
+            if f.part is None:
+                table.add_row(str(f.rank), "-", "-", "-", Text(f"{f.record} (unreadable)"))
+            else:
+                table.add_row(
+                    str(f.rank),
+                    str(len(f.part.tensors)),
+                    human_bytes(f.part.raw_bytes),
+                    human_bytes(f.part.stored_bytes),
+                    Text(f.record),
+                )
+        out.print(table)
+        out.print(
+            f"one rank's tensors and keys: ckptd show {m.job} {m.step} --rank R", markup=False
+        )
+    bad = [f for f in found if f.part is None]
+    for f in bad:
+        say(err, f"rank {f.rank}:", "red", cli_words(f.problem or ""))
+    if bad:
+        raise CorruptCheckpointError(
+            f"job {m.job!r} step {m.step}: the part(s) of rank(s) "
+            f"{', '.join(str(f.rank) for f in bad)} cannot be read; the step does not restore"
+        )

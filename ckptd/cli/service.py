@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,10 @@ def status_cmd(socket_path: str | None, as_json: bool, job: str | None) -> None:
     st = ask(socket_path, "status", **({} if job is None else {"job": job})).message
     st.pop("op", None)
     st.pop("id", None)
+    now = time.time()
+    waiting = st.get("waiting_for_ranks") or []
+    for w in waiting:
+        w["waiting_since"] = iso_time(now - float(w.get("waiting_s") or 0.0))
     if as_json:
         out.print_json(json.dumps(st))
         return
@@ -118,10 +123,36 @@ def status_cmd(socket_path: str | None, as_json: bool, job: str | None) -> None:
     for c in st["last_commit"][:10]:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c["at"]))
         lines.append(f"  last commit {c['job']} step {c['step']} at {when} ({c['root']})")
+    if waiting:
+        lines.append(f"waiting for ranks {len(waiting)}")
+    for w in waiting:
+        lines.append("  " + waiting_line(w, st["root"]))
     for e in st["recent_errors"][-5:]:
         lines.append(f"  error: {e}")
     for line in lines:
         out.print(line, markup=False)
+
+
+def iso_time(t: float) -> str:
+    """``t`` (seconds since the epoch) as an ISO 8601 UTC time to the second."""
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def waiting_line(w: dict[str, Any], daemon_root: str) -> str:
+    """One ``status`` line of a multi-rank step that waits for ranks."""
+    where = "" if w.get("root") in (None, daemon_root) else f" ({w['root']})"
+    since = time.strftime(
+        "%Y-%m-%d %H:%M:%S", time.localtime(time.time() - float(w.get("waiting_s") or 0.0))
+    )
+    ranks = ",".join(map(str, w.get("ranks", []))) or "none"
+    missing = ",".join(map(str, w.get("missing", []))) or "none"
+    line = (
+        f"{w['job']} step {w['step']} (attempt {w['attempt']}){where}: ranks {ranks} of "
+        f"{w.get('world_size', '?')} handed off, missing {missing}, waiting since {since} "
+        f"({w.get('waiting_s', 0):.0f} s)"
+    )
+    problems = w.get("problems") or []
+    return line + "".join(f"; {p}" for p in problems)
 
 
 STOP_WAIT_S = 120.0

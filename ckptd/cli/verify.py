@@ -4,6 +4,11 @@ A damaged object is moved to ``JOB/quarantine/`` (unless ``--no-quarantine``), c
 the job lock right before the move (a writer may have written it again meanwhile), and every
 checkpoint of the job that names it is reported: those no longer restore. Exits with the
 corrupt-checkpoint code when any checkpoint fails; an empty store verifies (exit 0).
+
+A step written by several ranks is verified part by part: each rank's part must be there, be the
+part the step's global record committed (its checksum), and every object it names must verify.
+A failure names the rank. A step with a part missing or damaged fails as a whole: it does not
+restore on every rank.
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ from ckptd.cli.common import (
     open_store,
     out,
     progress_bar,
+    read_parts,
     require_job,
     say,
+    step_objects,
     store_options,
 )
 from ckptd.errors import CkptdError, CorruptCheckpointError, FormatVersionError, NotFoundError
@@ -53,13 +60,18 @@ def still_damaged(store: Store, m: Manifest, digest: str) -> bool:
     """Whether object ``digest`` of ``m`` still fails verification, checked again right before
     it is moved: a verify run can take hours, and a writer that finds an object damaged writes it
     again, after which moving it would break the checkpoints that now rely on it."""
+    return bool(verify_manifest(store, only_objects(m, {digest}), threads=1))
+
+
+def only_objects(m: Manifest, digests: set[str]) -> Manifest:
+    """``m`` reduced to the objects ``digests`` (and the tensors' pieces in them): what
+    :func:`verify_manifest` checks of it is then only those objects."""
     tensors = tuple(
-        replace(t, pieces=tuple(p for p in t.pieces if p.object == digest))
+        replace(t, pieces=tuple(p for p in t.pieces if p.object in digests))
         for t in m.tensors
-        if any(p.object == digest for p in t.pieces)
+        if any(p.object in digests for p in t.pieces)
     )
-    only = replace(m, tensors=tensors, objects={digest: m.objects[digest]})
-    return bool(verify_manifest(store, only, threads=1))
+    return replace(m, tensors=tensors, objects={h: o for h, o in m.objects.items() if h in digests})
 
 
 @contextmanager
@@ -86,16 +98,19 @@ class Damage:
 
 
 def find_referrers(store: Store, job: str, damage: Damage) -> None:
-    """Record in ``damage`` which checkpoints of ``job`` name each damaged object."""
+    """Record in ``damage`` which checkpoints of ``job`` name each damaged object (a multi-rank
+    step names the objects of every rank's part)."""
     damage.referrers.clear()
     damage.unreadable.clear()
     for step in store.steps(job):
         try:
-            m = store.read_manifest(job, step)
+            objects, unreadable = step_objects(store, store.read_manifest(job, step))
         except CkptdError:
             damage.unreadable.append(step)
             continue
-        for digest in damage.digests.keys() & m.objects.keys():
+        if unreadable:
+            damage.unreadable.append(step)
+        for digest in damage.digests.keys() & objects:
             damage.referrers[digest].append(step)
 
 
@@ -177,7 +192,8 @@ def report_damage(store: Store, job: str, damage: Damage, quarantine: bool) -> N
     if damage.unreadable:
         steps_text = ", ".join(map(str, damage.unreadable))
         out.print(
-            f"  could not check steps {steps_text} (unreadable manifests) for references to them",
+            f"  could not check steps {steps_text} (unreadable manifests or rank parts) for "
+            "references to them",
             markup=False,
         )
     if broken_steps:
@@ -232,26 +248,56 @@ def verify_cmd(
     damage: dict[str, Damage] = {}
     for j, s in targets:
         try:
-            m = store.read_manifest(j, s)
+            record = store.read_manifest(j, s)
         except CorruptCheckpointError as exc:
             failures += 1
             say(out, "FAIL", "red", f"{j} step {s}: {cli_words(str(exc))}")
             continue
-        with progress_bar(m.raw_bytes, f"verify {j} {s}") as advance:
-            problems = verify_manifest(store, m, threads=threads, progress=advance)
-        if problems:
+        if not verify_step(store, record, threads, damage):
             failures += 1
-            for p in problems:
-                say(out, "FAIL", "red", f"{j} step {s}: {cli_words(p)}")
-                digest = damaged_object(store, m, p)
-                if digest is not None:
-                    damage.setdefault(j, Damage()).digests.setdefault(digest, m)
-        else:
-            detail = f"{len(m.objects)} objects, {human_bytes(m.raw_bytes)}"
-            say(out, "ok  ", "green", f"{j} step {s} ({detail})")
     for j, found in damage.items():
         report_damage(store, j, found, quarantine=not no_quarantine)
     if failures:
         raise CorruptCheckpointError(
             f"{failures} of {len(targets)} checkpoint(s) failed verification"
         )
+
+
+def verify_step(store: Store, record: Manifest, threads: int, damage: dict[str, Damage]) -> bool:
+    """Verify one committed step (every rank's part of a multi-rank step), print one ``ok`` line
+    or a ``FAIL`` line per problem, and note damaged objects in ``damage``. True when it
+    verifies.
+
+    An object shared by several ranks' parts (DDP's identical replicas) is verified once per
+    step; a rank whose part uses one that failed for an earlier rank fails too, naming it."""
+    j, s = record.job, record.step
+    ok = True
+    checked: set[str] = set()
+    failed: set[str] = set()
+    for f in read_parts(store, record):
+        where = f"{j} step {s}" + (f" rank {f.rank}" if record.is_global else "")
+        if f.part is None:
+            ok = False
+            say(out, "FAIL", "red", f"{where}: {cli_words(f.problem or '')}")
+            continue
+        m = f.part
+        todo = only_objects(m, m.objects.keys() - checked) if checked else m
+        checked.update(m.objects)
+        total = sum(o.raw_bytes for o in todo.objects.values())
+        with progress_bar(total, f"verify {j} {s}") as advance:
+            problems = verify_manifest(store, todo, threads=threads, progress=advance)
+        for p in problems:
+            ok = False
+            say(out, "FAIL", "red", f"{where}: {cli_words(p)}")
+            digest = damaged_object(store, m, p)
+            if digest is not None:
+                failed.add(digest)
+                damage.setdefault(j, Damage()).digests.setdefault(digest, m)
+        for digest in sorted((m.objects.keys() & failed) - todo.objects.keys()):
+            ok = False
+            say(out, "FAIL", "red", f"{where}: uses object {digest}, which failed above")
+    if ok:
+        ranks = f"{record.world_size} ranks, " if record.is_global else ""
+        detail = f"{ranks}{len(checked)} objects, {human_bytes(record.raw_bytes)}"
+        say(out, "ok  ", "green", f"{j} step {s} ({detail})")
+    return ok
