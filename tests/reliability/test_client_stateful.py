@@ -102,7 +102,7 @@ daemons = daemon_fixtures.daemons
 ckptd_env = daemon_fixtures.ckptd_env
 pytestmark = [pytest.mark.reliability, pytest.mark.usefixtures("ckptd_env")]
 
-CI_SECONDS = 30.0
+CI_SECONDS = 20.0
 pytestmark.append(loop_timeout(CI_SECONDS))
 EXAMPLES_PER_ROUND = 4
 MAX_ROUNDS = 50

@@ -48,7 +48,7 @@ SEED = 11
 MBYTES = 24.0
 REGIONS = 3  # 8 MiB each: store.chunk_bytes, so one new object per snapshot
 KEEP_LAST = 3
-CI_SECONDS = 25.0
+CI_SECONDS = 15.0
 MIN_KILLS = 3  # however slow the machine
 pytestmark.append(loop_timeout(CI_SECONDS))
 

@@ -57,7 +57,7 @@ daemons = daemon_fixtures.daemons
 ckptd_env = daemon_fixtures.ckptd_env
 pytestmark = [pytest.mark.reliability, pytest.mark.usefixtures("ckptd_env")]
 
-CI_SECONDS = 20.0
+CI_SECONDS = 12.0
 pytestmark.append(loop_timeout(CI_SECONDS))
 EXAMPLES_PER_ROUND = 60
 CONTROL_EVERY = 10

@@ -44,7 +44,7 @@ MBYTES = 1.0
 REGIONS = 4  # 256 KiB each = store.chunk_bytes
 CONFIG = '[store]\nchunk_bytes = "256KiB"\npack_bytes = "64KiB"\n'
 STEPS_PER_LIFE = 100_000
-CI_SECONDS = 15.0
+CI_SECONDS = 10.0
 MIN_KILLS = 4  # however slow the machine
 pytestmark.append(loop_timeout(CI_SECONDS))
 
