@@ -343,9 +343,9 @@ def test_ranks_pending_timeout() -> None:
     cfg = config_from_dict({"ranks": {"pending_timeout": "30m"}})
     assert cfg.ranks.pending_timeout_s == 1800.0
     assert cfg.pipeline().pending_timeout_s == 1800.0
-    with pytest.raises(ConfigError, match="ranks.pending_timeout: expected at least 1 s"):
+    with pytest.raises(ConfigError, match=r"ranks\.pending_timeout: expected at least 1 s"):
         config_from_dict({"ranks": {"pending_timeout": 0}})
-    with pytest.raises(ConfigError, match="ranks.pending_timeout: expected a duration"):
+    with pytest.raises(ConfigError, match=r"ranks\.pending_timeout: expected a duration"):
         config_from_dict({"ranks": {"pending_timeout": "soon"}})
     with pytest.raises(ConfigError, match=r"ranks.timeout: unknown key; known keys in \[ranks\]"):
         config_from_dict({"ranks": {"timeout": 5}})
