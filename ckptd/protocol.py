@@ -64,6 +64,7 @@ PROTOCOL_VERSION = 4
 MAX_MESSAGE_BYTES = 64 << 10
 MAX_FDS = 1
 MAX_META_BYTES = 64 << 20
+MAX_WORLD_SIZE = 99_999  # rank part files are named with 5 digits
 MAX_TENSORS = 1_000_000
 ALIGN = 64
 
@@ -192,7 +193,7 @@ def get_seconds(msg: Message, key: str, maximum: float = 1e7) -> float | None:
 def get_ranks(msg: Message) -> tuple[int, int, str | None]:
     """``(rank, world_size, attempt)`` of a ``hello``: 0, 1, None when absent (one process).
     The attempt is a string of at most 128 characters; the session checks it is a valid id."""
-    world_size = get_int(msg, "world_size", 1, 2**31) if "world_size" in msg else 1
+    world_size = get_int(msg, "world_size", 1, MAX_WORLD_SIZE) if "world_size" in msg else 1
     if world_size == 1:
         return 0, 1, None
     rank = get_int(msg, "rank", 0, 2**31)

@@ -18,14 +18,13 @@ whole by that thread and read by the loop thread (``ckptd status``).
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ckptd.errors import CkptdError
 from ckptd.format.manifest import Manifest
-from ckptd.format.parts import age_s, collectable
+from ckptd.format.parts import age_s
 from ckptd.format.store import Store
 
 log = logging.getLogger("ckptd.daemon.coordinator")
@@ -86,7 +85,6 @@ class Coordinator:
         global records committed (or found committed) now."""
         committed = []
         waiting = []
-        now = time.time_ns()
         for key, store in list(self._watched.items()):
             try:
                 record = store.commit_step(
@@ -96,20 +94,16 @@ class Coordinator:
                     committed.append(record)
                     del self._watched[key]
                     continue
-                pset = store.part_set(key.job, key.step, key.attempt)
-                why = collectable(
-                    pset,
-                    store.global_records(key.job),
-                    now_ns=now,
-                    pending_timeout_s=self.pending_timeout_s,
+                pset, why = store.set_status(
+                    key.job, key.step, key.attempt, pending_timeout_s=self.pending_timeout_s
                 )
+                if why is not None or not (pset.parts or pset.damaged):
+                    del self._watched[key]
+                    if why is not None and pset.parts:
+                        store.collect_parts(key.job, pending_timeout_s=self.pending_timeout_s)
+                    continue
             except CkptdError as exc:
                 log.warning("%s step %d: cannot check its parts: %s", key.job, key.step, exc)
-                continue
-            if why is not None or not (pset.parts or pset.damaged):
-                del self._watched[key]
-                if why is not None and pset.parts:
-                    store.collect_parts(key.job, pending_timeout_s=self.pending_timeout_s)
                 continue
             waiting.append(
                 {

@@ -428,11 +428,17 @@ def _build_global(doc: dict[str, Any]) -> Manifest:
         raise ValueError("job and created must be strings")
     datetime.fromisoformat(created)
     world_size = _int(doc["world_size"], "world_size", 2)
+    attempt = check_attempt(doc["attempt"])
     parts = []
     for i, p in enumerate(doc["parts"]):
         record, checksum = p["record"], p["checksum"]
         if not isinstance(record, str) or not isinstance(checksum, str):
             raise ValueError(f"parts[{i}]: record and checksum must be strings")
+        expected = (
+            f"parts/{manifest_name(check_step(doc['step']))[:-5]}/{attempt}/rank-{i:05d}.json"
+        )
+        if record != expected:
+            raise ValueError(f"parts[{i}].record must be {expected!r}, got {record!r:.200}")
         digest = p.get("digest")
         parts.append(
             PartRef(
@@ -459,7 +465,7 @@ def _build_global(doc: dict[str, Any]) -> Manifest:
         world_size=world_size,
         seq=_int(doc["seq"], "seq", 1) if "seq" in doc else 0,
         digest=_digest_field(doc["digest"]) if "digest" in doc else None,
-        attempt=check_attempt(doc["attempt"]),
+        attempt=attempt,
         parts=tuple(parts),
         part_totals=(
             _int(totals["tensors"], "totals.tensors"),

@@ -30,17 +30,17 @@ removes the record, then the set: no crash in between can make a deleted step vi
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 from ckptd.errors import CkptdError, RankLayoutError
-from ckptd.format.fsutil import DurableDirs, durable_write, fsync_dir, os_error
+from ckptd.format.fsutil import DurableDirs, durable_write, file_identity, fsync_dir, os_error
 from ckptd.format.hashing import content_hash
 from ckptd.format.layout import JobDir, part_name, rank_from_name
 from ckptd.format.manifest import (
@@ -62,6 +62,10 @@ COMMIT_MARGIN_S = 60.0
 quarter of the timeout)."""
 RETIRED = "retired"
 """The file that marks a set whose step is being deleted: it is never committed again."""
+DECISION = "decision"
+"""The file, created exclusively, that says whether a set is committed or collected."""
+MAX_WORLD_SIZE = 99_999
+"""Rank part files are named with 5 digits."""
 _DIGEST_TAG = b"ckptd.ranks.v1\x00"
 
 
@@ -79,6 +83,9 @@ class PartSet:
     oldest_ns: int = 0
     newest_ns: int = 0
     retired: bool = False
+    dir_mtime_ns: int = 0
+    decision: str | None = None
+    """``"commit"`` or ``"collect"`` once someone decided (:func:`decide`)."""
 
     @property
     def world_sizes(self) -> set[int]:
@@ -91,13 +98,15 @@ class PartSet:
 
     @property
     def missing(self) -> list[int]:
+        if self.world_size > MAX_WORLD_SIZE:
+            return []  # refused when written; never listed in full
         return [r for r in range(self.world_size) if r not in self.parts]
 
     @property
     def complete(self) -> bool:
         return (
             len(self.world_sizes) == 1
-            and not self.missing
+            and len(self.parts) == self.world_size
             and not self.damaged
             and not self.retired
         )
@@ -108,6 +117,7 @@ def read_set(job: JobDir, step: int, attempt: str) -> PartSet:
     path = job.part_set(step, attempt)
     out = PartSet(job.name, step, attempt, path)
     try:
+        out.dir_mtime_ns = path.stat().st_mtime_ns
         names = sorted(os.listdir(path))
     except FileNotFoundError:
         return out
@@ -117,32 +127,84 @@ def read_set(job: JobDir, step: int, attempt: str) -> PartSet:
         if name == RETIRED:
             out.retired = True
             continue
+        if name == DECISION:
+            out.decision = _read_decision(path / name)
+            continue
         rank = rank_from_name(name)
         if rank is None:
             continue
         file = path / name
         try:
-            data = file.read_bytes()
             st = file.stat()
+            part, checksum = _parse_part(str(file), file_identity(st))
         except FileNotFoundError:
             continue
         except OSError as exc:
             raise os_error(exc, "read", file) from exc
-        out.oldest_ns = min(out.oldest_ns or st.st_mtime_ns, st.st_mtime_ns)
-        out.newest_ns = max(out.newest_ns, st.st_mtime_ns)
-        try:
-            part = parse_manifest(data, where=str(file))
-            if (part.job, part.step, part.rank, part.attempt) != (job.name, step, rank, attempt):
-                raise RankLayoutError(
-                    f"{file}: the part says job {part.job!r} step {part.step} rank {part.rank} "
-                    f"attempt {part.attempt!r}, its place says otherwise"
-                )
         except CkptdError as exc:
             out.damaged.append(str(exc))
             continue
+        out.oldest_ns = min(out.oldest_ns or st.st_mtime_ns, st.st_mtime_ns)
+        out.newest_ns = max(out.newest_ns, st.st_mtime_ns)
+        if (part.job, part.step, part.rank, part.attempt) != (job.name, step, rank, attempt):
+            out.damaged.append(
+                f"{file}: the part says job {part.job!r} step {part.step} rank {part.rank} "
+                f"attempt {part.attempt!r}, its place says otherwise"
+            )
+            continue
         out.parts[rank] = part
-        out.checksums[rank] = manifest_checksum(data)
+        out.checksums[rank] = checksum
     return out
+
+
+@functools.lru_cache(maxsize=2048)
+def _parse_part(path: str, identity: tuple[int, int, int]) -> tuple[Manifest, str]:
+    """A part file, parsed once per identity (parts are created once and never modified)."""
+    del identity  # the cache key: a file replaced under its name is read again
+    data = Path(path).read_bytes()
+    return parse_manifest(data, where=path), manifest_checksum(data)
+
+
+def oldest_part_ns(job: JobDir, step: int, attempt: str) -> int:
+    """The mtime of the oldest part file of a set (0: none); only ``stat``s."""
+    oldest = 0
+    try:
+        with os.scandir(job.part_set(step, attempt)) as it:
+            for entry in it:
+                if rank_from_name(entry.name) is not None:
+                    mtime = entry.stat().st_mtime_ns
+                    oldest = min(oldest or mtime, mtime)
+    except FileNotFoundError:
+        return 0
+    except OSError as exc:
+        raise os_error(exc, "list", job.part_set(step, attempt)) from exc
+    return oldest
+
+
+def _read_decision(path: Path) -> str | None:
+    try:
+        text = path.read_text("ascii", errors="replace").strip()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise os_error(exc, "read", path) from exc
+    return text if text in ("commit", "collect") else None
+
+
+def decide(job: JobDir, pset: PartSet, decision: str) -> str | None:
+    """Record, once and for all, whether ``pset`` is committed or collected: the first
+    ``decide`` of a set wins (an exclusive create), every later one returns the winner's word.
+    None when the set's directory is gone (it was collected or its step deleted)."""
+    path = pset.path / DECISION
+    try:
+        durable_write(path, [decision.encode()], tmp_dir=job.tmp, exclusive=True)
+    except FileExistsError:
+        return _read_decision(path)
+    except CkptdError:
+        if not pset.path.is_dir():
+            return None
+        raise
+    return decision
 
 
 def set_keys(job: JobDir) -> list[tuple[int, str]]:
@@ -177,7 +239,12 @@ def _listdir(path: Path) -> list[str]:
 
 def check_part(part: Manifest) -> None:
     """Raise :class:`RankLayoutError` unless ``part`` is a valid rank part."""
-    if part.attempt is None or part.world_size < 2:
+    if not 2 <= part.world_size <= MAX_WORLD_SIZE:
+        raise RankLayoutError(
+            f"job {part.job!r} step {part.step}: world size {part.world_size} is outside "
+            f"[2, {MAX_WORLD_SIZE}] for a rank part"
+        )
+    if part.attempt is None:
         raise RankLayoutError(
             f"job {part.job!r} step {part.step}: a rank part needs an attempt and a world size "
             f">= 2 (got attempt {part.attempt!r}, world size {part.world_size})"
@@ -308,8 +375,20 @@ def commit_margin_s(pending_timeout_s: float) -> float:
     return min(COMMIT_MARGIN_S, pending_timeout_s / 4)
 
 
-def created_ns(record: Manifest) -> int:
-    return int(datetime.fromisoformat(record.created).timestamp() * 1e9)
+def attempt_order(job: JobDir) -> dict[str, int]:
+    """Per attempt, when its first part still on disk was written: attempts run one after the
+    other, so a later first part is a later attempt (only ``stat``s)."""
+    first: dict[str, int] = {}
+    for step, attempt in set_keys(job):
+        oldest = oldest_part_ns(job, step, attempt)
+        if oldest:
+            first[attempt] = min(first.get(attempt, oldest), oldest)
+    return first
+
+
+def newer(first: dict[str, int], attempt: str, than: str) -> bool:
+    """Whether ``attempt`` began after ``than`` (see :func:`attempt_order`)."""
+    return attempt != than and first.get(attempt, 0) > first.get(than, 0)
 
 
 def collectable(
@@ -318,6 +397,7 @@ def collectable(
     *,
     now_ns: int,
     pending_timeout_s: float,
+    first: dict[str, int],
     grace_s: float = GRACE_S,
 ) -> str | None:
     """Why an uncommitted set may be collected (None: keep it); see the module docstring.
@@ -327,8 +407,17 @@ def collectable(
         return None
     if pset.retired:
         return "its step was deleted"
+    if pset.decision == "collect":
+        return "it was being collected"
+    if pset.decision == "commit":
+        # Committed (or being committed: the recheck writes its record), until a newer
+        # attempt's record takes its step.
+        for r in records:
+            if r.step == pset.step and newer(first, str(r.attempt), pset.attempt):
+                return f"attempt {r.attempt} committed step {r.step} again"
+        return None
     if not pset.parts and not pset.damaged:
-        return "it is empty"
+        return "it is empty" if now_ns - pset.dir_mtime_ns > grace_s * 1e9 else None
     if now_ns - pset.oldest_ns > pending_timeout_s * 1e9:
         return f"it waited longer than ranks.pending_timeout ({pending_timeout_s:g} s)"
     if now_ns - pset.newest_ns < grace_s * 1e9:
@@ -336,8 +425,8 @@ def collectable(
     for r in records:
         if r.attempt == pset.attempt and r.step > pset.step:
             return f"step {r.step} of the same attempt was committed"
-        if r.attempt != pset.attempt and created_ns(r) > pset.newest_ns:
-            return f"step {r.step} of attempt {r.attempt} was committed after it"
+        if newer(first, str(r.attempt), pset.attempt):
+            return f"attempt {r.attempt}, which began after it, committed step {r.step}"
     return None
 
 

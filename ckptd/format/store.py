@@ -119,6 +119,7 @@ class Store:
         self._dirs = DurableDirs()
         self._objects = ObjectFiles(self._dirs)
         self._commits = Commits()
+        self._warned: set[tuple[str, int, str]] = set()
 
     # ---- paths -------------------------------------------------------------------------------
 
@@ -384,16 +385,11 @@ class Store:
         A multi-rank step's set is marked retired first and removed after its record, so no
         crash in between can make the step visible again (:mod:`ckptd.format.parts`)."""
         jd = self._real_job(job)
-        try:
-            record = self._commits.read(jd, step)
-        except ManifestError:
-            record = None  # damaged: delete the file; its set (if any) is collected later
-        retired = None
-        if record is not None and record.is_global and record.attempt is not None:
-            retired = _parts.retire(jd, step, record.attempt)
+        # Every set of the step, whatever the record says (it may be damaged).
+        retired = [_parts.retire(jd, s, a) for s, a in _parts.set_keys(jd) if s == step]
         self._commits.delete(jd, step)
-        if retired is not None:
-            _parts.remove_set(retired)
+        for pset in retired:
+            _parts.remove_set(pset)
 
     def referenced_objects(self, job: str) -> set[str]:
         """Every object named by a manifest of ``job`` or by a rank part (committed or still
@@ -481,29 +477,63 @@ class Store:
         pset = _parts.read_set(jd, step, attempt)
         if not pset.complete:
             return None
+        where = f"{job} step {step} (attempt {attempt}) not committed"
         found = _parts.problems(jd, pset)
         if found:
-            log.warning("%s step %d not committed: %s", job, step, "; ".join(found))
+            self._warn_once((job, step, attempt), f"{where}: " + "; ".join(found))
             return None
+        # First whether it is committed, then (decision, retired) whether it may be: a record
+        # deleted since was retired before it went, so the checks below see that.
         records = self.global_records(job)
         for record in records:
             if record.step == step and record.attempt == attempt:
                 return record
-        why = _parts.collectable(
-            pset,
-            records,
-            now_ns=time.time_ns() + int(_parts.commit_margin_s(pending_timeout_s) * 1e9),
-            pending_timeout_s=pending_timeout_s,
-            grace_s=0.0,
-        )
-        if why is not None:
-            log.warning("%s step %d (attempt %s) not committed: %s", job, step, attempt, why)
-            return None
+        first = _parts.attempt_order(jd)
+        if pset.decision != "commit":
+            margin_ns = int(_parts.commit_margin_s(pending_timeout_s) * 1e9)
+            why = _parts.collectable(
+                pset,
+                records,
+                now_ns=time.time_ns() + margin_ns,
+                pending_timeout_s=pending_timeout_s,
+                first=first,
+                grace_s=0.0,
+            ) or next(
+                (
+                    f"attempt {a}, which began after it, has handed off parts"
+                    for a in first
+                    if _parts.newer(first, a, attempt)
+                ),
+                None,
+            )
+            if why is None and _parts.decide(jd, pset, "commit") != "commit":
+                why = "it is being collected"
+            if why is not None:
+                self._warn_once((job, step, attempt), f"{where}: {why}")
+                return None
+        for record in records:  # never overwrite a newer attempt's commit of this step
+            if record.step == step and _parts.newer(first, str(record.attempt), attempt):
+                return None
+        if (pset.path / _parts.RETIRED).exists() or not pset.path.is_dir():
+            return None  # its step was deleted meanwhile
         with self.commit_lock(job) as seq:
+            # Again under the lock: another committer on this host may have been first.
+            existing: Manifest | None = None
+            if os.path.lexists(jd.manifest(step)):
+                try:
+                    existing = self._commits.read(jd, step)
+                except ManifestError:
+                    existing = None  # damaged: replaced by this commit
+                if existing is not None and (
+                    existing.attempt == attempt
+                    or _parts.newer(first, str(existing.attempt), attempt)
+                ):
+                    return existing if existing.attempt == attempt else None
             record = _parts.global_record(pset, seq)
-            replaces = os.path.lexists(jd.manifest(step))
             try:
-                self._commits.commit(jd, record, exclusive=not replaces)
+                # Exclusive when the step has no record: a committer on another node that
+                # links first wins, and this one finds its record.
+                self._commits.commit(jd, record, exclusive=not os.path.lexists(jd.manifest(step)))
             except FileExistsError:
                 try:
                     other = self._commits.read(jd, step)
@@ -520,6 +550,30 @@ class Store:
         )
         return record
 
+    def set_status(
+        self, job: str, step: int, attempt: str, *, pending_timeout_s: float
+    ) -> tuple[_parts.PartSet, str | None]:
+        """A set as it is now, and why it may be collected (None: it waits or is committed)."""
+        jd = self._job(job)
+        pset = _parts.read_set(jd, step, attempt)
+        why = _parts.collectable(
+            pset,
+            self.global_records(job),
+            now_ns=time.time_ns(),
+            pending_timeout_s=pending_timeout_s,
+            first=_parts.attempt_order(jd),
+        )
+        return pset, why
+
+    def _warn_once(self, key: tuple[str, int, str], message: str) -> None:
+        """Log a refused commit once per set (a recheck tries every second)."""
+        if key in self._warned:
+            return
+        if len(self._warned) > 10_000:
+            self._warned.clear()
+        self._warned.add(key)
+        log.warning("%s", message)
+
     def collect_parts(
         self, job: str, *, pending_timeout_s: float, dry_run: bool = False
     ) -> list[tuple[int, str, str]]:
@@ -530,11 +584,17 @@ class Store:
         committed = {(r.step, r.attempt) for r in records}
         keys = [k for k in _parts.set_keys(jd) if k not in committed]
         now = time.time_ns()
+        first = _parts.attempt_order(jd) if keys else {}
         out = []
         for pset in _parts.list_sets(jd, keys) if keys else []:
-            why = _parts.collectable(pset, records, now_ns=now, pending_timeout_s=pending_timeout_s)
+            why = _parts.collectable(
+                pset, records, now_ns=now, pending_timeout_s=pending_timeout_s, first=first
+            )
             if why is None:
                 continue
+            undecided = pset.decision is None and not pset.retired
+            if not dry_run and undecided and _parts.decide(jd, pset, "collect") != "collect":
+                continue  # a committer decided first
             out.append((pset.step, pset.attempt, why))
             if not dry_run:
                 _parts.remove_set(pset)

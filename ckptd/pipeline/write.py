@@ -162,10 +162,13 @@ def write_checkpoint(
             world_size=world_size,
             attempt=attempt,
         )
+        if world_size > 1:
+            # Still under the shared job lock: until the part names them, GC must not take
+            # the objects this write made or reused.
+            path = store.write_part(manifest)
     record = None
     if world_size > 1:
         assert attempt is not None
-        path = store.write_part(manifest)
         record = store.commit_step(job, step, attempt, pending_timeout_s=config.pending_timeout_s)
     else:
         path = store.manifest_path(job, step)

@@ -119,20 +119,30 @@ def load(
     machine lacks (``"cuda"`` without CUDA) raises :class:`~ckptd.errors.ConfigError` before
     anything is read.
     """
-    return load_checkpoint(
+    own = current_rank() if rank is None else None
+    if own is not None and own[1] > 1:
+        rank = own[0]
+    loaded = load_checkpoint(
         _store(root),
         job,
         step,
         map_location=map_location,
         fallback=fallback,
         allow_pickle=allow_pickle,
-        rank=_own_rank() if rank is None else rank,
-    ).state
+        rank=rank,
+    )
+    if own is not None and own[1] > 1 and loaded.manifest.world_size != own[1]:
+        raise _world_mismatch(job, loaded.step, loaded.manifest.world_size, own[1])
+    return loaded.state
 
 
-def _own_rank() -> int | None:
-    found = current_rank()
-    return None if found is None or found[1] == 1 else found[0]
+def _world_mismatch(job: str, step: int, saved: int, running: int) -> RankLayoutError:
+    return RankLayoutError(
+        f"job {job!r} step {step} was written by {saved} rank(s), and this job runs {running}: "
+        f"restore it at world size {saved} (or pass rank= to read one rank's part), or reshard "
+        "it with torch.distributed.checkpoint.load(..., storage_reader="
+        f"ckptd_client.dcp.CkptdStorageReader({job!r}, {step}))"
+    )
 
 
 def restore(
@@ -174,8 +184,15 @@ def restore(
         rank, world_size = found if found is not None else (0, 1)
     elif rank is None or world_size is None:
         raise RankLayoutError("give both rank= and world_size= or neither")
+    store = _store(root)
+    if not fallback:  # the world size first, before reading a part
+        resolved = store.resolve_step(job, step)
+        saved = store.read_manifest(job, resolved).world_size
+        if saved != world_size:
+            raise _world_mismatch(job, resolved, saved, world_size)
+        step = resolved
     loaded = load_checkpoint(
-        _store(root),
+        store,
         job,
         step,
         map_location=map_location,
@@ -183,13 +200,7 @@ def restore(
         rank=rank if world_size > 1 else None,
     )
     if loaded.manifest.world_size != world_size:
-        raise RankLayoutError(
-            f"job {job!r} step {loaded.step} was written by {loaded.manifest.world_size} "
-            f"rank(s), and this job runs {world_size}: restore it at world size "
-            f"{loaded.manifest.world_size}, or reshard it with "
-            "torch.distributed.checkpoint.load(..., storage_reader="
-            f"ckptd_client.dcp.CkptdStorageReader({job!r}, {loaded.step}))"
-        )
+        raise _world_mismatch(job, loaded.step, loaded.manifest.world_size, world_size)
     extra = apply(
         loaded.state,
         model,

@@ -478,11 +478,6 @@ class Client:
             raise RuntimeError("snapshot() on a closed ckptd Client")
         if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 10**12:
             raise ValueError(f"step must be an integer in [0, 10**12), got {step!r}")
-        if self.ranks.multi and step in self._handed:
-            raise RankLayoutError(
-                f"{self.job} step {step}: rank {self.ranks.rank} already handed this step off in "
-                f"attempt {self.ranks.attempt}; each rank hands a step off once per attempt"
-            )
         flat = flatten(
             collect(
                 model,
@@ -500,12 +495,18 @@ class Client:
         meta_offset = data_end
         pending = PendingSnapshot(self.job, step)
         with self._call:
+            if self.ranks.multi and step in self._handed:
+                raise RankLayoutError(
+                    f"{self.job} step {step}: rank {self.ranks.rank} already handed this step "
+                    f"off in attempt {self.ranks.attempt}; each rank hands a step off once per "
+                    "attempt"
+                )
             self.stats["snapshots"] += 1
             try:
                 self._hand_off(
                     pending, flat.tensors, entries, meta_offset, meta, metric, pin, started
                 )
-                if self.ranks.multi:
+                if self.ranks.multi and not pending.skipped:
                     self._handed.add(step)
             except CkptdError as exc:
                 self.stats["failed"] += 1
@@ -672,25 +673,40 @@ class Client:
         First waits (up to ``wait_s``, see :meth:`wait_for_daemon`) until the daemon has
         committed every snapshot of this job it accepted, so that ``"latest"`` is the newest
         hand-off, also after a trainer was killed and restarted."""
-        try:
-            if not self._closed:
-                self.wait_for_daemon(wait_s)
-        except DaemonUnavailableError as exc:
-            # A daemon that is gone holds nothing in flight: what is on disk is all there is.
-            log.warning("ckptd: restoring without asking the daemon about pending commits: %s", exc)
-        if self.ranks.multi and step in ("latest", "highest"):
+        if not (self.ranks.multi and step in ("latest", "highest")):
+            self._wait_before_restore(wait_s)
+        else:
             # Every rank must restore the same step: rank 0's choice, when a process group says
-            # so; without one each rank reads the newest step that every rank committed.
+            # so; without one each rank reads the newest step that every rank committed. Every
+            # rank reaches the collectives, also after an error (else the others would wait in
+            # them until the process group's timeout).
             store = Store(self.root)
+            found, seq, error = -1, 0, None
             try:
+                self._wait_before_restore(wait_s)
                 found = store.resolve_step(self.job, step)
+                seq = store.read_manifest(self.job, found).seq
             except NotFoundError:
-                found = -1
-            agreed = agree_on_step(found, self.ranks)
+                pass
+            except Exception as exc:  # raised below, once every rank has met
+                error = exc
+            agreed, agreed_seq, failed = agree_on_step(found, seq, error is not None, self.ranks)
+            if error is not None:
+                raise error
+            if failed:
+                raise RankLayoutError(
+                    f"job {self.job!r}: another rank could not find the step to restore (see "
+                    "its error); this rank restores nothing either"
+                )
             if agreed < 0:
                 store.resolve_step(self.job, step)  # raises the error that says why
                 raise NotFoundError(
                     f"job {self.job!r}: rank 0 found no checkpoint to restore under {self.root}"
+                )
+            if store.read_manifest(self.job, agreed).seq != agreed_seq:
+                raise RankLayoutError(
+                    f"job {self.job!r} step {agreed} was committed again while the ranks chose "
+                    "it; restore again"
                 )
             step = agreed
         return restore(
@@ -708,6 +724,14 @@ class Client:
             rank=self.ranks.rank,
             world_size=self.ranks.world_size,
         )
+
+    def _wait_before_restore(self, wait_s: float) -> None:
+        try:
+            if not self._closed:
+                self.wait_for_daemon(wait_s)
+        except DaemonUnavailableError as exc:
+            # A daemon that is gone holds nothing in flight: what is on disk is all there is.
+            log.warning("ckptd: restoring without asking the daemon about pending commits: %s", exc)
 
     def list(self) -> list[CheckpointSummary]:
         """This job's checkpoints in commit order (the last one is ``latest``), as summaries;

@@ -5,11 +5,12 @@ initialized, the ``RANK`` / ``WORLD_SIZE`` environment that ``torchrun`` sets, e
 
 The *attempt* keeps torchrun restarts apart: a restarted job re-runs steps its previous attempt
 may have handed off partly, and each rank hands a step off once per attempt. It comes from, in
-order: ``attempt=``, ``CKPTD_ATTEMPT``, a random id that rank 0 draws and broadcasts when
-``torch.distributed`` is initialized (one collective, when the Client is made; a restart makes a
-new process group, hence a new attempt), and ``TORCHELASTIC_RUN_ID`` +
-``TORCHELASTIC_RESTART_COUNT``. With none of them a job of several ranks cannot tell its attempts
-apart, and :func:`detect` asks for ``attempt=``.
+order: ``attempt=``, ``CKPTD_ATTEMPT``, ``TORCHELASTIC_RUN_ID`` + ``TORCHELASTIC_RESTART_COUNT``
+(unless the run id is torchrun's default ``none``, which every launch shares), and a random id
+that rank 0 draws and broadcasts when ``torch.distributed`` is initialized (one collective, when
+the Client is made: every rank must make its Client; a restart makes a new process group, hence
+a new attempt). With none of them a job of several ranks cannot tell its attempts apart, and
+:func:`detect` asks for ``attempt=``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 
 from ckptd.errors import RankLayoutError
 from ckptd.format.manifest import check_attempt
+from ckptd.protocol import MAX_WORLD_SIZE
 
 log = logging.getLogger("ckptd_client.ranks")
 
@@ -83,7 +85,9 @@ def detect(
     for name, value in (("rank", rank), ("world_size", world_size)):
         if not isinstance(value, int) or isinstance(value, bool):
             raise RankLayoutError(f"{name} must be an integer, got {value!r}")
-    if world_size < 1 or not 0 <= rank < world_size:
+    if not 1 <= world_size <= MAX_WORLD_SIZE:
+        raise RankLayoutError(f"world_size must be in [1, {MAX_WORLD_SIZE}], got {world_size}")
+    if not 0 <= rank < world_size:
         raise RankLayoutError(
             f"rank {rank} is outside [0, {world_size}): each of the job's world_size processes "
             "needs its own rank in that range"
@@ -101,12 +105,12 @@ def _attempt(attempt: str | None, world_size: int) -> str:
         except ValueError as exc:
             source = "attempt=" if attempt is not None else "CKPTD_ATTEMPT"
             raise RankLayoutError(f"{source}: {exc}") from None
-    if _dist_ready() and torch.distributed.get_world_size() == world_size:
-        return _broadcast_attempt()
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
-    if run_id:
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if run_id and run_id != "none":  # "none": torchrun's default, the same for every launch
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         return check_attempt(_safe(f"{run_id}.r{restart}"))
+    if _dist_ready() and torch.distributed.get_world_size() == world_size:
+        return _broadcast_attempt()
     raise RankLayoutError(
         f"a job of {world_size} ranks needs a restart attempt id that every rank shares, and "
         "none was found (no torch.distributed process group, no torchrun environment): pass "
@@ -137,16 +141,20 @@ def _safe(text: str) -> str:
     return cleaned[:128]
 
 
-def agree_on_step(step: int, ranks: Ranks) -> int:
-    """Rank 0's ``step``, when a process group of this job's size is initialized (one
-    broadcast); else ``step`` itself (every rank then resolved it from the store on its own)."""
+def agree_on_step(step: int, seq: int, failed: bool, ranks: Ranks) -> tuple[int, int, bool]:
+    """Rank 0's ``(step, seq)`` and whether any rank ``failed``, when a process group of this
+    job's size is initialized (one broadcast, one all-reduce); else this rank's own values (every
+    rank then resolved the step from the store on its own)."""
     if not ranks.multi or not _dist_ready():
-        return step
+        return step, seq, failed
     if torch.distributed.get_world_size() != ranks.world_size:
-        return step
+        return step, seq, failed
     device = torch.device("cpu")
     if torch.distributed.get_backend() == "nccl":  # untested here (no GPU)
         device = torch.device("cuda", torch.cuda.current_device())
-    value = torch.tensor([step], dtype=torch.int64, device=device)
+    value = torch.tensor([step, seq], dtype=torch.int64, device=device)
     torch.distributed.broadcast(value, src=0)
-    return int(value.item())
+    flag = torch.tensor([1 if failed else 0], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    agreed_step, agreed_seq = (int(v) for v in value.cpu().tolist())
+    return agreed_step, agreed_seq, bool(flag.item())

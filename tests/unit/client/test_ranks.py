@@ -49,7 +49,8 @@ def test_explicit_arguments_and_ckptd_attempt_win(monkeypatch: pytest.MonkeyPatc
     [
         (2, 2, r"rank 2 is outside \[0, 2\)"),
         (-1, 2, r"rank -1 is outside \[0, 2\)"),
-        (0, 0, r"rank 0 is outside \[0, 0\)"),
+        (0, 0, r"world_size must be in \[1, 99999\], got 0"),
+        (0, 100_000, r"world_size must be in \[1, 99999\]"),
         (1, None, "give both rank= and world_size= or neither"),
         ("1", 2, "rank must be an integer"),
     ],
@@ -74,7 +75,7 @@ def test_a_multi_rank_job_without_an_attempt_is_asked_for_one(
 
 
 def test_without_a_process_group_each_rank_keeps_its_step() -> None:
-    assert agree_on_step(12, Ranks(1, 2, "a")) == 12
+    assert agree_on_step(12, 3, False, Ranks(1, 2, "a")) == (12, 3, False)
 
 
 @pytest.mark.parametrize(

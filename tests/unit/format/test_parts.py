@@ -13,6 +13,7 @@ import json
 import os
 import time
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 import torch
@@ -248,7 +249,7 @@ def test_a_newer_attempt_overtakes_the_old_ones_pending_steps(store: Store) -> N
         hand_off(store, 3, rank, attempt="a1")  # the restart resumed at step 3
     collected = store.collect_parts(JOB, pending_timeout_s=TIMEOUT_S)
     assert [(s, a) for s, a, _ in collected] == [(5, "a0")]
-    assert "attempt a1 was committed after it" in collected[0][2]
+    assert "attempt a1, which began after it, committed step 3" in collected[0][2]
 
 
 def test_pending_parts_wait_until_the_timeout(store: Store) -> None:
@@ -333,8 +334,8 @@ WORLD = 3
 
 
 class PartsMachine(RuleBasedStateMachine):
-    """Hand-offs of a 3-rank job in any order, over two attempts, with deletions and collection
-    after time passed; the store must never show a step that is not whole."""
+    """Hand-offs of a 3-rank job in any order, an attempt restarted once, deletions and
+    collection after time passed; the store must never show a step that is not whole."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -342,6 +343,8 @@ class PartsMachine(RuleBasedStateMachine):
 
         self.dir = Path(tempfile.mkdtemp(prefix="ckptd-parts-"))
         self.store = Store(self.dir)
+        self.attempt = "a0"
+        self.a1_began: float | None = None
         self.handed: dict[tuple[str, int], set[int]] = {}
 
     def teardown(self) -> None:
@@ -349,38 +352,38 @@ class PartsMachine(RuleBasedStateMachine):
 
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    @rule(
-        attempt=st.sampled_from(["a0", "a1"]),
-        step=st.integers(1, 4),
-        rank=st.integers(0, WORLD - 1),
-    )
-    def hand_off(self, attempt: str, step: int, rank: int) -> None:
-        key = (attempt, step)
+    @precondition(lambda self: self.attempt == "a0")
+    @rule()
+    def restart(self) -> None:
+        """torchrun restarts the job: attempts follow one another."""
+        time.sleep(0.002)  # the new attempt's parts are younger (mtime resolution)
+        self.attempt = "a1"
+
+    @rule(step=st.integers(1, 4), rank=st.integers(0, WORLD - 1))
+    def hand_off(self, step: int, rank: int) -> None:
+        key = (self.attempt, step)
         try:
-            hand_off(self.store, step, rank, world=WORLD, attempt=attempt)
-        except RankLayoutError as exc:
-            assert rank in self.handed.get(key, set()), exc
+            hand_off(self.store, step, rank, world=WORLD, attempt=self.attempt)
+        except RankLayoutError:
+            # Refused only for a rank whose part of this attempt is there already.
+            assert rank in self.store.part_set(JOB, step, self.attempt).parts
             return
-        assert rank not in self.handed.get(key, set())
         self.handed.setdefault(key, set()).add(rank)
+        if self.attempt == "a1" and self.a1_began is None:
+            self.a1_began = time.time()
 
     @precondition(lambda self: bool(self.store.steps(JOB)))
     @rule(data=st.data())
     def delete(self, data: st.DataObject) -> None:
         step = data.draw(st.sampled_from(self.store.steps(JOB)))
-        attempt = self.store.read_manifest(JOB, step).attempt
         self.store.delete_checkpoint(JOB, step)
-        self.handed[(str(attempt), step)] = set()  # its parts went with it
 
     @rule(seconds=st.sampled_from([0, GRACE_S + 1, 7200]))
     def collect(self, seconds: float) -> None:
-        if seconds:
-            age(self.dir / JOB / "parts", seconds) if (self.dir / JOB / "parts").exists() else None
-        for step, attempt, _why in self.store.collect_parts(JOB, pending_timeout_s=TIMEOUT_S):
-            assert self.handed[(attempt, step)] != set(range(WORLD)) or step not in (
-                self.store.steps(JOB)
-            )
-            self.handed[(attempt, step)] = set()
+        parts = self.dir / JOB / "parts"
+        if seconds and parts.exists():
+            age(parts, seconds)
+        self.store.collect_parts(JOB, pending_timeout_s=TIMEOUT_S)
 
     @invariant()
     def no_record_without_its_parts(self) -> None:
@@ -397,6 +400,15 @@ class PartsMachine(RuleBasedStateMachine):
             for key, value in state_of(record.attempt, step, rank).items():
                 assert torch.equal(loaded.state[key], value)
 
+    @invariant()
+    def an_old_attempt_never_commits_after_a_new_one_began(self) -> None:
+        if self.a1_began is None:
+            return
+        for step in self.store.steps(JOB):
+            record = self.store.read_manifest(JOB, step)
+            if record.attempt == "a0":
+                assert record.created_datetime.timestamp() <= self.a1_began, record
+
 
 TestPartsMachine = PartsMachine.TestCase
 TestPartsMachine.settings = settings(max_examples=25, stateful_step_count=25, deadline=None)
@@ -411,3 +423,77 @@ def test_retention_sizes_a_multi_rank_step_by_its_parts_objects(store: Store) ->
     parts = store.step_parts(JOB, 1)
     assert set(facts.objects) == {h for p in parts for h in p.objects}
     assert sum(facts.objects.values()) == store.read_manifest(JOB, 1).stored_bytes > 0
+
+
+def test_a_set_is_committed_or_collected_never_both(store: Store) -> None:
+    from ckptd.format.parts import decide
+
+    jd = store._real_job(JOB)
+    for rank in range(2):
+        hand_off(store, 1, rank)
+    pset = store.part_set(JOB, 1, "a0")
+    # A collector decided first (it saw the set overtaken): no committer may commit it now.
+    assert decide(jd, pset, "collect") == "collect"
+    assert hand_off(store, 1, 2).record is None
+    assert store.steps(JOB) == []
+    assert decide(jd, store.part_set(JOB, 1, "a0"), "commit") == "collect"
+    # The other way round: a committer's decision protects the set from the collector, and a
+    # committer killed between its decision and the record is finished by the next try.
+    for rank in range(3):
+        hand_off(store, 2, rank, attempt="a1") if rank < 2 else None
+    hand_off(store, 2, 2, attempt="a1")
+    assert store.steps(JOB) == [2]
+    (store.root / JOB / "manifests" / "step-000000000002.json").unlink()  # the crash
+    age(store.root / JOB / "parts", 7200)
+    assert store.collect_parts(JOB, pending_timeout_s=TIMEOUT_S) == [(1, "a0", ANY)]
+    assert store.commit_step(JOB, 2, "a1", pending_timeout_s=TIMEOUT_S) is not None
+    assert store.steps(JOB) == [2] and scan(store.root) == []
+
+
+def test_a_deleted_step_never_comes_back(store: Store) -> None:
+    for rank in range(3):
+        hand_off(store, 1, rank)
+    store.delete_checkpoint(JOB, 1)
+    # A daemon still watching the step (its recheck, its restart) finds nothing to commit.
+    assert store.commit_step(JOB, 1, "a0", pending_timeout_s=TIMEOUT_S) is None
+    assert store.steps(JOB) == []
+    # A damaged record is deleted with its sets too.
+    for rank in range(3):
+        hand_off(store, 2, rank)
+    record = store.root / JOB / "manifests" / "step-000000000002.json"
+    record.write_bytes(record.read_bytes().replace(b'"seq"', b'"seX"'))
+    store.delete_checkpoint(JOB, 2)
+    assert store.commit_step(JOB, 2, "a0", pending_timeout_s=TIMEOUT_S) is None
+    assert store.steps(JOB) == [] and store.part_sets(JOB) == []
+
+
+def test_a_late_commit_of_an_older_attempt_never_overtakes_a_newer_one(store: Store) -> None:
+    hand_off(store, 5, 0, attempt="a1")
+    hand_off(store, 5, 1, attempt="a1")
+    age(store.root / JOB / "parts", 30)  # a1 handed off step 5, then died before rank 2 did
+    hand_off(store, 1, 0, attempt="a2")  # the restart has begun
+    # a1's last part arrives late (a daemon drained its queue): a1 may not commit over a2.
+    late = hand_off(store, 5, 2, attempt="a1")
+    assert late.record is None and store.steps(JOB) == []
+    for rank in (1, 2):
+        hand_off(store, 1, rank, attempt="a2")
+    assert store.steps(JOB) == [1]
+    age(store.root / JOB / "parts" / "step-000000000005", 60)
+    collected = store.collect_parts(JOB, pending_timeout_s=TIMEOUT_S)
+    assert [(s, a) for s, a, _ in collected] == [(5, "a1")]
+
+
+def test_world_sizes_beyond_the_part_names_are_refused(store: Store) -> None:
+    with pytest.raises(RankLayoutError, match=r"world size 100000 is outside \[2, 99999\]"):
+        hand_off(store, 1, 0, world=100_000)
+
+
+def test_a_record_naming_a_part_outside_its_set_is_damaged(store: Store) -> None:
+    from ckptd.format.manifest import sign_manifest
+
+    for rank in range(3):
+        hand_off(store, 1, rank)
+    path = store.root / JOB / "manifests" / "step-000000000001.json"
+    path.write_bytes(sign_manifest(path.read_bytes().replace(b"a0/rank-00001", b"../../x", 1)))
+    with pytest.raises(ManifestError, match=r"parts\[1\]\.record must be"):
+        store.read_manifest(JOB, 1)
