@@ -17,15 +17,17 @@ step is visible iff its record exists, and a record exists only when all its par
 
 A set that never completes is never visible. It is collected (:func:`collectable`) once
 
-- a newer step of the same attempt was committed, or a step of another attempt was committed
-  after the set's newest part was written (a restart took over), and its newest part is older
-  than :data:`GRACE_S`; or
+- a newer step of the same attempt was committed, or a newer attempt (attempts follow one
+  another: :func:`attempt_order` orders them by their first part) committed a step, and its
+  newest part is older than :data:`GRACE_S`; or
 - its oldest part is older than ``pending_timeout_s`` (config ``ranks.pending_timeout``).
 
-A committer refuses a set that is collectable or would be within :data:`COMMIT_MARGIN_S`, so no
-set is committed and collected at once, without relying on locks shared between nodes. Deleting a
-committed step (retention, ``ckptd rm``) first marks its set *retired* (an empty file), then
-removes the record, then the set: no crash in between can make a deleted step visible again.
+Each set is decided once (:func:`decide`: an exclusive ``decision`` file saying ``commit`` or
+``collect``), so no set is committed and collected at once, without locks shared between nodes.
+A committer also refuses a set that a newer attempt has overtaken (it handed off any part), or
+that would be collectable within :data:`COMMIT_MARGIN_S`. Deleting a committed step (retention,
+``ckptd rm``) first marks every set of the step *retired* (an empty file), then removes the
+record, then the sets: no crash in between can make a deleted step visible again.
 """
 
 from __future__ import annotations

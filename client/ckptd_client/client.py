@@ -673,6 +673,11 @@ class Client:
         First waits (up to ``wait_s``, see :meth:`wait_for_daemon`) until the daemon has
         committed every snapshot of this job it accepted, so that ``"latest"`` is the newest
         hand-off, also after a trainer was killed and restarted."""
+        if fallback and self.ranks.multi:
+            raise ValueError(
+                "fallback=True is for single-process jobs: the ranks of a job must restore the "
+                "same step; pass step= to restore an older one"
+            )
         if not (self.ranks.multi and step in ("latest", "highest")):
             self._wait_before_restore(wait_s)
         else:

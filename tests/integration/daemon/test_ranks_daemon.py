@@ -99,6 +99,8 @@ def test_two_processes_claiming_one_rank(daemons: DaemonFactory) -> None:
         # The client itself refuses a second hand-off of a step by its rank, before copying.
         with pytest.raises(RankLayoutError, match="already handed this step off in attempt t1"):
             one.snapshot(state=part_state(1, 0), step=1, rng=False)
+        with pytest.raises(ValueError, match="fallback=True is for single-process jobs"):
+            one.restore(None, fallback=True)
     assert Store(d.root).steps(JOB) == []
     assert [sorted(p.parts) for p in Store(d.root).part_sets(JOB)] == [[0]]
 
