@@ -159,6 +159,11 @@ def read_set(job: JobDir, step: int, attempt: str) -> PartSet:
     return out
 
 
+def parse_part(path: Path) -> tuple[Manifest, str]:
+    """A part file and its checksum (cached while the file is the same one)."""
+    return _parse_part(str(path), file_identity(path.stat()))
+
+
 @functools.lru_cache(maxsize=2048)
 def _parse_part(path: str, identity: tuple[int, int, int]) -> tuple[Manifest, str]:
     """A part file, parsed once per identity (parts are created once and never modified)."""

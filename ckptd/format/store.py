@@ -62,7 +62,7 @@ from ckptd.format.fsutil import (
 )
 from ckptd.format.jobmeta import pin_step, pinned_steps, read_job_info, unpin_step, write_job_info
 from ckptd.format.layout import JobDir
-from ckptd.format.manifest import Manifest, ObjectInfo, manifest_checksum, parse_manifest
+from ckptd.format.manifest import Manifest, ObjectInfo
 from ckptd.format.objects import ObjectFiles, ObjectState, read_object, read_object_header
 
 log = logging.getLogger("ckptd.format.store")
@@ -624,7 +624,7 @@ class Store:
         ref = record.parts[rank]
         path = self._job(job).path / ref.record
         try:
-            data = path.read_bytes()
+            part, checksum = _parts.parse_part(path)
         except FileNotFoundError:
             raise ManifestError(
                 f"job {job!r} step {step}: rank {rank}'s part {path} is missing; the step is "
@@ -632,8 +632,7 @@ class Store:
             ) from None
         except OSError as exc:
             raise os_error(exc, "read", path) from exc
-        part = parse_manifest(data, where=str(path))
-        if manifest_checksum(data) != ref.checksum:
+        if checksum != ref.checksum:
             raise ManifestError(
                 f"{path}: this part is not the one job {job!r} step {step} committed (checksum "
                 "differs); the step is damaged: restore another step"
