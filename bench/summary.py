@@ -10,6 +10,8 @@ the benchmarks wrote, so the README can be regenerated (and checked) instead of 
 * the whole snapshot table for one size (``--size``, default 1GiB);
 * store (``store_bench-<size>.jsonl``): saves and restores;
 * codec (``codec_bench.jsonl``);
+* multi-rank (``ranks_bench.jsonl``): stall per rank and time to the global commit beside
+  ``dcp.async_save``, as :mod:`bench.ranks_bench` prints it;
 * the targets of the store and daemon issues, met or missed;
 * the figures the README states in prose (:func:`prose`): the scaling paragraph (the fits of
   :mod:`bench.scaling` through the snapshot runs), the stall ratios by size and what ckptd adds
@@ -233,6 +235,13 @@ def codec(results: Path) -> str | None:
     )
 
 
+def ranks(results: Path) -> str | None:
+    from bench import ranks_bench  # torch.distributed.checkpoint: only when it is printed
+
+    recs = read(results / "ranks_bench.jsonl")
+    return ranks_bench.table(recs) if any(r.get("kind") == "method" for r in recs) else None
+
+
 def targets(results: Path) -> str | None:
     rows = []
     runs = snapshot_runs(results)
@@ -421,6 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             store(results, "minilm"),
         ),
         ("Codec (`python -m bench.codec_bench`)", codec(results)),
+        ("Multi-rank (`python -m bench.ranks_bench`)", ranks(results)),
         ("Targets", targets(results)),
         ("Figures in the README's prose", prose(results)),
     ]

@@ -35,7 +35,8 @@ class CheckpointInfo:
     world_size: int = 1
     step_committed: bool = True
     """For a rank of a multi-rank job the info says the rank's part is durable; this is True
-    when that part also completed the step (another rank's daemon commits it otherwise)."""
+    when the step was committed by the time this part was (by this write or another daemon's),
+    False while other ranks' parts were still missing (a daemon commits it once they land)."""
 
 
 @dataclass(frozen=True)
