@@ -61,7 +61,7 @@ WORLD = 4
 SHARED_NUMEL = 1 << 19  # 2 MiB of float32, the same on every rank
 OWN_NUMEL = 1 << 16  # 256 KiB, the rank's own
 PENDING_TIMEOUT_S = 4
-CI_SECONDS = 15.0
+CI_SECONDS = 8.0
 MIN_KILLS = 3  # however slow the machine
 pytestmark.append(loop_timeout(CI_SECONDS))
 

@@ -30,9 +30,11 @@ JOB = "ranks"
 WAIT_S = 60.0
 
 
-def rank_client(daemon: Daemon, rank: int, world: int, attempt: str = "t1", **kw: Any) -> Client:
+def rank_client(
+    daemon: Daemon, rank: int, world: int, attempt: str = "t1", job: str = JOB, **kw: Any
+) -> Client:
     return Client(
-        JOB,
+        job,
         socket=daemon.socket,
         root=daemon.root,
         spawn=False,
@@ -78,9 +80,9 @@ def test_two_daemons_commit_a_step_once_every_rank_is_durable(daemons: DaemonFac
             c.close()
 
 
-def test_ranks_that_disagree_on_the_world_size_fail_and_commit_nothing(
-    daemons: DaemonFactory,
-) -> None:
+def test_bad_rank_layouts_fail_and_commit_nothing(daemons: DaemonFactory) -> None:
+    """Ranks that disagree on the world size; two processes claiming one rank; a rank handing a
+    step off twice (one daemon, one job each)."""
     d = daemons.start()
     with rank_client(d, 0, 2) as first, rank_client(d, 1, 3) as second:
         first.snapshot(state=part_state(1, 0), step=1, rng=False).wait(WAIT_S)
@@ -88,11 +90,7 @@ def test_ranks_that_disagree_on_the_world_size_fail_and_commit_nothing(
         with pytest.raises(RankLayoutError, match=r"says world size 3.*said \[2\]"):
             handle.wait(WAIT_S)
     assert Store(d.root).steps(JOB) == []
-
-
-def test_two_processes_claiming_one_rank(daemons: DaemonFactory) -> None:
-    d = daemons.start()
-    with rank_client(d, 0, 2) as one, rank_client(d, 0, 2) as other:
+    with rank_client(d, 0, 2, job="claim") as one, rank_client(d, 0, 2, job="claim") as other:
         one.snapshot(state=part_state(1, 0), step=1, rng=False).wait(WAIT_S)
         with pytest.raises(RankLayoutError, match="rank 0 already handed this step off"):
             other.snapshot(state=part_state(1, 0), step=1, rng=False).wait(WAIT_S)
@@ -101,18 +99,8 @@ def test_two_processes_claiming_one_rank(daemons: DaemonFactory) -> None:
             one.snapshot(state=part_state(1, 0), step=1, rng=False)
         with pytest.raises(ValueError, match="fallback=True is for single-process jobs"):
             one.restore(None, fallback=True)
-    assert Store(d.root).steps(JOB) == []
-    assert [sorted(p.parts) for p in Store(d.root).part_sets(JOB)] == [[0]]
-
-
-def test_a_rank_outside_the_world_is_refused_by_client_and_daemon(daemons: DaemonFactory) -> None:
-    d = daemons.start()
-    with pytest.raises(RankLayoutError, match=r"rank 2 is outside \[0, 2\)"):
-        rank_client(d, 2, 2)
-    with Raw(d) as sock:
-        reply = hello(sock, d, rank=2, world_size=2, attempt="t1")
-    assert reply["op"] == "error" and reply["type"] == "ProtocolError"
-    assert "rank 2 is outside [0, 2)" in reply["message"]
+    assert Store(d.root).steps("claim") == []
+    assert [sorted(p.parts) for p in Store(d.root).part_sets("claim")] == [[0]]
 
 
 GARBAGE: list[tuple[dict[str, Any], str]] = [
@@ -124,8 +112,16 @@ GARBAGE: list[tuple[dict[str, Any], str]] = [
 ]
 
 
-def test_garbage_rank_fields_get_an_error(daemons: DaemonFactory) -> None:
+def test_a_rank_outside_the_world_and_garbage_rank_fields_get_an_error(
+    daemons: DaemonFactory,
+) -> None:
     d = daemons.start()
+    with pytest.raises(RankLayoutError, match=r"rank 2 is outside \[0, 2\)"):
+        rank_client(d, 2, 2)
+    with Raw(d) as sock:
+        reply = hello(sock, d, rank=2, world_size=2, attempt="t1")
+    assert reply["op"] == "error" and reply["type"] == "ProtocolError"
+    assert "rank 2 is outside [0, 2)" in reply["message"]
     for fields, message in GARBAGE:
         with Raw(d) as sock:
             reply = hello(sock, d, **fields)
