@@ -146,7 +146,7 @@ _Leaf = _TensorLeaf | _ValueLeaf
 
 
 @dataclass(frozen=True)
-class TensorSource:
+class ChunkSource:
     """Where one chunk of :class:`Metadata` is read: tensor ``index`` of rank ``rank``'s part."""
 
     rank: int
@@ -172,7 +172,7 @@ class StepSources:
     job: str
     step: int
     world_size: int
-    sources: dict[MetadataIndex, TensorSource | ValueSource]
+    sources: dict[MetadataIndex, ChunkSource | ValueSource]
     refused: dict[str, CkptdError]
 
 
@@ -299,7 +299,7 @@ def build_metadata(parts: Sequence[Manifest]) -> Metadata:
             holders.setdefault(fqn, []).append((rank, leaf))
             paths.setdefault(fqn, mapping[fqn])
     described: dict[str, STORAGE_TYPES] = {}
-    sources: dict[MetadataIndex, TensorSource | ValueSource] = {}
+    sources: dict[MetadataIndex, ChunkSource | ValueSource] = {}
     refused: dict[str, CkptdError] = {}
     for fqn, held in holders.items():
         where = f"job {job!r} step {step}: {fqn}"
@@ -324,7 +324,7 @@ def _ranks(held: Sequence[tuple[int, Any]]) -> str:
 
 def _merge(
     where: str, fqn: str, held: list[tuple[int, _Leaf]]
-) -> tuple[STORAGE_TYPES, dict[MetadataIndex, TensorSource | ValueSource]]:
+) -> tuple[STORAGE_TYPES, dict[MetadataIndex, ChunkSource | ValueSource]]:
     """One key's metadata over the ranks that hold it; raises why it cannot be served."""
     values = [(r, leaf) for r, leaf in held if isinstance(leaf, _ValueLeaf)]
     tensors = [(r, leaf) for r, leaf in held if isinstance(leaf, _TensorLeaf)]
@@ -364,7 +364,7 @@ def _merge(
         offsets = torch.Size([0] * len(size))
         return TensorStorageMetadata(
             TensorProperties(dtype=dtype), size, [ChunkStorageMetadata(offsets, size)]
-        ), {MetadataIndex(fqn, offsets): TensorSource(rank, leaf.index)}
+        ), {MetadataIndex(fqn, offsets): ChunkSource(rank, leaf.index)}
     if len(shards) != len(tensors):
         plain = [(r, leaf) for r, leaf in tensors if leaf.layout is None]
         raise RankLayoutError(
@@ -376,7 +376,7 @@ def _merge(
 
 def _sharded(
     where: str, fqn: str, dtype: torch.dtype, shards: list[tuple[int, _TensorLeaf]]
-) -> tuple[STORAGE_TYPES, dict[MetadataIndex, TensorSource | ValueSource]]:
+) -> tuple[STORAGE_TYPES, dict[MetadataIndex, ChunkSource | ValueSource]]:
     shapes = {leaf.layout.shape for _r, leaf in shards if leaf.layout is not None}
     if len(shapes) > 1:
         raise RankLayoutError(
@@ -403,10 +403,10 @@ def _sharded(
         blocks[(tuple(0 for _ in shape), leaf.shape)] = (rank, leaf.index)
     _check_tiling(where, shape, list(blocks))
     chunks = []
-    found: dict[MetadataIndex, TensorSource | ValueSource] = {}
+    found: dict[MetadataIndex, ChunkSource | ValueSource] = {}
     for (offsets, sizes), (rank, index) in sorted(blocks.items()):
         chunks.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)))
-        found[MetadataIndex(fqn, offsets)] = TensorSource(rank, index)
+        found[MetadataIndex(fqn, offsets)] = ChunkSource(rank, index)
     return TensorStorageMetadata(TensorProperties(dtype=dtype), torch.Size(shape), chunks), found
 
 
@@ -630,7 +630,7 @@ class CkptdStorageReader(StorageReader):
         ``torch.save`` bytes. Parts no item needs are never read."""
         sources = self._step_sources()
         store = self._open_store()
-        by_rank: dict[int, list[tuple[ReadItem, TensorSource | ValueSource]]] = {}
+        by_rank: dict[int, list[tuple[ReadItem, ChunkSource | ValueSource]]] = {}
         for item in plan.items:
             source = sources.sources[item.storage_index]
             by_rank.setdefault(source.rank, []).append((item, source))
@@ -638,7 +638,7 @@ class CkptdStorageReader(StorageReader):
             part = self._parts[rank]
             needed: set[int] = set()
             for _item, source in items:
-                if isinstance(source, TensorSource):
+                if isinstance(source, ChunkSource):
                     needed.add(source.index)
                 else:
                     needed.update(source.tensors)
@@ -992,11 +992,11 @@ def _shard(fqn: str, item: WriteItem, local: torch.Tensor, planner: SavePlanner)
 
 
 __all__ = [
+    "ChunkSource",
     "CkptdStorageReader",
     "CkptdStorageWriter",
     "PartWritten",
     "StepSources",
-    "TensorSource",
     "ValueSource",
     "build_metadata",
     "part_leaves",

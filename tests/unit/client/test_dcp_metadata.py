@@ -37,10 +37,10 @@ from ckptd.format.store import Store
 from ckptd.pipeline.plan import PipelineConfig, tensor_source
 from ckptd.pipeline.write import write_checkpoint
 from ckptd_client.dcp import (
+    ChunkSource,
     CkptdStorageReader,
     CkptdStorageWriter,
     StepSources,
-    TensorSource,
     ValueSource,
     build_metadata,
     rank_state,
@@ -143,8 +143,8 @@ def test_shards_of_two_ranks_are_chunks_of_one_global_tensor() -> None:
     sources = md.storage_data
     assert isinstance(sources, StepSources)
     assert (sources.job, sources.step, sources.world_size) == (JOB, 3, 2)
-    assert sources.sources[MetadataIndex("model.w", [0, 0])] == TensorSource(0, 0)
-    assert sources.sources[MetadataIndex("model.w", [4, 0])] == TensorSource(1, 0)
+    assert sources.sources[MetadataIndex("model.w", [0, 0])] == ChunkSource(0, 0)
+    assert sources.sources[MetadataIndex("model.w", [4, 0])] == ChunkSource(1, 0)
     assert sources.refused == {}
 
 
@@ -157,8 +157,8 @@ def test_plain_tensors_and_values_come_from_the_lowest_rank_holding_them() -> No
     bias = md.state_dict_metadata["model.bias"]
     assert isinstance(bias, TensorStorageMetadata)
     assert bias.chunks == [ChunkStorageMetadata(torch.Size([0]), torch.Size([2]))]
-    assert sources.sources[MetadataIndex("model.bias", [0])] == TensorSource(0, 2)
-    assert sources.sources[MetadataIndex("model.only_one", [0, 0])] == TensorSource(1, 5)
+    assert sources.sources[MetadataIndex("model.bias", [0])] == ChunkSource(0, 2)
+    assert sources.sources[MetadataIndex("model.only_one", [0, 0])] == ChunkSource(1, 5)
     step = md.state_dict_metadata["optimizer.state.0.step"]
     assert isinstance(step, TensorStorageMetadata) and step.size == torch.Size([])
     for key in ("extra.name", "rng.seed", "optimizer.param_groups.0.betas"):
@@ -188,15 +188,15 @@ def test_replicated_blocks_are_read_once_from_the_lowest_rank() -> None:
     md = metadata_of(parts)
     w = md.state_dict_metadata["w"]
     assert isinstance(w, TensorStorageMetadata) and len(w.chunks) == 2
-    assert md.storage_data.sources[MetadataIndex("w", [0, 0])] == TensorSource(0, 0)
-    assert md.storage_data.sources[MetadataIndex("w", [4, 0])] == TensorSource(1, 0)
+    assert md.storage_data.sources[MetadataIndex("w", [0, 0])] == ChunkSource(0, 0)
+    assert md.storage_data.sources[MetadataIndex("w", [4, 0])] == ChunkSource(1, 0)
 
 
 def test_a_single_process_checkpoint_is_its_own_only_part() -> None:
     skeleton = {"w": {"$tensor": 0}, "tied": {"$tensor": 0}, "note": None}
     md = metadata_of([(skeleton, [W])])
     assert md.storage_data.world_size == 1
-    assert md.storage_data.sources[MetadataIndex("tied", [0, 0])] == TensorSource(0, 0)
+    assert md.storage_data.sources[MetadataIndex("tied", [0, 0])] == ChunkSource(0, 0)
     assert isinstance(md.state_dict_metadata["note"], BytesStorageMetadata)
 
 
