@@ -74,18 +74,35 @@ def prune(
         victims = victims[:limit]
     if dry_run:
         return PruneResult(job, reasons, victims, None)
+    deleted, gc = delete_and_collect(
+        store, job, victims, newest, why="no retention rule keeps it", gc_blocking=gc_blocking
+    )
+    return PruneResult(job, reasons, deleted, gc)
+
+
+def delete_and_collect(
+    store: Store,
+    job: str,
+    steps: list[int],
+    newest: int | None,
+    *,
+    why: str,
+    gc_blocking: bool = True,
+) -> tuple[list[int], GcResult | None]:
+    """Delete each of ``steps`` that :func:`delete_unprotected` lets go (``why`` goes to the
+    log), then GC the job when something was deleted; return the deleted steps and the GC."""
     deleted = []
-    for step in victims:
+    for step in steps:
         try:
             if not delete_unprotected(store, job, step, newest):
                 continue
         except NotFoundError:
             continue  # deleted meanwhile (the disk guard, an operator)
         deleted.append(step)
-        log.info("%s: deleted step %d (no retention rule keeps it)", job, step)
+        log.info("%s: deleted step %d (%s)", job, step, why)
     gc = None
     if deleted:
         with store.job_lock(job, exclusive=True, blocking=gc_blocking) as locked:
             if locked:
                 gc = store.gc_unlocked(job)
-    return PruneResult(job, reasons, deleted, gc)
+    return deleted, gc

@@ -10,13 +10,16 @@ the handles the daemon has not reported on yet, each with the connection its sub
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ckptd.errors import CkptdError
 from ckptd_client.link import Link
+
+log = logging.getLogger("ckptd_client.pending")
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,27 @@ class PendingSnapshot:
         self._done = threading.Event()
         self._info: CheckpointInfo | None = None
         self._error: CkptdError | None = None
+        self._settle = threading.Lock()  # orders settling against add_done_callback
+        self._settled = False  # outcome set; done() follows once the callbacks ran
+        self._callbacks: list[Callable[[PendingSnapshot], None]] = []
+
+    def add_done_callback(self, fn: Callable[[PendingSnapshot], None]) -> None:
+        """Call ``fn(self)`` once the handle is settled (committed, failed or skipped): right
+        away when it already is, else on the client thread that settles it, before ``done()``
+        turns true (so ``wait()`` and ``Client.flush()`` return after it ran). ``fn`` must be
+        quick and must not call the Client (it runs on its connection's reader thread); an
+        exception it raises is logged."""
+        with self._settle:
+            if not self._settled:
+                self._callbacks.append(fn)
+                return
+        self._call(fn)
+
+    def _call(self, fn: Callable[[PendingSnapshot], None]) -> None:
+        try:
+            fn(self)
+        except Exception:
+            log.exception("ckptd: a done-callback of %r failed", self)
 
     def done(self) -> bool:
         return self._done.is_set()
@@ -90,13 +114,25 @@ class PendingSnapshot:
         return dataclasses.replace(self._info, stall_s=self.stall_s)
 
     def _resolve(self, info: CheckpointInfo) -> None:
-        self._info = info
-        self._done.set()
+        with self._settle:
+            self._info = info
+            self._settled = True
+            callbacks, self._callbacks = self._callbacks, []
+        self._finish(callbacks)
 
     def _reject(self, error: CkptdError) -> None:
-        if not self._done.is_set():
+        with self._settle:
+            if self._settled:
+                return
             self._error = error
-            self._done.set()
+            self._settled = True
+            callbacks, self._callbacks = self._callbacks, []
+        self._finish(callbacks)
+
+    def _finish(self, callbacks: list[Callable[[PendingSnapshot], None]]) -> None:
+        for fn in callbacks:
+            self._call(fn)
+        self._done.set()
 
     def __repr__(self) -> str:
         state = "skipped" if self.skipped else ("done" if self.done() else "pending")
