@@ -3,12 +3,12 @@
 ``python -m tests.integration.adapters.lightning_run DIR MAX_STEPS [--plugin JOB] [--resume]
 [--kill-after STEP]``: trains a 2-layer MLP (fixed seed, 6 batches of synthetic data per epoch,
 no shuffling, Adam + StepLR) with ``ModelCheckpoint(dirpath=DIR/ckpt, every_n_train_steps=2,
-save_last=True)`` for MAX_STEPS steps; ``--plugin`` checkpoints through
-``CkptdCheckpointIO(JOB)`` (socket from ``CKPTD_SOCKET``), ``--resume`` passes
-``ckpt_path="last"``, ``--kill-after STEP`` SIGKILLs the process right after the plugin's save of
-``last.ckpt`` at STEP returned (having waited for the commits of the steps before).  At the end it writes ``DIR/final.pt`` (weights, optimizer and
-scheduler state, the global step) and ``DIR/saves.json`` (the global steps the plugin was asked
-to save at, with their paths).
+save_last=True)`` for MAX_STEPS steps. ``--plugin`` checkpoints through
+``CkptdCheckpointIO(JOB)`` (socket from ``CKPTD_SOCKET``); ``--resume`` passes
+``ckpt_path="last"``; ``--kill-after STEP`` waits for the commits of the steps before STEP, then
+SIGKILLs the process right after the plugin's save of ``last.ckpt`` at STEP returned. At the end
+it writes ``DIR/final.pt`` (weights, optimizer and scheduler state, the global step); the plugin
+writes ``DIR/saves.json`` (the global steps it was asked to save at, with their paths).
 """
 
 from __future__ import annotations
