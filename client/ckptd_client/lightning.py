@@ -17,8 +17,15 @@ Ownership, at every moment:
   maps to that step (a later save to the same path wins);
 * a step no path names any more is *doomed*; it is deleted (with
   :func:`ckptd.policy.prune.delete_and_collect`, which never deletes the newest commit, the
-  highest step or a pinned one) once committed, at the next save, removal or teardown. So
-  top-k and ``save_last`` can never leave the job without a committed checkpoint.
+  highest step or a pinned one) once committed and named by no path of this run and by no
+  pointer in a directory the run's checkpoint callbacks use (their ``dirpath``, from the
+  checkpoint dicts saved and loaded), at the next save, removal or teardown. So top-k and
+  ``save_last`` can never leave the job without a committed checkpoint.
+
+One step is one checkpoint: a save of the step just saved, whose dict has no key the previous
+one lacked, is the same checkpoint at another path (Lightning saving a top-k file and
+``last.ckpt``) and is stored once; any other save of a step is snapshotted and replaces the step
+(a full save after a weights-only one), and every path of the step then points to it.
 
 Lightning calls the plugin on global rank 0 only (rank gating stays Lightning's), so the plugin's
 client is rank 0 of a one-process job; every rank can load, since loading reads the store.
@@ -26,14 +33,23 @@ client is rank 0 of a one-process job; every rank can load, since loading reads 
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
+import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ckptd.errors import CkptdError, NotFoundError, UnsupportedStateError
+from ckptd.errors import (
+    CkptdError,
+    ManifestError,
+    NotFoundError,
+    SnapshotSkippedError,
+    UnsupportedStateError,
+)
 from ckptd.format.fsutil import durable_write
 from ckptd.format.store import Store, validate_job_name
 from ckptd.policy.prune import delete_and_collect
@@ -59,7 +75,8 @@ _POINTER_MAX_BYTES = 64 * 1024
 
 def read_pointer(path: str | Path) -> dict[str, Any] | None:
     """The pointer at ``path``, or None when the file is not a ckptd pointer (e.g. a
-    ``torch.save`` checkpoint written before the switch). Raises FileNotFoundError."""
+    ``torch.save`` checkpoint written before the switch). Raises FileNotFoundError, and
+    ManifestError for a pointer whose job, step or root is missing or malformed."""
     with Path(path).open("rb") as f:
         head = f.read(_POINTER_MAX_BYTES + 1)
     if len(head) > _POINTER_MAX_BYTES or not head.startswith(b"{"):
@@ -70,6 +87,17 @@ def read_pointer(path: str | Path) -> dict[str, Any] | None:
         return None
     if not isinstance(doc, dict) or doc.get("kind") != POINTER_KIND:
         return None
+    step = doc.get("step")
+    if not (
+        isinstance(doc.get("job"), str)
+        and isinstance(step, int)
+        and not isinstance(step, bool)
+        and isinstance(doc.get("root"), str)
+    ):
+        raise ManifestError(
+            f"{path}: a damaged ckptd pointer (it needs a job, an integer step and a root); "
+            "remove it, or load the checkpoint by step with ckptd_client.load"
+        )
     return doc
 
 
@@ -82,10 +110,12 @@ class CkptdCheckpointIO(CheckpointIO):
     removes (top-k, ``save_last``) are deleted by the plugin; with one, the daemon's retention
     also deletes, and a pointer to a step it deleted raises NotFoundError when loaded.
 
-    ``save_checkpoint`` stores the dict under its ``global_step`` (one step stored once, also
-    when Lightning saves it to two paths), with the monitored ``current_score`` as the metric.
-    ``strict=True`` makes a failed commit raise from the next save (or from ``teardown``);
-    otherwise it is logged.
+    ``save_checkpoint`` stores the dict under its ``global_step`` (stored once when Lightning
+    saves it to two paths), with the monitored ``current_score`` as the metric; a dict without
+    a ``global_step`` (the spawn launchers' temporary state dict) is written by Lightning's own
+    ``TorchCheckpointIO``. ``strict=True`` makes a failed commit raise from the next save (or
+    from ``teardown``); otherwise it is logged. Skipped snapshots (``on_full="skip"``) are only
+    logged.
     """
 
     def __init__(
@@ -111,6 +141,10 @@ class CkptdCheckpointIO(CheckpointIO):
         self._doomed: set[int] = set()  # steps a path stopped naming: deleted once none does
         self._dirs: set[Path] = set()  # the directories of the paths Lightning asked for
         self._failures: list[CkptdError] = []
+        # The latest save: (step, the dict's top-level keys, its handle). A save of the same
+        # step right after it, whose keys it covers, is the same checkpoint (a top-k file and
+        # last.ckpt); anything else is snapshotted (a weights-only save then a full one).
+        self._last_save: tuple[int, frozenset[str], PendingSnapshot] | None = None
 
     # ---- the client -----------------------------------------------------------------------
 
@@ -119,6 +153,7 @@ class CkptdCheckpointIO(CheckpointIO):
         """The connection to the daemon, made at the first save (on global rank 0 only)."""
         if self._client is None:
             self._client = Client(self.job, **self._options)
+            atexit.register(self._at_exit)  # a save outside fit() has no teardown
         return self._client
 
     # ---- CheckpointIO ---------------------------------------------------------------------
@@ -126,24 +161,25 @@ class CkptdCheckpointIO(CheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
+        step = checkpoint.get("global_step")
+        if not isinstance(step, int) or isinstance(step, bool):
+            # Not a training checkpoint: the spawn launchers pass the bare state dict through
+            # a temporary file. Lightning's own IO writes it.
+            TorchCheckpointIO().save_checkpoint(checkpoint, path, storage_options)
+            return
         if storage_options is not None:
             raise TypeError(
                 "CkptdCheckpointIO.save_checkpoint takes no storage_options (got "
                 f"{storage_options!r}); retention and the like are ckptd client options"
             )
-        step = checkpoint.get("global_step")
-        if not isinstance(step, int) or isinstance(step, bool):
-            raise ValueError(
-                f"CkptdCheckpointIO: the checkpoint dict has no integer 'global_step' (got "
-                f"{step!r}); ckptd stores Lightning's checkpoints by global step"
-            )
         where = _local_path(path)
         self._raise_failures()
+        keys = frozenset(checkpoint)
         with self._lock:
-            handle = self._handles.get(step)
-            if handle is not None and handle.error is None:
-                # The same step again (a top-k file and last.ckpt): stored once.
-                self._point(where, step)
+            self._dirs.update(_checkpoint_dirs(checkpoint))
+            last = self._last_save
+            if last is not None and last[0] == step and keys <= last[1] and last[2].error is None:
+                self._point(where, step)  # the same checkpoint at another path: stored once
                 return
         try:
             handle = self.client.snapshot(
@@ -157,6 +193,7 @@ class CkptdCheckpointIO(CheckpointIO):
             ) from exc
         with self._lock:
             self._root = Path(self.client.root).absolute()
+            self._last_save = (step, keys, handle)
             self._handles[step] = handle
             self._committed.pop(step, None)  # a new commit of the step: its pointers wait
             self._point(where, step)
@@ -170,6 +207,14 @@ class CkptdCheckpointIO(CheckpointIO):
         A file that is not a ckptd pointer (a ``torch.save`` checkpoint) is loaded as Lightning
         would. ``weights_only`` does not apply to ckptd's pickle-free checkpoints."""
         where = _local_path(path)
+        with self._lock:
+            step = self._paths.get(where)
+            handle = self._handles.get(step) if step is not None else None
+        if handle is not None:
+            try:
+                handle.wait()  # saved just now: its pointer is written once it commits
+            except CkptdError:
+                pass  # not committed: the path keeps what it had
         try:
             pointer = read_pointer(where)
         except FileNotFoundError:
@@ -178,7 +223,7 @@ class CkptdCheckpointIO(CheckpointIO):
             return TorchCheckpointIO().load_checkpoint(
                 path, map_location=map_location, weights_only=weights_only
             )
-        job, step, root = pointer["job"], int(pointer["step"]), pointer["root"]
+        job, step, root = pointer["job"], pointer["step"], pointer["root"]
         store = Store(root)
         try:
             manifest = store.read_manifest(job, step)
@@ -206,6 +251,9 @@ class CkptdCheckpointIO(CheckpointIO):
                 f"{where} points to {job} step {step}, which is not a Lightning checkpoint "
                 f"(a {type(state).__name__}, not a dict)"
             )
+        if job == self.job:
+            with self._lock:  # the run's other checkpoint directories, for removals
+                self._dirs.update(_checkpoint_dirs(state))
         return state
 
     def remove_checkpoint(self, path: Any) -> None:
@@ -216,16 +264,28 @@ class CkptdCheckpointIO(CheckpointIO):
             step = self._paths.pop(where, None)
         try:
             pointer = read_pointer(where)
-        except FileNotFoundError:
+        except (FileNotFoundError, ManifestError):
             pointer = None
         if step is None and pointer is None and Path(where).exists():
             TorchCheckpointIO().remove_checkpoint(path)  # not ckptd's: Lightning's own file
             return
         Path(where).unlink(missing_ok=True)
-        if step is None and pointer is not None and pointer.get("job") == self.job:
-            step = int(pointer["step"])  # a pointer an earlier run left: committed
+        if step is None and pointer is not None and pointer["job"] == self.job:
             with self._lock:
-                self._root = self._root or Path(pointer["root"])
+                root = Path(pointer["root"])
+                if self._root is None or self._root == root:
+                    self._root = root
+                    step = pointer["step"]  # a pointer an earlier run left: committed
+                else:
+                    log.warning(
+                        "ckptd: %s named %s step %d under %s, not under this run's root %s; "
+                        "that step is left in place",
+                        where,
+                        self.job,
+                        pointer["step"],
+                        root,
+                        self._root,
+                    )
         if step is not None:
             with self._lock:
                 self._dirs.add(Path(where).parent)
@@ -234,12 +294,28 @@ class CkptdCheckpointIO(CheckpointIO):
 
     def teardown(self) -> None:
         """End of ``fit``: wait for the handed-off steps to commit (their pointers are written
-        then), delete what Lightning removed, disconnect."""
+        then), delete what Lightning removed, disconnect. With ``strict=True`` a failed commit
+        raises here, unless Lightning tears down because of another exception (then it is
+        logged, and that exception goes on)."""
         if self._client is not None:
-            self._client.close()  # settles every handle: the pointers are written
+            self._client.close(timeout=None)  # settles every handle: the pointers are written
             self._client = None
+        with self._lock:
+            self._last_save = None
+            self._handles = {s: h for s, h in self._handles.items() if not h.done()}
         self._collect()
-        self._raise_failures()
+        if sys.exc_info()[1] is None:
+            self._raise_failures()
+
+    def _at_exit(self) -> None:
+        """At interpreter exit: give the commits of saves made outside ``fit()`` a minute, so
+        their pointers are written; never raises."""
+        client = self._client
+        if client is not None:
+            try:
+                client.flush(60.0)
+            except Exception as exc:
+                log.warning("ckptd: at exit, waiting for %s's commits failed: %s", self.job, exc)
 
     # ---- internals ------------------------------------------------------------------------
 
@@ -263,7 +339,8 @@ class CkptdCheckpointIO(CheckpointIO):
             if handle.error is not None:
                 del self._handles[handle.step]
                 self._doomed.discard(handle.step)
-                self._failures.append(handle.error)
+                if not isinstance(handle.error, SnapshotSkippedError):  # on_full="skip" chose
+                    self._failures.append(handle.error)
                 log.warning(
                     "ckptd: %s step %d was not committed (%s); Lightning's paths for it get no "
                     "pointer",
@@ -313,7 +390,7 @@ class CkptdCheckpointIO(CheckpointIO):
             for entry in d.iterdir() if d.is_dir() else ():
                 try:
                     pointer = read_pointer(entry) if entry.is_file() else None
-                except OSError:
+                except (OSError, ManifestError):
                     continue
                 if pointer and pointer.get("job") == self.job:
                     named.add(int(pointer["step"]))
@@ -335,7 +412,7 @@ class CkptdCheckpointIO(CheckpointIO):
         store = Store(root)
         try:
             newest = store.resolve_step(self.job, "latest")
-            deleted, _ = delete_and_collect(
+            delete_and_collect(
                 store,
                 self.job,
                 victims,
@@ -343,8 +420,11 @@ class CkptdCheckpointIO(CheckpointIO):
                 why="Lightning removed its checkpoint files",
                 gc_blocking=False,
             )
-        except CkptdError as exc:
+        except Exception as exc:  # a failed cleanup never stops training
             log.warning("ckptd: could not delete %s steps %s: %s", self.job, victims, exc)
+        try:
+            deleted = set(victims) - set(store.steps(self.job))
+        except CkptdError:
             return
         with self._lock:
             for step in deleted:
@@ -367,6 +447,14 @@ def _local_path(path: Any) -> str:
             "give ModelCheckpoint a local dirpath (the checkpoints themselves go to ckptd's root)"
         )
     return os.path.normpath(Path(text.removeprefix("file://")).absolute())
+
+
+def _checkpoint_dirs(checkpoint: dict[str, Any]) -> Iterator[Path]:
+    """The local ``dirpath`` of every ``ModelCheckpoint`` in a Lightning checkpoint dict."""
+    for state in (checkpoint.get("callbacks") or {}).values():
+        dirpath = state.get("dirpath") if isinstance(state, dict) else None
+        if isinstance(dirpath, str) and ("://" not in dirpath or dirpath.startswith("file://")):
+            yield Path(_local_path(dirpath))
 
 
 def _monitored_score(checkpoint: dict[str, Any]) -> float | None:

@@ -130,9 +130,11 @@ class PendingSnapshot:
         self._finish(callbacks)
 
     def _finish(self, callbacks: list[Callable[[PendingSnapshot], None]]) -> None:
-        for fn in callbacks:
-            self._call(fn)
-        self._done.set()
+        try:
+            for fn in callbacks:
+                self._call(fn)
+        finally:
+            self._done.set()  # also after a BaseException from a callback: waiters wake
 
     def __repr__(self) -> str:
         state = "skipped" if self.skipped else ("done" if self.done() else "pending")

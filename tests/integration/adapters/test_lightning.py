@@ -36,6 +36,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from ckptd.errors import (
     DaemonUnavailableError,
     InvalidNameError,
+    ManifestError,
     NotFoundError,
     UnsupportedStateError,
 )
@@ -103,7 +104,11 @@ def runs(lt_daemon: Daemon, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     _finish(reference)
     # The resumed run continues in the same directory (its `last.ckpt`), in a new process.
     dirs["resumed"] = dirs["six"]
-    (dirs["six"] / "final-6.pt").write_bytes((dirs["six"] / "final.pt").read_bytes())
+    for name in ("final", "saves"):  # the resumed run writes its own
+        suffix = ".pt" if name == "final" else ".json"
+        (dirs["six"] / f"{name}-6{suffix}").write_bytes(
+            (dirs["six"] / f"{name}{suffix}").read_bytes()
+        )
     resumed = _run(lt_daemon, dirs["six"], "8", "--plugin", "lt-main", "--resume")
     killed = _run(lt_daemon, dirs["killed"], "6", "--plugin", "lt-kill", "--kill-after", "4")
     output = _finish(resumed)
@@ -114,10 +119,17 @@ def runs(lt_daemon: Daemon, tmp_path_factory: pytest.TempPathFactory) -> dict[st
 
 
 def test_fit_commits_each_saved_step_once(runs: dict[str, Path], lt_daemon: Daemon) -> None:
-    saves = json.loads((runs["six"] / "saves.json").read_text())
-    # The resumed run rewrote saves.json; the first run's are the steps below 8.
-    asked = sorted({step for step, _path in saves} | {2, 4, 6})
-    assert asked == [2, 4, 6, 8]
+    first = json.loads((runs["six"] / "saves-6.json").read_text())
+    resumed = json.loads((runs["six"] / "saves.json").read_text())
+    assert [(step, Path(p).name) for step, p in first] == [
+        (2, "epoch=0-step=2.ckpt"),
+        (2, "last.ckpt"),
+        (4, "epoch=0-step=4.ckpt"),
+        (4, "last.ckpt"),
+        (6, "epoch=0-step=6.ckpt"),
+        (6, "last.ckpt"),
+    ]
+    assert [step for step, _path in resumed] == [8, 8]
     assert _committed(lt_daemon, "lt-main") == [2, 4, 6, 8], "each step committed once"
     # ModelCheckpoint keeps the top 1 (no monitor: the newest) and last.ckpt: older steps go.
     assert Store(lt_daemon.root).steps("lt-main") == [8]
@@ -157,7 +169,9 @@ def test_killed_after_save_still_commits_and_last_is_committed(
 # ---- the plugin's calls, driven directly ----------------------------------------------------
 
 
-def _lightning_dict(step: int, score: float | None = None, **extra: Any) -> dict[str, Any]:
+def _lightning_dict(
+    step: int, score: float | None = None, dirpath: Path | None = None, **extra: Any
+) -> dict[str, Any]:
     """A checkpoint dict shaped like Lightning's (the parts the plugin looks at)."""
     g = torch.Generator().manual_seed(step)
     return {
@@ -169,6 +183,7 @@ def _lightning_dict(step: int, score: float | None = None, **extra: Any) -> dict
         "callbacks": {
             "ModelCheckpoint{'monitor': 'val_loss'}": {
                 "monitor": "val_loss" if score is not None else None,
+                "dirpath": None if dirpath is None else str(dirpath),
                 "current_score": None if score is None else torch.tensor(score),
                 "best_k_models": {},
             }
@@ -241,6 +256,60 @@ def test_pointer_from_an_earlier_run_is_removed_with_its_step(
     second.teardown()
 
 
+def test_a_run_spares_steps_named_in_its_other_checkpoint_directories(
+    lt_daemon: Daemon, tmp_path: Path
+) -> None:
+    """Two ModelCheckpoints (top-1 in ``a/``, best in ``b/``) name step 4; the resumed run's
+    top-k removes ``a/``'s steps only, and ``b/best.ckpt`` must keep loading."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    first = CkptdCheckpointIO("io-dirs", socket=lt_daemon.socket, strict=True)
+    first.save_checkpoint(_lightning_dict(4, dirpath=b), a / "x.ckpt")
+    first.save_checkpoint(_lightning_dict(4, dirpath=b), b / "best.ckpt")
+    first.teardown()
+    second = CkptdCheckpointIO("io-dirs", socket=lt_daemon.socket, strict=True)
+    second.load_checkpoint(a / "x.ckpt")  # fit(ckpt_path=...): learns b/ from the dict
+    second.save_checkpoint(_lightning_dict(6), a / "y.ckpt")
+    second.remove_checkpoint(a / "x.ckpt")
+    second.client.flush()
+    second.save_checkpoint(_lightning_dict(8), a / "z.ckpt")
+    second.remove_checkpoint(a / "y.ckpt")
+    second.teardown()
+    assert Store(lt_daemon.root).steps("io-dirs") == [4, 8]
+    assert second.load_checkpoint(b / "best.ckpt")["global_step"] == 4
+
+
+def test_weights_only_and_full_saves_of_one_step(
+    io: CkptdCheckpointIO, lt_daemon: Daemon, tmp_path: Path
+) -> None:
+    """A full save after a weights-only one of the same step replaces it (every path of the
+    step then loads the full one); a weights-only save after a full one is the full one."""
+    full = _lightning_dict(4)
+    weights = {k: v for k, v in full.items() if k not in ("optimizer_states", "lr_schedulers")}
+    io.save_checkpoint(weights, tmp_path / "w.ckpt")
+    io.save_checkpoint(full, tmp_path / "last.ckpt")
+    io.save_checkpoint(_lightning_dict(6), tmp_path / "last.ckpt")
+    io.save_checkpoint(
+        {k: v for k, v in _lightning_dict(6).items() if k != "optimizer_states"},
+        tmp_path / "w6.ckpt",
+    )
+    io.teardown()
+    assert _committed(lt_daemon, io.job) == [4, 4, 6]
+    for name in ("w.ckpt", "w6.ckpt", "last.ckpt"):
+        assert "optimizer_states" in io.load_checkpoint(tmp_path / name), name
+
+
+def test_load_right_after_save_and_a_second_fit(io: CkptdCheckpointIO, tmp_path: Path) -> None:
+    io.save_checkpoint(_lightning_dict(2), tmp_path / "a.ckpt")
+    assert io.load_checkpoint(tmp_path / "a.ckpt")["global_step"] == 2  # waits for the commit
+    io.teardown()
+    # A second fit() with the same plugin: step 2 again, with other weights, is stored anew.
+    again = _lightning_dict(2)
+    again["state_dict"]["net.weight"] += 1
+    io.save_checkpoint(again, tmp_path / "b.ckpt")
+    loaded = io.load_checkpoint(tmp_path / "b.ckpt")
+    assert_same(loaded["state_dict"], again["state_dict"])
+
+
 def test_hyperparameter_objects_need_allow_pickle(lt_daemon: Daemon, tmp_path: Path) -> None:
     state = _lightning_dict(2, loss_fn=torch.nn.MSELoss())
     plain = CkptdCheckpointIO("io-pickle", socket=lt_daemon.socket, strict=True)
@@ -284,8 +353,16 @@ def test_bad_calls_are_refused(lt_daemon: Daemon, tmp_path: Path) -> None:
     io = CkptdCheckpointIO("io-bad", socket=lt_daemon.socket)
     with pytest.raises(TypeError, match="storage_options"):
         io.save_checkpoint(_lightning_dict(2), tmp_path / "a.ckpt", {"x": 1})
-    with pytest.raises(ValueError, match="global_step"):
-        io.save_checkpoint({"state_dict": {}}, tmp_path / "a.ckpt")
+    # Not a training checkpoint (the spawn launchers' temporary state dict): torch.save.
+    io.save_checkpoint({"w": torch.ones(3)}, tmp_path / "spawn.ckpt")
+    assert read_pointer(tmp_path / "spawn.ckpt") is None
+    assert torch.equal(io.load_checkpoint(tmp_path / "spawn.ckpt")["w"], torch.ones(3))
+    damaged = tmp_path / "damaged.ckpt"
+    damaged.write_text(json.dumps({"kind": POINTER_KIND, "job": "io-bad", "step": "two"}))
+    with pytest.raises(ManifestError, match="damaged ckptd pointer"):
+        io.load_checkpoint(damaged)
+    io.remove_checkpoint(damaged)
+    assert not damaged.exists()
     with pytest.raises(ValueError, match="local dirpath"):
         io.save_checkpoint(_lightning_dict(2), "s3://bucket/a.ckpt")
     with pytest.raises(InvalidNameError, match="invalid job name"):
@@ -323,12 +400,23 @@ class PluginMachine(RuleBasedStateMachine):
     def advance(self) -> None:
         self.step += 1
 
-    @rule(name=st.sampled_from(["a.ckpt", "b.ckpt", "last.ckpt"]))
-    def save(self, name: str) -> None:
+    @rule(name=st.sampled_from(["a.ckpt", "b.ckpt", "last.ckpt"]), weights_only=st.booleans())
+    def save(self, name: str, weights_only: bool) -> None:
         if self.step == 0:
             self.step = 1
-        self.io.save_checkpoint(_lightning_dict(self.step), self.dir / name)
+        state = _lightning_dict(self.step)
+        if weights_only:
+            del state["optimizer_states"]
+        self.io.save_checkpoint(state, self.dir / name)
         self.live[name] = self.step
+
+    @rule()
+    def restart(self) -> None:
+        """The trainer process ends (teardown) and a new one takes over the directory (saving a
+        step the earlier one saved would replace it: its pointers then say so when loaded)."""
+        self.io.teardown()
+        self.io = CkptdCheckpointIO(self.job, socket=self.daemon.socket, strict=True)
+        self.step += 1  # the new process resumes and trains on
 
     @rule(name=st.sampled_from(["a.ckpt", "b.ckpt", "last.ckpt"]))
     def remove(self, name: str) -> None:
@@ -344,6 +432,7 @@ class PluginMachine(RuleBasedStateMachine):
             assert step in self.store.steps(self.job), f"{name}'s step {step} was deleted"
             pointer = read_pointer(self.dir / name)
             assert pointer is not None and pointer["step"] == step, f"{name}: {pointer}"
+            assert self.store.read_manifest(self.job, step).digest == pointer["digest"]
 
     @invariant()
     def pointers_name_committed_steps(self) -> None:
@@ -357,8 +446,6 @@ class PluginMachine(RuleBasedStateMachine):
             pointer = read_pointer(path)
             assert pointer is not None
             assert pointer["step"] in committed, f"{path.name} names uncommitted {pointer}"
-            manifest = self.store.read_manifest(self.job, pointer["step"])
-            assert manifest.digest == pointer["digest"]
 
     def teardown(self) -> None:
         self.io.teardown()

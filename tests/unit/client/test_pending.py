@@ -58,3 +58,15 @@ def test_rejection_reaches_callbacks_and_failures_are_logged(
     assert "done-callback" in caplog.text and "callback bug" in caplog.text
     with pytest.raises(SnapshotFailedError, match="disk full"):
         handle.wait(0)
+
+
+def test_a_callback_raising_base_exception_still_settles_the_handle() -> None:
+    handle = PendingSnapshot("job", 5)
+
+    def stop(_h: PendingSnapshot) -> None:
+        raise SystemExit(3)
+
+    handle.add_done_callback(stop)
+    with pytest.raises(SystemExit):
+        handle._resolve(INFO)
+    assert handle.done() and handle.wait(0).step == 3  # waiters are not left hanging
