@@ -23,6 +23,8 @@ the order they were given:
 ``custom_objects``          each registered object's ``state_dict()``
 ``step``, ``iteration``     ``accelerator.step`` (the gradient-accumulation counter) and
                             ``accelerator.save_iteration``
+``classes``                 the class (module and qualified name) of each optimizer and scheduler
+                            (the one the accelerator wraps) and of each registered object
 ``device_rng``              the RNG of a non-CUDA accelerator device (XPU, MPS, NPU, ...), if any
 ==========================  ======================================================================
 
@@ -43,9 +45,20 @@ overridden or patched.
 
 Restore checks, before anything is loaded, that the checkpoint was taken by :func:`snapshot`, that
 the accelerator holds as many models, optimizers, schedulers, dataloaders and registered objects
-as were saved (and a scaler exactly when one was saved), that every model has the saved keys,
-shapes and dtypes and every optimizer the saved parameter groups: else
-:class:`AcceleratorMismatchError` lists every difference and nothing was loaded (RNG included).
+as were saved (and a scaler exactly when one was saved), that every optimizer, scheduler and
+registered object is of the saved class (a class defined in a script, module ``__main__``, is
+matched by its name alone), that every model and every registered ``torch.nn.Module`` has the
+saved keys, shapes and dtypes, every optimizer the saved parameter groups, every scheduler the
+saved settings (its state dict's public keys) and every dataloader generator a state of the saved
+size: else :class:`AcceleratorMismatchError` lists every difference and nothing was loaded (RNG
+included). A checkpoint taken before the classes were stored has its classes unchecked.
+
+The load itself is all or nothing: restore first copies the current state of every object it
+loads into (model and optimizer tensors to the CPU: for that moment the process holds a second
+copy of them), and if loading any of them raises (a registered object's own
+``load_state_dict``, say, whose state the check cannot judge), puts every object already loaded
+back as it was and raises :class:`AcceleratorMismatchError` with the original error as its
+cause. ckptd's RNG states are set only after everything loaded.
 
 DeepSpeed, Megatron-LM, FSDP and XLA keep their state in their own engines, and are refused with
 a :class:`~ckptd.errors.ConfigError` (for FSDP2, snapshot the model and optimizer with
@@ -63,8 +76,11 @@ on in one process snapshots under a new job name.
 
 from __future__ import annotations
 
+import copy
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +96,8 @@ from ckptd_client.state import apply
 try:
     from accelerate import Accelerator  # type: ignore[import-untyped]
     from accelerate.data_loader import SeedableRandomSampler  # type: ignore[import-untyped]
+    from accelerate.optimizer import AcceleratedOptimizer  # type: ignore[import-untyped]
+    from accelerate.scheduler import AcceleratedScheduler  # type: ignore[import-untyped]
     from accelerate.utils import DistributedType  # type: ignore[import-untyped]
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
@@ -104,13 +122,25 @@ _GENERATOR_ROLES = ("loader", "sampler", "synchronized")
 """A dataloader's generators, in the order stored: ``DataLoader.generator`` (worker seeds, and
 the default sampler's), its sampler's and accelerate's ``synchronized_generator``; several roles
 may be one generator, which is then restored to the same state more than once."""
+_CLASSED = (
+    ("optimizers", "optimizer"),
+    ("schedulers", "scheduler"),
+    ("custom_objects", "registered object"),
+)
+"""The lists whose objects' classes a snapshot stores (under ``classes``), and their names in
+messages."""
+_ADVICE = (
+    "Prepare (accelerator.prepare) and register (accelerator.register_for_checkpointing) the "
+    "same objects, in the same order, as the run that took the snapshot, then restore"
+)
 
 
 class AcceleratorMismatchError(CkptdError, ValueError):
     """The checkpoint does not fit the accelerator it is restored into (other prepared or
-    registered objects, other model shapes, or a checkpoint not taken by :func:`snapshot`).
-    Raised before anything is loaded. A ``ValueError`` too, as ``ckptd_client.restore`` raises
-    for a part that does not fit."""
+    registered objects, other classes or shapes, or a checkpoint not taken by :func:`snapshot`),
+    found before anything is loaded, or a load that raised, after which everything loaded before
+    it was put back (the original error is the ``__cause__``). A ``ValueError`` too, as
+    ``ckptd_client.restore`` raises for a part that does not fit."""
 
 
 def snapshot(
@@ -166,7 +196,8 @@ def restore(
 
     Prepare and register the same objects, in the same order, as the run that took the snapshot,
     then call this before the first training step. Everything is checked before anything is
-    loaded (:class:`AcceleratorMismatchError`). ``step`` is a step number or ``"latest"``.
+    loaded, and a load that raises is undone (:class:`AcceleratorMismatchError`, see the module
+    docstring). ``step`` is a step number or ``"latest"``.
 
     From ``client``'s job and root: as ``Client.restore``, it first waits (up to ``wait_s``)
     until the daemon has committed what it accepted of this job (with no daemon answering it
@@ -290,28 +321,111 @@ class _AcceleratorState:
             "step": int(acc.step),
             "iteration": int(acc.save_iteration),
             "device_rng": _device_rng_state() if self.rng else None,
+            "classes": {
+                key: [list(_class_of(o)) for o in getattr(p, key)] for key, _what in _CLASSED
+            },
         }
 
     def load_state_dict(self, saved: Any, /) -> None:
         self._check(saved)
-        acc, p = self.accelerator, self.prepared
-        for model, state in zip(p.models, saved["models"], strict=True):
-            _unwrapped(acc, model).load_state_dict(state)
-        for opt, state in zip(p.optimizers, saved["optimizers"], strict=True):
-            opt.load_state_dict(state)
-        for sched, state in zip(p.schedulers, saved["schedulers"], strict=True):
-            sched.load_state_dict(state)
-        if saved["scaler"] is not None:
-            acc.scaler.load_state_dict(saved["scaler"])
-        for loader, state in zip(p.dataloaders, saved["dataloaders"], strict=True):
-            _load_dataloader_state(loader, state)
-        for obj, state in zip(p.custom_objects, saved["custom_objects"], strict=True):
-            obj.load_state_dict(state)
-        acc.step = saved["step"]
-        acc.project_configuration.iteration = saved["iteration"]
-        if self.rng:
-            _set_device_rng_state(saved["device_rng"])
+        loads = self._loads(saved)  # the current state of each target is copied here
+        done: list[_Load] = []
+        try:
+            for item in loads:
+                done.append(item)
+                item.load(item.saved)
+        except BaseException as exc:
+            failed = _roll_back(done)
+            if not isinstance(exc, Exception):
+                raise
+            raise AcceleratorMismatchError(
+                _load_failure(self._where(saved), done[-1].what, exc, failed)
+            ) from exc
         self.loaded_step = saved["snapshot_step"]
+
+    def _loads(self, saved: dict[str, Any]) -> list[_Load]:
+        """Every load ``saved`` makes, in order, each with a copy of what its target holds now
+        (taken before the first load, so that any failure to copy loads nothing)."""
+        acc, p = self.accelerator, self.prepared
+        out = []
+        for i, (model, state) in enumerate(zip(p.models, saved["models"], strict=True)):
+            module = _unwrapped(acc, model)
+            out.append(
+                _Load(
+                    f"model {i}",
+                    module.load_state_dict,
+                    state,
+                    _copied(module.state_dict(), to_cpu=True),
+                )
+            )
+        for i, (opt, state) in enumerate(zip(p.optimizers, saved["optimizers"], strict=True)):
+            out.append(
+                _Load(
+                    f"optimizer {i}",
+                    opt.load_state_dict,
+                    state,
+                    _copied(opt.state_dict(), to_cpu=True),
+                )
+            )
+        for i, (sched, state) in enumerate(zip(p.schedulers, saved["schedulers"], strict=True)):
+            out.append(
+                _Load(f"scheduler {i}", sched.load_state_dict, state, _copied(sched.state_dict()))
+            )
+        if saved["scaler"] is not None:
+            scaler = acc.scaler
+            out.append(
+                _Load(
+                    "the gradient scaler",
+                    scaler.load_state_dict,
+                    saved["scaler"],
+                    _copied(scaler.state_dict()),
+                )
+            )
+        for i, (loader, state) in enumerate(zip(p.dataloaders, saved["dataloaders"], strict=True)):
+            out.append(
+                _Load(
+                    f"dataloader {i}",
+                    partial(_load_dataloader_state, loader),
+                    state,
+                    _copied(_dataloader_state(loader)),
+                )
+            )
+        for i, (obj, state) in enumerate(
+            zip(p.custom_objects, saved["custom_objects"], strict=True)
+        ):
+            out.append(
+                _Load(
+                    f"registered object {i} ({_class_label(_class_of(obj))})",
+                    obj.load_state_dict,
+                    state,
+                    _copied(obj.state_dict(), to_cpu=isinstance(obj, torch.nn.Module)),
+                )
+            )
+        config = acc.project_configuration
+        out += [
+            _Load("accelerator.step", partial(setattr, acc, "step"), saved["step"], acc.step),
+            _Load(
+                "accelerator.save_iteration",
+                partial(setattr, config, "iteration"),
+                saved["iteration"],
+                config.iteration,
+            ),
+        ]
+        if self.rng:
+            out.append(
+                _Load(
+                    "the device RNG",
+                    _set_device_rng_state,
+                    saved["device_rng"],
+                    _device_rng_state(),
+                )
+            )
+        return out
+
+    def _where(self, saved: dict[str, Any]) -> str:
+        if self.step is None and isinstance(saved.get("snapshot_step"), int):
+            return f"{self.where} step {saved['snapshot_step']}"
+        return self.where
 
     def _check(self, saved: Any) -> None:
         """Raise :class:`AcceleratorMismatchError` listing every way ``saved`` does not fit."""
@@ -322,9 +436,6 @@ class _AcceleratorState:
                 "ckptd_client.restore(model, optimizer, ...) or ckptd_client.load(). Nothing was "
                 "loaded"
             )
-        where = self.where
-        if self.step is None and isinstance(saved.get("snapshot_step"), int):
-            where = f"{where} step {saved['snapshot_step']}"
         acc, p = self.accelerator, self.prepared
         problems = [
             f"{len(saved[key])} {what} saved, {len(have)} {verb} now"
@@ -344,39 +455,170 @@ class _AcceleratorState:
                 else "no gradient scaler saved, one now (mixed_precision differs)"
             )
         if not problems:
+            problems += self._class_problems(saved)
             for i, (model, state) in enumerate(zip(p.models, saved["models"], strict=True)):
-                problems += _model_problems(i, _unwrapped(acc, model).state_dict(), state)
+                problems += _module_problems(
+                    f"model {i}", "the model", _unwrapped(acc, model).state_dict(), state
+                )
             for i, (opt, state) in enumerate(zip(p.optimizers, saved["optimizers"], strict=True)):
                 problems += _optimizer_problems(i, opt, state)
+            for i, (loader, state) in enumerate(
+                zip(p.dataloaders, saved["dataloaders"], strict=True)
+            ):
+                problems += _dataloader_problems(i, loader, state)
+            for i, (obj, state) in enumerate(
+                zip(p.custom_objects, saved["custom_objects"], strict=True)
+            ):
+                if isinstance(obj, torch.nn.Module) and isinstance(state, dict):
+                    problems += _module_problems(
+                        f"registered object {i}", "the object", obj.state_dict(), state
+                    )
         if problems:
             raise AcceleratorMismatchError(
-                f"{where} does not fit this accelerator: {'; '.join(problems)}. Nothing was "
-                "loaded. Prepare (accelerator.prepare) and register "
-                "(accelerator.register_for_checkpointing) the same objects, in the same order, as "
-                "the run that took the snapshot, then restore"
+                f"{self._where(saved)} does not fit this accelerator: {'; '.join(problems)}. "
+                f"Nothing was loaded. {_ADVICE}"
             )
 
+    def _class_problems(self, saved: dict[str, Any]) -> list[str]:
+        """Classes that differ from the saved ones (none known in a checkpoint taken before they
+        were stored), then the public keys of each scheduler whose class is not known to differ
+        (another scheduler class has other settings: ``load_state_dict`` would put them in its
+        ``__dict__`` unchecked)."""
+        classes = saved.get("classes")
+        known = classes if isinstance(classes, dict) else {}
+        out = []
+        differ: set[tuple[str, int]] = set()
+        for key, what in _CLASSED:
+            names = known.get(key)
+            if not isinstance(names, list):
+                continue
+            for i, (obj, name) in enumerate(zip(getattr(self.prepared, key), names, strict=False)):
+                have = _class_of(obj)
+                if not _same_class(have, name):
+                    differ.add((key, i))
+                    out.append(
+                        f"{what} {i}: {_class_label(name)} in the checkpoint, "
+                        f"{_class_label(have)} now"
+                    )
+        for i, (sched, state) in enumerate(
+            zip(self.prepared.schedulers, saved["schedulers"], strict=True)
+        ):
+            if ("schedulers", i) not in differ:
+                out += _scheduler_problems(i, sched, state)
+        return out
 
-def _model_problems(index: int, have: dict[str, Any], saved: dict[str, Any]) -> list[str]:
-    """How a model's saved state dict differs from its own: keys, then tensor shapes and dtypes
-    (at most ``_SHOWN`` of each kind named)."""
+
+@dataclass(frozen=True)
+class _Load:
+    """One object's part of a restore: ``load(saved)`` loads it, ``load(backup)`` undoes that."""
+
+    what: str
+    load: Callable[[Any], object]
+    saved: Any
+    backup: Any
+
+
+def _roll_back(done: list[_Load]) -> list[str]:
+    """Put back every object in ``done`` (the last one too: a load that raised may have loaded
+    part of its state), newest first; return those that could not be, with why."""
+    failed = []
+    for item in reversed(done):
+        try:
+            item.load(item.backup)
+        except Exception as exc:  # every other object is still put back
+            failed.append(f"{item.what} ({type(exc).__name__}: {exc})")
+    return failed
+
+
+def _load_failure(where: str, what: str, exc: BaseException, failed: list[str]) -> str:
+    head = (
+        f"{where} does not fit this accelerator: loading {what} raised {type(exc).__name__}: {exc}"
+    )
+    if not failed:
+        return (
+            f"{head}; everything loaded before it was put back as it was. Nothing was loaded. "
+            f"{_ADVICE}"
+        )
+    return (
+        f"{head}; putting back what was loaded failed for {', '.join(failed)}: those objects may "
+        "hold part of the checkpoint (everything else was put back). Build the accelerator and its "
+        f"objects anew. {_ADVICE}"
+    )
+
+
+def _copied(state: Any, *, to_cpu: bool = False) -> Any:
+    """A deep copy of a state dict that shares nothing with the object it came from: every tensor
+    is detached and copied, to the CPU with ``to_cpu`` (for a module or a torch optimizer, whose
+    ``load_state_dict`` copies values onto the parameters' devices: no second copy on the GPU);
+    other objects' tensors stay on their devices, as their ``load_state_dict`` may keep what it
+    is given."""
+    memo: dict[int, Any] = {}
+
+    def visit(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            memo[id(value)] = (
+                value.detach().to("cpu", copy=True) if to_cpu else value.detach().clone()
+            )
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+        elif isinstance(value, list | tuple):
+            for item in value:
+                visit(item)
+
+    visit(state)
+    return copy.deepcopy(state, memo)
+
+
+def _class_of(obj: Any) -> tuple[str, str]:
+    """The class of ``obj``, or of the optimizer or scheduler accelerate wraps in it, as
+    (module, qualified name)."""
+    if isinstance(obj, AcceleratedOptimizer):
+        obj = obj.optimizer
+    elif isinstance(obj, AcceleratedScheduler):
+        obj = obj.scheduler
+    cls = type(obj)
+    return cls.__module__, cls.__qualname__
+
+
+def _same_class(have: tuple[str, str], saved: Any) -> bool:
+    """``saved`` (a stored [module, qualified name]) names the class ``have``; a class of
+    ``__main__`` (a script's) is matched by its qualified name, as the same script run another
+    way (``python -m``, an entry point) defines it in another module."""
+    if not (isinstance(saved, list | tuple) and len(saved) == 2):
+        return True  # not a name this adapter stored: nothing to compare
+    module, name = saved
+    if have[1] != name:
+        return False
+    return have[0] == module or "__main__" in (have[0], module)
+
+
+def _class_label(name: Any) -> str:
+    return ".".join(str(part) for part in name)
+
+
+def _module_problems(
+    label: str, holder: str, have: dict[str, Any], saved: dict[str, Any]
+) -> list[str]:
+    """How a module's saved state dict differs from its own: keys, then tensor shapes and dtypes
+    (at most ``_SHOWN`` of each kind named). ``holder`` names the module in messages."""
     missing = [k for k in have if k not in saved]
     unexpected = [k for k in saved if k not in have]
     out = []
     if missing:
-        out.append(f"model {index}: keys not in the checkpoint: {_names(missing)}")
+        out.append(f"{label}: keys not in the checkpoint: {_names(missing)}")
     if unexpected:
-        out.append(f"model {index}: keys in the checkpoint, not in the model: {_names(unexpected)}")
+        out.append(f"{label}: keys in the checkpoint, not in {holder}: {_names(unexpected)}")
     differ = [
-        f"model {index}: {key} is {old.dtype} {list(old.shape)} in the checkpoint, "
-        f"{value.dtype} {list(value.shape)} in the model"
+        f"{label}: {key} is {old.dtype} {list(old.shape)} in the checkpoint, "
+        f"{value.dtype} {list(value.shape)} in {holder}"
         for key, value in have.items()
         if isinstance(value, torch.Tensor)
         and isinstance(old := saved.get(key), torch.Tensor)
         and (value.shape, value.dtype) != (old.shape, old.dtype)
     ]
     if len(differ) > _SHOWN:
-        differ[_SHOWN:] = [f"model {index}: {len(differ) - _SHOWN} more tensors differ"]
+        differ[_SHOWN:] = [f"{label}: {len(differ) - _SHOWN} more tensors differ"]
     return out + differ
 
 
@@ -396,6 +638,34 @@ def _optimizer_problems(index: int, opt: Any, saved: dict[str, Any]) -> list[str
     return [f"optimizer {index}: parameters per group {had} in the checkpoint, {have} now"]
 
 
+_SCHEDULER_FLAGS = frozenset({"verbose"})
+"""Public keys of a torch scheduler's state dict that torch releases add or drop (``verbose``,
+deprecated in torch 2.2): not compared."""
+
+
+def _scheduler_problems(index: int, sched: Any, saved: Any) -> list[str]:
+    """The settings of another scheduler class: public keys (not ``_``-prefixed bookkeeping,
+    which torch releases add and drop) that only one side has."""
+    if not isinstance(saved, dict):
+        return []
+
+    def public(state: dict[str, Any]) -> set[str]:
+        return {k for k in state if not k.startswith("_") and k not in _SCHEDULER_FLAGS}
+
+    have, had = public(sched.state_dict()), public(saved)
+    out = []
+    if had - have:
+        out.append(
+            f"scheduler {index}: settings in the checkpoint, not in the scheduler: "
+            f"{_names(sorted(had - have))}"
+        )
+    if have - had:
+        out.append(
+            f"scheduler {index}: settings not in the checkpoint: {_names(sorted(have - had))}"
+        )
+    return out
+
+
 # ---- dataloaders ---------------------------------------------------------------------------------
 
 
@@ -407,6 +677,27 @@ def _generators(loader: Any) -> list[torch.Generator | None]:
         getattr(loader, "synchronized_generator", None),
     ]
     return [g if isinstance(g, torch.Generator) else None for g in found]
+
+
+def _dataloader_problems(index: int, loader: Any, saved: Any) -> list[str]:
+    """Generators whose saved state is of another size (a generator of another device type):
+    ``set_state`` would refuse it."""
+    generators = saved.get("generators") if isinstance(saved, dict) else None
+    if not isinstance(generators, dict):
+        return []
+    out = []
+    for role, g in zip(_GENERATOR_ROLES, _generators(loader), strict=True):
+        old = generators.get(role)
+        if g is None or not isinstance(old, torch.Tensor):
+            continue
+        now = g.get_state()
+        if (now.shape, now.dtype) != (old.shape, old.dtype):
+            out.append(
+                f"dataloader {index}: the {role} generator's state is {old.dtype} "
+                f"{list(old.shape)} in the checkpoint, {now.dtype} {list(now.shape)} now (a "
+                f"generator on {g.device} now)"
+            )
+    return out
 
 
 def _dataloader_state(loader: Any) -> dict[str, Any]:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import copy
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,26 @@ class RunningLoss:
         self.average = state["average"].clone()
 
 
+class Flaky:
+    """A registered object whose next ``load_state_dict`` can be made to fail: ``fail_with``
+    set, the load calls it (to see what the restore loaded before), keeps what it returned in
+    ``seen_at_failure`` and raises; the load after that (the restore putting it back) works."""
+
+    def __init__(self) -> None:
+        self.value = torch.zeros(3)
+        self.fail_with: Callable[[], Any] | None = None
+        self.seen_at_failure: Any = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"value": self.value.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.fail_with is not None:
+            self.seen_at_failure, self.fail_with = self.fail_with(), None
+            raise RuntimeError("injected load failure")
+        self.value = state["value"].clone()
+
+
 def new_accelerator() -> Accelerator:
     return Accelerator(
         cpu=True,
@@ -69,17 +91,24 @@ class Run:
     running: RunningLoss
 
 
-def build(*, register: bool = True, width: int = 16) -> Run:
+def build(
+    *,
+    register: bool = True,
+    width: int = 16,
+    optimizer: Callable[[Any], Any] | None = None,
+    scheduler: Callable[[Any], Any] | None = None,
+) -> Run:
     """A fresh accelerator with everything prepared (and the running loss registered unless
-    ``register=False``), seeded as every script seeds it."""
+    ``register=False``), seeded as every script seeds it. ``optimizer(params)`` and
+    ``scheduler(optimizer)`` replace AdamW and StepLR."""
     set_seed(0)
     acc = new_accelerator()
     acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=3)
     model = torch.nn.Sequential(
         torch.nn.Linear(4, width), torch.nn.Dropout(0.2), torch.nn.ReLU(), torch.nn.Linear(width, 1)
     )
-    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.7)
+    opt = (optimizer or partial(torch.optim.AdamW, lr=0.05))(model.parameters())
+    sched = (scheduler or partial(torch.optim.lr_scheduler.StepLR, step_size=2, gamma=0.7))(opt)
     data = torch.Generator().manual_seed(11)
     n = BATCHES_PER_EPOCH * BATCH
     dataset = torch.utils.data.TensorDataset(

@@ -3,7 +3,8 @@ process). ``first SOCKET ROOT OUT`` trains 4 epochs uninterrupted (the reference
 fresh accelerator seeded alike, 2 epochs, and snapshots; then snapshots a compiled model and
 loads it into an uncompiled one. ``resume SOCKET ROOT OUT`` refuses accelerators that do not
 fit, restores in a new process and trains the last 2 epochs, loads each part of the 2-process
-DDP checkpoint into one process (``from_rank``), and last stops the daemon under a client. Each
+DDP checkpoint into one process (``from_rank``), refuses accelerators of other classes and shapes
+and undoes a load that fails (``guards``), and last stops the daemon under a client. Each
 writes what it saw to ``OUT/<name>.pt`` (tensors) for the test to compare.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,8 @@ import ckptd_client
 JOB = "acc"
 DDP_JOB = "acc-ddp"
 COMPILED_JOB = "acc-compiled"
+GUARD_JOB, LEGACY_JOB = "acc-guard", "acc-guard-legacy"
+GUARD_STEP = 5
 
 
 def check_import_guard() -> dict[str, Any]:
@@ -110,6 +114,7 @@ def resume(socket: str, root: str, out: Path) -> None:
     client.close()
 
     result["ddp"] = ddp_into_one_process(root)
+    result["guards"] = guards(socket, root)
 
     # Last, the daemon stopped under a client (as `ckptd stop` does): the snapshot's handle says
     # so, and restore reads the files.
@@ -125,6 +130,77 @@ def resume(socket: str, root: str, out: Path) -> None:
     result["down_restored"] = c.capture(run)
     down.close()
     c.save(result, out / "resume.pt")
+
+
+def guards(socket: str, root: str) -> dict[str, Any]:
+    """Accelerators that pass the counts but not the classes or shapes, and a load that fails
+    half-way (what each restore raised, if anything, is recorded). The snapshot (``acc-guard``
+    step 5) is of a run trained an epoch with 3 registered objects: the running loss, an EMA
+    ``Linear(4, 4)`` and a :class:`~acc_common.Flaky`; every target is a fresh one (its state
+    differs from the snapshot's in every part). For each refusal: its message and the target's
+    whole state before and after (RNGs included)."""
+    from ckptd_client import accelerate as ckacc
+    from tests.integration.adapters import acc_common as c
+
+    def target(ema_width: int = 4, **kwargs: Any) -> tuple[c.Run, torch.nn.Linear, c.Flaky]:
+        run = c.build(**kwargs)
+        ema, flaky = torch.nn.Linear(4, ema_width), c.Flaky()
+        run.accelerator.register_for_checkpointing(ema, flaky)
+        return run, ema, flaky
+
+    def state(run: c.Run, ema: torch.nn.Module, flaky: c.Flaky) -> dict[str, Any]:
+        return {
+            **c.capture(run),
+            "ema": copy.deepcopy(dict(ema.state_dict())),
+            "flaky": flaky.state_dict(),
+        }
+
+    def refused(job: str, parts: tuple[c.Run, torch.nn.Module, c.Flaky]) -> dict[str, Any]:
+        before = state(*parts)
+        error: Exception | None = None
+        try:
+            ckacc.restore(parts[0].accelerator, job=job, root=root)
+        except Exception as exc:  # the test checks that it is AcceleratorMismatchError
+            error = exc
+        cause = None if error is None else error.__cause__
+        return {
+            "error": None if error is None else [type(error).__name__, str(error)],
+            "cause": None if cause is None else [type(cause).__name__, str(cause)],
+            "unchanged": [before, state(*parts)],
+        }
+
+    source = target()
+    with torch.no_grad():
+        source[1].weight.mul_(3.0)  # the EMA differs from a fresh one's
+    source[2].value = torch.arange(3.0)
+    c.train(source[0], range(1))
+    out: dict[str, Any] = {"at_snapshot": state(*source)}
+    with ckptd_client.Client(GUARD_JOB, socket=socket, root=root, spawn=False) as client:
+        ckacc.snapshot(source[0].accelerator, client, step=GUARD_STEP).wait(timeout=60)
+    # A snapshot as the adapter took it before it stored classes.
+    legacy = ckptd_client.load(GUARD_JOB, GUARD_STEP, root=root)
+    legacy["model"].pop("classes", None)
+    with ckptd_client.Client(LEGACY_JOB, socket=socket, root=root, spawn=False) as client:
+        client.snapshot(legacy["model"], step=GUARD_STEP, rng=False).wait(timeout=60)
+
+    out["ema_width"] = refused(GUARD_JOB, target(ema_width=8))
+    sgd = partial(torch.optim.SGD, lr=0.05, momentum=0.9)
+    out["sgd"] = refused(GUARD_JOB, target(optimizer=sgd))
+    cosine = partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=4)
+    out["cosine"] = refused(GUARD_JOB, target(scheduler=cosine))
+    out["legacy_cosine"] = refused(LEGACY_JOB, target(scheduler=cosine))
+    legacy_fit = target()
+    ckacc.restore(legacy_fit[0].accelerator, job=LEGACY_JOB, root=root, rng=False)
+    out["legacy_restored"] = state(*legacy_fit)
+
+    # The last registered object fails to load: everything loaded before it is put back.
+    flaky = target()
+    flaky[2].fail_with = lambda: state(*flaky)
+    out["flaky"] = refused(GUARD_JOB, flaky)
+    out["flaky"]["seen_at_failure"] = flaky[2].seen_at_failure
+    ckacc.restore(flaky[0].accelerator, job=GUARD_JOB, root=root)  # it loads now
+    out["flaky_restored"] = state(*flaky)
+    return out
 
 
 def ddp_into_one_process(root: str) -> dict[str, Any]:

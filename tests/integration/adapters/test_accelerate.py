@@ -13,8 +13,10 @@ Real accelerate in processes of their own (:mod:`tests.integration.adapters.acc_
   registered object, ``accelerator.step`` / ``save_iteration`` and the torch, numpy and Python
   RNGs (each one of them drawn from).
 * ``resume`` also meets accelerators that do not fit (a model of another width, a registered
-  object missing, a checkpoint not taken by the adapter): refused with the message, nothing
-  loaded; and, last, the daemon stopped under its client: the snapshot's handle fails with
+  object missing, a checkpoint not taken by the adapter; a registered module of another shape,
+  another optimizer or scheduler class, and a registered object whose load fails after
+  everything before it was loaded): refused with the message, nothing loaded or everything put
+  back; and, last, the daemon stopped under its client: the snapshot's handle fails with
   ``DaemonUnavailableError`` naming the socket, and restore reads the files.
 * ``torchrun --nproc-per-node 2``: accelerate wraps the model in DDP; each process snapshots its
   own part, the step commits with both, the stored model has no ``module.`` prefix, and
@@ -144,6 +146,11 @@ def test_the_checkpoint_holds_what_save_state_saves_pickle_free(runs: dict[str, 
     assert_same(acc["scaler"], at["scaler"], "scaler")
     assert_same(acc["custom_objects"], [at["running"]], "custom_objects")
     assert (acc["step"], acc["iteration"], acc["device_rng"]) == (SNAPSHOT_STEP, 0, None)
+    assert acc["classes"] == {
+        "optimizers": [["torch.optim.adamw", "AdamW"]],
+        "schedulers": [["torch.optim.lr_scheduler", "StepLR"]],
+        "custom_objects": [["tests.integration.adapters.acc_common", "RunningLoss"]],
+    }
     (loader,) = acc["dataloaders"]
     assert loader["iteration"] == 2 and loader["seedable_sampler"] is None
     generators = loader["generators"]
@@ -215,6 +222,76 @@ def test_an_accelerator_that_does_not_fit_is_refused_before_anything_is_loaded(
         assert_same(after, before, key)
         with pytest.raises(AssertionError):
             assert_same(after["params"], runs["first"]["at_snapshot"]["params"])
+
+
+def test_other_classes_and_registered_shapes_are_refused_before_anything_is_loaded(
+    runs: dict[str, Any],
+) -> None:
+    guards = runs["resume"]["guards"]
+    fits = "job 'acc-guard' step 5 does not fit this accelerator: "
+    # The review's case: an EMA Linear(4, 4) registered, restored where it is a Linear(4, 8).
+    assert guards["ema_width"]["error"] == [
+        "AcceleratorMismatchError",
+        f"{fits}registered object 1: weight is torch.float32 [4, 4] in the checkpoint, "
+        "torch.float32 [8, 4] in the object; registered object 1: bias is torch.float32 [4] in "
+        f"the checkpoint, torch.float32 [8] in the object. {ADVICE}",
+    ]
+    assert guards["sgd"]["error"] == [
+        "AcceleratorMismatchError",
+        f"{fits}optimizer 0: torch.optim.adamw.AdamW in the checkpoint, torch.optim.sgd.SGD now. "
+        f"{ADVICE}",
+    ]
+    assert guards["cosine"]["error"] == [
+        "AcceleratorMismatchError",
+        f"{fits}scheduler 0: torch.optim.lr_scheduler.StepLR in the checkpoint, "
+        f"torch.optim.lr_scheduler.CosineAnnealingLR now. {ADVICE}",
+    ]
+    # A checkpoint without the classes (taken before they were stored): the scheduler's
+    # settings still tell; one that fits loads.
+    assert guards["legacy_cosine"]["error"] == [
+        "AcceleratorMismatchError",
+        "job 'acc-guard-legacy' step 5 does not fit this accelerator: scheduler 0: settings in "
+        "the checkpoint, not in the scheduler: gamma, step_size; scheduler 0: settings not in the "
+        f"checkpoint: T_max, eta_min. {ADVICE}",
+    ]
+    at = guards["at_snapshot"]
+    legacy = {k: v for k, v in guards["legacy_restored"].items() if k != "rng"}
+    assert_same(legacy, {k: v for k, v in at.items() if k != "rng"}, "legacy restored")
+    # Nothing loaded: every part of the target, RNGs included, bit for bit as before, and
+    # different from the checkpoint's.
+    for case in ("ema_width", "sgd", "cosine", "legacy_cosine"):
+        assert guards[case]["cause"] is None
+        before, after = guards[case]["unchanged"]
+        assert_same(after, before, case)
+        for key in ("params", "optimizer", "scheduler", "running", "rng"):
+            with pytest.raises(AssertionError):
+                assert_same(after[key], at[key])
+
+
+def test_a_load_that_fails_puts_back_everything_loaded_before_it(runs: dict[str, Any]) -> None:
+    guards = runs["resume"]["guards"]
+    flaky, at = guards["flaky"], guards["at_snapshot"]
+    assert flaky["error"] == [
+        "AcceleratorMismatchError",
+        "job 'acc-guard' step 5 does not fit this accelerator: loading registered object 2 "
+        "(tests.integration.adapters.acc_common.Flaky) raised RuntimeError: injected load "
+        f"failure; everything loaded before it was put back as it was. {ADVICE}",
+    ]
+    assert flaky["cause"] == ["RuntimeError", "injected load failure"]
+    # When it failed, everything before it had been loaded ...
+    seen = flaky["seen_at_failure"]
+    loaded_first = ("params", "optimizer", "scheduler", "scaler", "shuffle_generator", "running")
+    for key in (*loaded_first, "loader_iteration", "ema"):
+        assert_same(seen[key], at[key], key)
+    # ... and all of it was put back, bit for bit, RNGs included.
+    before, after = flaky["unchanged"]
+    assert_same(after, before, "after the failed restore")
+    for key in (*loaded_first, "ema", "flaky", "rng"):
+        with pytest.raises(AssertionError):
+            assert_same(after[key], at[key])
+    assert after["accelerator_step"] == 0 and after["loader_iteration"] == 0
+    # The same accelerator restores once the load works: everything comes from the checkpoint.
+    assert_same(guards["flaky_restored"], at, "restored")
 
 
 def test_a_daemon_stopped_under_the_client_fails_the_snapshot_and_restore_reads_the_files(
