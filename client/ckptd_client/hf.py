@@ -22,10 +22,11 @@ Trainer would have written:
 ==========================  ===========================================================
 the step also ...           snapshot taken in
 ==========================  ===========================================================
-evaluates                   ``on_evaluate``: the metrics exist; ``metric_for_best_model``
-                            becomes the snapshot's ckptd ``metric`` (retention's
-                            ``keep_best``), and the stored ``TrainerState`` gets the best
-                            metric / step update the Trainer applies right after
+evaluates                   the next hook (``on_step_begin``, ``on_epoch_begin``,
+                            ``on_epoch_end``, ``on_train_end``): the TrainerState, RNG and
+                            metrics are captured at the (last dataset's) ``on_evaluate``,
+                            model/optimizer/scheduler after the Trainer stepped a plateau
+                            scheduler; ``metric_for_best_model`` becomes the ckptd ``metric``
 logs (no evaluation)        ``on_log``: the step's log entry is in ``log_history``
 neither                     ``on_step_end`` / ``on_epoch_end`` itself
 ==========================  ===========================================================
@@ -43,8 +44,9 @@ RNG, as the Trainer does.
 
 Retention, unless ``retention=`` is given: ``save_total_limit=N`` becomes ``keep_last=N``; when the
 Trainer tracks a best model (``metric_for_best_model`` set, which ``load_best_model_at_end``
-implies) it becomes ``keep_last=max(N - 1, 1)`` and ``keep_best=1`` with ``mode`` from
-``greater_is_better``, as ``save_total_limit`` keeps "the N - 1 most recent plus the best". ckptd
+implies) it becomes ``keep_last=N`` and ``keep_best=1`` with ``mode`` from ``greater_is_better``:
+the Trainer keeps N folders, the newest and the best among them; ckptd keeps the same, plus one
+more (N + 1) when the best is older than the N newest. ckptd
 always keeps the newest commit and the highest step, so no limit ever leaves zero checkpoints.
 Without ``save_total_limit`` the daemon's own policy applies (none configured: keep everything,
 like the Trainer).
@@ -62,6 +64,15 @@ Processes: the Trainer calls callbacks on every process. Each process makes its 
 step once every rank's part is durable (DDP). DeepSpeed and FSDP keep state the callback cannot
 take (an engine's, flattened shards) and are refused. ``save_strategy="best"`` is refused too: the
 Trainer decides to save only after the last callback hook ran, so its write cannot be stopped.
+
+Known differences: ``total_flos`` in the stored ``TrainerState`` lacks the FLOPs since the last
+log entry (the Trainer adds them when it writes; a callback cannot reach ``current_flos``). The
+best model is loaded in this callback's ``on_train_end``, after the ``on_train_end`` of
+``report_to`` integrations that came before it (they export the last weights). A callback placed
+after this one that sets ``control.should_save`` brings back the Trainer's own write. When
+``on_train_end`` raises (failed snapshots), later callbacks' ``on_train_end`` does not run. A
+``train()`` that raised leaves its client open; the next ``on_train_begin`` closes it (logging its
+uncommitted steps) and makes a new one from the current arguments.
 
 Thread safety: the Trainer's thread calls every hook; a callback serves one ``train()`` at a
 time (its client is made at ``on_train_begin`` and closed at ``on_train_end``).
@@ -92,7 +103,7 @@ from ckptd.locate import store_root
 from ckptd_client.api import load
 from ckptd_client.client import Client
 from ckptd_client.pending import PendingSnapshot
-from ckptd_client.state import apply
+from ckptd_client.state import apply, collect, rng_state
 
 try:
     import transformers
@@ -108,12 +119,13 @@ try:
     from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "ckptd_client.hf needs transformers and safetensors: pip install 'ckptd[hf]'"
+        "ckptd_client.hf needs transformers (>= 4.50) and safetensors: pip install 'ckptd[hf]' "
+        f"(importing them failed: {exc})"
     ) from exc
 
 log = logging.getLogger("ckptd_client.hf")
 
-_Waiting = Literal["log", "evaluate"]
+_Waiting = Literal["log", "evaluate", "evaluated"]
 _TRACKS_BEST = (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST)
 """The save strategies under which the Trainer records ``best_global_step``."""
 
@@ -127,7 +139,7 @@ def retention_for(args: TrainingArguments) -> dict[str, Any] | None:
     if args.metric_for_best_model is None:
         return {"keep_last": limit}
     return {
-        "keep_last": max(limit - 1, 1),
+        "keep_last": limit,
         "keep_best": 1,
         "mode": "max" if args.greater_is_better else "min",
     }
@@ -160,6 +172,7 @@ class CkptdCallback(TrainerCallback):
         self.client_options = client_options
         self.client: Client | None = None
         self._due: tuple[int, _Waiting] | None = None  # a claimed save, not yet snapshotted
+        self._captured: _Captured | None = None  # what the due save's last hook saw
         self._handles: list[PendingSnapshot] = []  # pending, or failed: reported at train end
 
     # ---- hooks -----------------------------------------------------------------------------
@@ -178,11 +191,16 @@ class CkptdCallback(TrainerCallback):
                 "ckptd: save_strategy='no': CkptdCallback(%r) will snapshot nothing", self.job
             )
         self._due = None
-        self._handles = []
-        if self.client is None:
-            options = dict(self.client_options)
-            options.setdefault("retention", retention_for(args))
-            self.client = Client(self.job, root=self.root, socket=self.socket, **options)
+        self._captured = None
+        self._close_leftover()
+        options = dict(self.client_options)
+        options.setdefault("retention", retention_for(args))
+        self.client = Client(self.job, root=self.root, socket=self.socket, **options)
+
+    def on_epoch_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._take_due(args, state, control, kwargs)
 
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -221,8 +239,23 @@ class CkptdCallback(TrainerCallback):
         metrics: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
-        if self._due is not None:
-            self._snapshot(args, state, control, kwargs, metrics=metrics)
+        # Not the snapshot yet: the Trainer steps a plateau scheduler (ReduceLROnPlateau,
+        # GreedyLR) after this hook returns, and a dict of evaluation datasets calls it once per
+        # dataset. What only this hook sees (the TrainerState with the best metric update the
+        # Trainer applies next, the control, the RNG) is captured here, for the last dataset;
+        # model, optimizer and scheduler are taken at the next hook, before anything trains.
+        if self._due is None or self._due[1] == "log":
+            return
+        merged = dict(self._captured.metrics) if self._captured is not None else {}
+        merged.update(metrics or {})
+        metric = _metric(args, merged)
+        self._captured = _Captured(
+            metrics=merged,
+            metric=metric,
+            trainer_state=_trainer_state(args, state, control, metric),
+            rng=_rng_now(args),
+        )
+        self._due = (state.global_step, "evaluated")
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -249,6 +282,26 @@ class CkptdCallback(TrainerCallback):
 
     # ---- internals -------------------------------------------------------------------------
 
+    def _close_leftover(self) -> None:
+        """Close the client a ``train()`` that raised left open (its ``on_train_end`` never
+        ran), logging the snapshots of that run that were not committed."""
+        client, self.client = self.client, None
+        handles, self._handles = self._handles, []
+        if client is None:
+            return
+        try:
+            client.close(timeout=None)
+        except Exception as exc:  # the old run's client: its failure must not stop this run
+            log.warning("ckptd: closing the client of an earlier train() failed: %s", exc)
+        for handle in handles:
+            if handle.error is not None and not handle.skipped:
+                log.warning(
+                    "ckptd: job %r step %d of an earlier train() that raised was not committed: %s",
+                    self.job,
+                    handle.step,
+                    handle.error,
+                )
+
     def _claim(
         self,
         args: TrainingArguments,
@@ -260,6 +313,7 @@ class CkptdCallback(TrainerCallback):
         if not control.should_save:
             return
         control.should_save = False
+        self._captured = None
         if control.should_evaluate:
             self._due = (state.global_step, "evaluate")
         elif control.should_log:
@@ -275,7 +329,8 @@ class CkptdCallback(TrainerCallback):
         kwargs: dict[str, Any],
     ) -> None:
         if self._due is not None:
-            log.debug("ckptd: step %d: the awaited %s did not come", *self._due)
+            if self._due[1] != "evaluated":
+                log.debug("ckptd: step %d: the awaited %s did not come", *self._due)
             self._snapshot(args, state, control, kwargs, metrics=None)
 
     def _snapshot(
@@ -287,6 +342,7 @@ class CkptdCallback(TrainerCallback):
         metrics: dict[str, float] | None,
     ) -> None:
         self._due = None
+        captured, self._captured = self._captured, None
         client = self.client
         if client is None:
             raise RuntimeError(
@@ -296,33 +352,29 @@ class CkptdCallback(TrainerCallback):
         model = kwargs.get("model")
         if model is None:
             raise RuntimeError("the Trainer passed no model to CkptdCallback")
-        metric = _metric(args, metrics)
+        if captured is not None:
+            metric, trainer_state, rng = captured.metric, captured.trainer_state, captured.rng
+        else:
+            metric = _metric(args, metrics)
+            trainer_state = _trainer_state(args, state, control, metric)
+            rng = _rng_now(args)
         hf: dict[str, Any] = {
-            "trainer_state": _trainer_state(args, state, control, metric),
+            "trainer_state": trainer_state,
             "model_config": _config_json(model),
             "transformers": transformers.__version__,
         }
         optimizer = scheduler = scaler = None
-        full = not args.save_only_model
-        if full:
+        if rng is not None:
             optimizer = kwargs.get("optimizer")
             scheduler = kwargs.get("lr_scheduler")
             scaler = getattr(optimizer, "scaler", None)  # accelerate's AcceleratedOptimizer
-            if torch.cuda.is_available():
-                multi = args.world_size > 1
-                hf["cuda_rng"] = (
-                    torch.cuda.random.get_rng_state_all() if multi else torch.cuda.get_rng_state()
-                )
-        handle = client.snapshot(
-            model,
-            optimizer,
-            step=state.global_step,
-            scheduler=scheduler,
-            scaler=scaler,
-            extra={"hf": hf},
-            metric=metric,
-            rng=full,
-        )
+            if rng[1] is not None:
+                hf["cuda_rng"] = rng[1]
+        taken = collect(model, optimizer, scheduler=scheduler, scaler=scaler, rng=False)
+        if rng is not None:
+            taken["rng"] = rng[0]
+        taken["extra"] = {"hf": hf}
+        handle = client.snapshot(step=state.global_step, state=taken, metric=metric, rng=False)
         self._handles = [h for h in self._handles if not h.done() or h.error is not None]
         self._handles.append(handle)
 
@@ -344,6 +396,31 @@ class CkptdCallback(TrainerCallback):
             return
         apply(saved, model, rng=False, where=f"job {self.job!r} step {step}")
         log.info("ckptd: loaded the best model: %s step %d (metric %s)", self.job, step, metric)
+
+
+_Rng = tuple[dict[str, Any], Any]
+"""The RNG states (``ckptd_client.state.rng_state``) and the CUDA state as the Trainer saves it."""
+
+
+@dataclasses.dataclass
+class _Captured:
+    """What a save step's evaluation hooks saw, for the snapshot taken at the next hook."""
+
+    metrics: dict[str, float]  # every evaluation dataset's so far, merged as the Trainer does
+    metric: float | None
+    trainer_state: dict[str, Any]
+    rng: _Rng | None  # None: save_only_model
+
+
+def _rng_now(args: TrainingArguments) -> _Rng | None:
+    """The RNG states a full checkpoint holds now (None with ``save_only_model``)."""
+    if args.save_only_model:
+        return None
+    cuda = None
+    if torch.cuda.is_available():
+        multi = args.world_size > 1
+        cuda = torch.cuda.random.get_rng_state_all() if multi else torch.cuda.get_rng_state()
+    return rng_state(), cuda
 
 
 def _check_args(args: TrainingArguments) -> None:
@@ -453,7 +530,15 @@ def materialize(
     where = f"job {job!r} step {resolved}"
     state = load(job, resolved, root=store.root, rank=0)
     files = _checkpoint_files(state, where)
-    if world_size == 1:
+    if not isinstance(state, dict) or "rng" not in state:
+        log.warning(
+            "ckptd: %s was saved with save_only_model=True: %s holds the model and "
+            "trainer_state.json but no optimizer, scheduler or RNG state; from_pretrained loads "
+            "it, trainer.train(resume_from_checkpoint=...) cannot resume from it",
+            where,
+            dest,
+        )
+    elif world_size == 1:
         files["rng_state.pth"] = _torch_file(_hf_rng(state, where))
     else:
         for rank in range(world_size):

@@ -59,6 +59,7 @@ from tests.integration.daemon_fixtures import query, wait_until
 
 REPO = Path(__file__).resolve().parents[3]
 MAIN_JOB, BEST_JOB, LOST_JOB = "hf-main", "hf-best", "hf-lost"
+DIFF_JOB, RERUN_JOB = "hf-diff", "hf-rerun"
 SEQ, BATCH, VOCAB = 16, 4, 64
 
 
@@ -310,6 +311,52 @@ def down(out: Path, socket: str, root: str) -> dict[str, Any]:
     }
 
 
+class Boom(TrainerCallback):
+    """Raises at the end of step 1, before the first save: ``train()`` raises."""
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if state.global_step == 1:
+            raise RuntimeError("boom at step 1")
+
+
+def rerun(out: Path, socket: str, root: str) -> dict[str, Any]:
+    """A ``train()`` that raises (so ``on_train_end`` never runs), then ``train()`` again on the
+    same Trainer with ``save_total_limit=2`` (was 1) and ``save_only_model=True``; then
+    ``materialize`` of its last step and ``from_pretrained`` of that folder."""
+    callback = CkptdCallback(RERUN_JOB, socket=socket, root=root)
+    trainer = Trainer(
+        model(),
+        arguments(out / "rerun", max_steps=8, save_total_limit=1),
+        train_dataset=Tokens(64, 1),
+        callbacks=[callback, Boom()],
+    )
+    first = failure(trainer.train)
+    stale = callback.client
+    trainer.remove_callback(Boom)
+    trainer.args.save_total_limit = 2
+    trainer.args.save_only_model = True
+    train(trainer)
+    final = weights(trainer)
+    warned = Warnings()
+    logging.getLogger("ckptd_client.hf").addHandler(warned)
+    try:
+        path = materialize(RERUN_JOB, out / "rerun-export", root=root)
+    finally:
+        logging.getLogger("ckptd_client.hf").removeHandler(warned)
+    loaded = GPT2LMHeadModel.from_pretrained(str(path)).state_dict()
+    return {
+        "first": first,
+        "stale_open": stale is not None and not stale._closed,
+        "replaced": stale is not None and callback.client is None,
+        "steps": steps(RERUN_JOB, root),
+        "files": sorted(p.name for p in path.iterdir()),
+        "materialize_warnings": warned.messages,
+        "from_pretrained_equal": all(torch.equal(loaded[k], v) for k, v in final.items()),
+    }
+
+
 # ---- process B ---------------------------------------------------------------------------------
 
 
@@ -322,6 +369,52 @@ def full8(out: Path, socket: str, root: str) -> dict[str, Any]:
     train(trainer)
     torch.save(weights(trainer), out / "full8-final.pt")
     return {"global_step": trainer.state.global_step}
+
+
+def differential(out: Path, socket: str, root: str) -> dict[str, Any]:
+    """The same run by the plain Trainer (writing ``checkpoint-N`` folders) and with the
+    callback, then every step the Trainer wrote materialized from ckptd, for the test to compare
+    file by file. 9 steps, a save every 2 (and at the last step), a log every 3, an evaluation
+    every 4 on a dict of two datasets, a ReduceLROnPlateau scheduler stepped on the second
+    dataset's loss (``mode="max"``, ``patience=0``: the LR halves whenever the loss falls)."""
+    evaluation = {
+        "a": [constant(9) for _ in range(BATCH)],
+        "b": [constant(5) for _ in range(BATCH)],
+    }
+    options: dict[str, Any] = {
+        "max_steps": 9,
+        "save_steps": 2,
+        "logging_steps": 3,
+        "eval_strategy": "steps",
+        "eval_steps": 4,
+        "metric_for_best_model": "eval_b_loss",
+        "lr_scheduler_type": "reduce_lr_on_plateau",
+        "lr_scheduler_kwargs": {"mode": "max", "patience": 0, "factor": 0.5},
+    }
+    plain = Trainer(
+        model(),
+        arguments(out / "diff-hf", **options),
+        train_dataset=Tokens(64, 1),
+        eval_dataset=evaluation,
+    )
+    train(plain)
+    ours = Trainer(
+        model(),
+        arguments(out / "diff-ckptd", **options),
+        train_dataset=Tokens(64, 1),
+        eval_dataset=evaluation,
+        callbacks=[CkptdCallback(DIFF_JOB, socket=socket, root=root)],
+    )
+    train(ours)
+    written = checkpoint_folders(out / "diff-hf")
+    for name in written:
+        materialize(DIFF_JOB, out / "diff-export", step=int(name.split("-")[1]), root=root)
+    return {
+        "hf_folders": written,
+        "steps": steps(DIFF_JOB, root),
+        "folders": checkpoint_folders(out / "diff-ckptd"),
+        "lr": [g["lr"] for g in ours.optimizer.param_groups] if ours.optimizer else None,
+    }
 
 
 def resume(out: Path, socket: str, root: str) -> dict[str, Any]:
@@ -395,8 +488,8 @@ def main() -> None:
     out = Path(out_name)
     torch.set_num_threads(1)
     scenarios = {
-        "train": [save6, best, refuse, down, lost],
-        "resume": [full8, resume, materialize_errors, example],
+        "train": [save6, best, refuse, down, lost, rerun],
+        "resume": [full8, differential, resume, materialize_errors, example],
     }[what]
     wait_for(out / "daemons.ready")
     for scenario in scenarios:

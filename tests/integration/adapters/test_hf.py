@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import ckptd_client
 from tests.integration.daemon_fixtures import (
@@ -307,3 +309,96 @@ def test_the_example_trains_then_resumes_through_materialize(runs: Runs) -> None
     assert "first run: ckptd steps [2, 4, 6], checkpoint folders []" in result["output"]
     assert "resumed from checkpoint-6 to step 10; ckptd steps [6, 8, 10]" in result["output"]
     assert result["steps"] == [6, 8, 10]
+
+
+# ---- 5. the same files as the Trainer's own checkpoints ------------------------------------------
+
+
+def _assert_same_tree(got: Any, want: Any, where: str) -> None:
+    """Equal, tensors bit for bit (``torch.equal``), numpy arrays element for element."""
+    if isinstance(want, torch.Tensor):
+        assert isinstance(got, torch.Tensor) and torch.equal(got, want), where
+    elif isinstance(want, dict):
+        assert isinstance(got, dict) and list(got) == list(want), where
+        for key, value in want.items():
+            _assert_same_tree(got[key], value, f"{where}.{key}")
+    elif isinstance(want, list | tuple):
+        assert type(got) is type(want) and len(got) == len(want), where
+        for i, (a, b) in enumerate(zip(got, want, strict=True)):
+            _assert_same_tree(a, b, f"{where}[{i}]")
+    elif isinstance(want, np.ndarray):
+        assert isinstance(got, np.ndarray) and np.array_equal(got, want), where
+    else:
+        assert got == want, where
+
+
+def _untimed(trainer_state: dict[str, Any]) -> dict[str, Any]:
+    """``trainer_state`` less the wall-clock figures of its log entries (``*_runtime``,
+    ``*_per_second``), which differ between any two runs."""
+    timed = ("_runtime", "_per_second")
+    history = [
+        {k: v for k, v in entry.items() if not k.endswith(timed)}
+        for entry in trainer_state["log_history"]
+    ]
+    return dict(trainer_state, log_history=history)
+
+
+def test_materialized_steps_are_the_trainers_own_checkpoints(runs: Runs) -> None:
+    """The same 9-step run by the plain Trainer and with the callback (a save every 2 steps and
+    at the last, a log every 3, so step 2 and 8 are saved with no log entry; an evaluation every
+    4 on a dict of two datasets; a ReduceLROnPlateau scheduler, which the Trainer steps after
+    the evaluation hooks): every ``checkpoint-N`` the Trainer wrote and the one ``materialize``
+    wrote from ckptd hold the same ``scheduler.pt``, ``optimizer.pt``, ``rng_state.pth`` and
+    weights, bit for bit, and the same ``trainer_state.json`` but ``total_flos`` (the Trainer
+    adds the FLOPs since the last log entry when it writes, which a callback cannot reach) and
+    ``best_model_checkpoint`` (a folder of the Trainer's; None in ckptd)."""
+    result = runs.results["differential"]
+    assert result["hf_folders"] == [f"checkpoint-{n}" for n in (2, 4, 6, 8, 9)]
+    assert result["steps"] == [2, 4, 6, 8, 9]
+    assert result["folders"] == []
+    hf_dir, ours_dir = runs.out / "diff-hf", runs.out / "diff-export"
+    assert sorted(p.name for p in ours_dir.iterdir()) == result["hf_folders"]
+    for name in result["hf_folders"]:
+        want, got = hf_dir / name, ours_dir / name
+        want_state = json.loads((want / "trainer_state.json").read_text())
+        got_state = json.loads((got / "trainer_state.json").read_text())
+        assert got_state.pop("best_model_checkpoint") is None
+        best = want_state.pop("best_model_checkpoint")
+        assert best is None or best.endswith(f"checkpoint-{want_state['best_global_step']}")
+        assert got_state.pop("total_flos") <= want_state.pop("total_flos")
+        assert _untimed(got_state) == _untimed(want_state), name
+        for file in ("scheduler.pt", "optimizer.pt", "rng_state.pth"):
+            _assert_same_tree(
+                torch.load(got / file, weights_only=False),
+                torch.load(want / file, weights_only=False),
+                f"{name}/{file}",
+            )
+        ours, theirs = load_file(got / "model.safetensors"), load_file(want / "model.safetensors")
+        assert set(theirs) <= set(ours)
+        _assert_same_tree({k: ours[k] for k in theirs}, theirs, f"{name}/model.safetensors")
+    # The plateau scheduler was stepped at steps 4 and 8 (after on_evaluate): the stored step 4
+    # holds one step, step 8 two.
+    schedulers = {n: runs.stored("hf-diff", n)["scheduler"] for n in (2, 4, 8)}
+    assert [schedulers[n]["last_epoch"] for n in (2, 4, 8)] == [0, 1, 2]
+    stored_lr = [g["lr"] for g in runs.stored("hf-diff", 9)["optimizer"]["param_groups"]]
+    assert stored_lr == result["lr"]  # the LR the run ended with, as the plateau left it
+    state_8 = runs.stored("hf-diff", 8)["extra"]["hf"]["trainer_state"]
+    assert {"eval_a_loss", "eval_b_loss"} <= {k for e in state_8["log_history"] for k in e}
+
+
+def test_a_train_that_raised_leaves_no_client_for_the_next_train(runs: Runs) -> None:
+    """``train()`` raised at step 1 (``on_train_end`` never ran); ``train()`` again on the same
+    Trainer, now with ``save_total_limit=2`` and ``save_only_model=True``: the leftover client
+    was closed and a new one made from the current arguments (retention keeps 2 steps, not 1).
+    ``materialize`` of a ``save_only_model`` step writes the model, its config and the
+    ``trainer_state.json``, warns that it cannot be resumed from, and ``from_pretrained`` loads
+    it with the run's final weights."""
+    result = runs.results["rerun"]
+    assert result["first"] == {"type": "RuntimeError", "message": "boom at step 1"}
+    assert result["stale_open"] is False
+    assert result["steps"] == [6, 8]
+    assert result["files"] == ["config.json", "model.safetensors", "trainer_state.json"]
+    assert len(result["materialize_warnings"]) == 1
+    assert "save_only_model=True" in result["materialize_warnings"][0]
+    assert "cannot resume" in result["materialize_warnings"][0]
+    assert result["from_pretrained_equal"] is True
