@@ -23,16 +23,17 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ckptd.errors import ConfigError, InvalidNameError
+from ckptd.errors import ConfigError, InvalidNameError, TierError
 from ckptd.format.codec import CodecConfig
 from ckptd.format.store import validate_job_name
 from ckptd.pipeline.plan import PipelineConfig
 from ckptd.policy.diskguard import DiskConfig
 from ckptd.policy.retention import RetentionPolicy, policy_from_dict
+from ckptd.tier.remote import TierSettings, TierUrl, parse_url
 from ckptd.units import parse_duration, parse_size
 
 DEFAULT_ROOT = Path("checkpoints")
@@ -83,6 +84,34 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class TierConfig:
+    """``[tier]`` (a job's ``[jobs.NAME.tier]`` overrides it key by key): the object store the
+    daemon uploads committed checkpoints to, and the tier's own retention."""
+
+    settings: TierSettings
+    retention: RetentionPolicy = field(default_factory=RetentionPolicy)
+    retry_max_s: float = 300.0
+    """``retry_max``: the longest wait between two attempts while the store fails."""
+
+    @property
+    def url(self) -> TierUrl:
+        return self.settings.url
+
+
+TIER_KEYS = {
+    "url",
+    "endpoint",
+    "region",
+    "concurrency",
+    "bandwidth",
+    "timeout",
+    "retry_max",
+    "retention",
+    "enabled",
+}
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; ``source`` is the file it came from (None: defaults)."""
 
@@ -94,7 +123,23 @@ class Config:
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
     jobs: dict[str, RetentionPolicy] = field(default_factory=dict)
     ranks: RanksConfig = field(default_factory=RanksConfig)
+    tier: TierConfig | None = None
+    job_tiers: dict[str, TierConfig | None] = field(default_factory=dict)
+    """Jobs with a ``[jobs.NAME.tier]`` table: their tier (None: ``enabled = false``)."""
     source: Path | None = None
+
+    def tier_for(self, job: str) -> TierConfig | None:
+        """The tier ``job``'s checkpoints go to (None: none)."""
+        return self.job_tiers.get(job, self.tier)
+
+    def tiers(self) -> list[TierConfig]:
+        """Every tier the config names (``[tier]`` and the jobs' own), each URL once."""
+        found = [self.tier, *self.job_tiers.values()]
+        out: dict[str, TierConfig] = {}
+        for t in found:
+            if t is not None:
+                out.setdefault(str(t.url), t)
+        return list(out.values())
 
     def policy_for(self, job: str, recorded: dict[str, Any] | None = None) -> RetentionPolicy:
         """A job's retention: ``[retention]``, then what its client recorded
@@ -148,7 +193,17 @@ def _size(value: object, key: str, minimum: int, minimum_text: str) -> int:
 
 def config_from_dict(doc: dict[str, Any], source: Path | None = None) -> Config:
     """Validate a parsed TOML document into a :class:`Config`."""
-    sections = ("store", "codec", "daemon", "metrics", "disk", "retention", "jobs", "ranks")
+    sections = (
+        "store",
+        "codec",
+        "daemon",
+        "metrics",
+        "disk",
+        "retention",
+        "jobs",
+        "ranks",
+        "tier",
+    )
     _take(doc, "<top level>", set(sections))
     for name in sections:
         if not isinstance(doc.get(name, {}), dict):
@@ -185,8 +240,95 @@ def config_from_dict(doc: dict[str, Any], source: Path | None = None) -> Config:
         retention=policy_from_dict(doc.get("retention", {}), "retention"),
         jobs=_jobs(doc.get("jobs", {})),
         ranks=_ranks(doc.get("ranks", {})),
+        tier=_tier(doc.get("tier", {}), "tier") if doc.get("tier") else None,
+        job_tiers=_job_tiers(doc.get("jobs", {}), doc.get("tier", {})),
         source=source,
     )
+
+
+def _tier(d: dict[str, Any], name: str) -> TierConfig | None:
+    """``[tier]`` (or a job's merged over it) validated; None when ``enabled = false``."""
+    _take(d, name, TIER_KEYS)
+    enabled = d.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"{name}.enabled: expected true or false, got {enabled!r}")
+    if not enabled:
+        return None
+    if "url" not in d:
+        raise ConfigError(
+            f'{name}.url: missing; set it to the bucket and prefix, e.g. url = "s3://bucket/ckpt"'
+        )
+    try:
+        url = parse_url(d["url"])
+    except TierError as exc:
+        raise ConfigError(f"{name}.url: {exc}") from exc
+    endpoint = d.get("endpoint")
+    if endpoint is not None and (
+        not isinstance(endpoint, str)
+        or not re.fullmatch(r"https?://[^\s/]+(:\d{1,5})?/?", endpoint)
+    ):
+        raise ConfigError(
+            f'{name}.endpoint: expected "http(s)://host[:port]" (an S3-compatible server), '
+            f"got {endpoint!r}"
+        )
+    region = d.get("region")
+    if region is not None and (not isinstance(region, str) or not region):
+        raise ConfigError(f"{name}.region: expected a region name, got {region!r}")
+    bandwidth = parse_size(d.get("bandwidth", 0), f"{name}.bandwidth")
+    if bandwidth < 0 or 0 < bandwidth < 64 << 10:
+        raise ConfigError(
+            f"{name}.bandwidth: expected bytes per second >= 64KiB, or 0 for no cap, "
+            f"got {d.get('bandwidth')!r}"
+        )
+    timeout = parse_duration(d.get("timeout", 60), f"{name}.timeout")
+    retry_max = parse_duration(d.get("retry_max", 300), f"{name}.retry_max")
+    for key, value in (("timeout", timeout), ("retry_max", retry_max)):
+        if value < 1:
+            raise ConfigError(f"{name}.{key}: expected at least 1 s, got {d.get(key)!r}")
+    retention = d.get("retention", {})
+    if not isinstance(retention, dict):
+        raise ConfigError(f"{name}.retention: expected a table, got {retention!r}")
+    settings = TierSettings(
+        url=url,
+        endpoint=endpoint.rstrip("/") if endpoint else None,
+        region=region,
+        concurrency=_int(d.get("concurrency", 8), f"{name}.concurrency", 1, 256),
+        bandwidth=bandwidth or None,
+        timeout_s=timeout,
+    )
+    return TierConfig(
+        settings=settings,
+        retention=policy_from_dict(retention, f"{name}.retention"),
+        retry_max_s=retry_max,
+    )
+
+
+def _job_tiers(jobs: dict[str, Any], base: dict[str, Any]) -> dict[str, TierConfig | None]:
+    """Each ``[jobs.NAME.tier]`` merged over ``[tier]`` (its retention table key by key)."""
+    out: dict[str, TierConfig | None] = {}
+    for name, table in jobs.items():
+        own = table.get("tier") if isinstance(table, dict) else None
+        if own is None:
+            continue
+        if not isinstance(own, dict):
+            raise ConfigError(f"jobs.{name}.tier: expected a table, got {own!r}")
+        merged = {**base, **own}
+        if isinstance(base.get("retention"), dict) and isinstance(own.get("retention"), dict):
+            merged["retention"] = {**base["retention"], **own["retention"]}
+        out[name] = _tier(merged, f"jobs.{name}.tier")
+    return out
+
+
+def tier_settings_for(url: str, config: Config | None = None) -> TierSettings:
+    """How to reach the tier ``url`` for reading: the configured tier's endpoint and region when
+    the config names that bucket, else the AWS environment's (``AWS_ENDPOINT_URL``, ...). Raises
+    :class:`TierError` for a malformed URL."""
+    parsed = parse_url(url)
+    cfg = config if config is not None else load_config()
+    for tier in cfg.tiers():
+        if tier.url.bucket == parsed.bucket:
+            return replace(tier.settings, url=parsed, bandwidth=None)
+    return TierSettings(url=parsed)
 
 
 def _ranks(d: dict[str, Any]) -> RanksConfig:
@@ -220,7 +362,7 @@ def _jobs(d: dict[str, Any]) -> dict[str, RetentionPolicy]:
             raise ConfigError(f"jobs.{name}: {exc}") from exc
         if not isinstance(table, dict):
             raise ConfigError(f"jobs.{name}: expected a table [jobs.{name}.retention]")
-        _take(table, f"jobs.{name}", {"retention"})
+        _take(table, f"jobs.{name}", {"retention", "tier"})
         retention = table.get("retention", {})
         if not isinstance(retention, dict):
             raise ConfigError(f"jobs.{name}.retention: expected a table, got {retention!r}")

@@ -145,6 +145,13 @@ class RankLayoutError(CkptdError):
     exit_code = 21
 
 
+class TierError(CkptdError):
+    """The object-store tier cannot be used: a malformed ``s3://`` URL, a missing bucket, an
+    unreachable endpoint, credentials refused, or an object the tier does not hold."""
+
+    exit_code = 22
+
+
 def error_from_reply(type_name: object, message: object) -> CkptdError:
     """The exception a daemon reply (``error`` / ``failed`` / ``refused``) stands for."""
     cls = globals().get(str(type_name))
@@ -176,6 +183,7 @@ EXIT_CODES: dict[str, int] = {
         SnapshotUnconfirmedError,
         DaemonNoAnswerError,
         RankLayoutError,
+        TierError,
     )
 }
 """Exit code of each error type, as the CLI uses them (documented in the README)."""
