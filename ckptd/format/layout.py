@@ -7,6 +7,8 @@
     <root>/<job>/pins/step-000000001200.json  an empty file: retention keeps that step
     <root>/<job>/parts/step-000000001200/<attempt>/rank-00003.json   one rank's part of a
                                               multi-rank step (the global record is its manifest)
+    <root>/<job>/uploads/step-000000001200.json   a committed checkpoint the tier still lacks
+                                              (``...rank-00003.<attempt>.json``: one rank's part)
     <root>/<job>/job.json                     the job's owner and settings recorded for it
     <root>/<job>/lock, commit.lock            the job lock and the commit lock (flock)
     <root>/<job>/tmp/                         in-flight files; anything here is garbage once no
@@ -52,6 +54,10 @@ class JobDir:
     @property
     def quarantine(self) -> Path:
         return self.path / "quarantine"
+
+    @property
+    def uploads(self) -> Path:
+        return self.path / "uploads"
 
     @property
     def info(self) -> Path:

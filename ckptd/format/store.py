@@ -60,7 +60,17 @@ from ckptd.format.fsutil import (
     os_error,
     sweep_tmp_dir,
 )
-from ckptd.format.jobmeta import pin_step, pinned_steps, read_job_info, unpin_step, write_job_info
+from ckptd.format.jobmeta import (
+    Upload,
+    mark_upload,
+    marked_uploads,
+    pin_step,
+    pinned_steps,
+    read_job_info,
+    unmark_upload,
+    unpin_step,
+    write_job_info,
+)
 from ckptd.format.layout import JobDir
 from ckptd.format.manifest import Manifest, ObjectInfo
 from ckptd.format.objects import ObjectFiles, ObjectState, read_object, read_object_header
@@ -248,6 +258,25 @@ class Store:
 
     def pinned_steps(self, job: str) -> set[int]:
         return pinned_steps(self._job(job))
+
+    def mark_upload(self, job: str, upload: Upload) -> None:
+        """Queue ``upload`` for the tier, durably (before its local commit; see
+        :class:`~ckptd.format.jobmeta.Upload`)."""
+        jd = self._real_job(job)
+        ensure_dir(jd.path)
+        mark_upload(jd, upload, self._dirs)
+
+    def unmark_upload(self, job: str, upload: Upload) -> bool:
+        """The tier holds ``upload`` (or it is dropped): remove its mark."""
+        return unmark_upload(self._real_job(job), upload)
+
+    def marked_uploads(self, job: str) -> list[Upload]:
+        """What the tier does not hold yet, oldest step first."""
+        return marked_uploads(self._job(job))
+
+    def upload_pending(self, job: str, step: int) -> bool:
+        """Whether any part of ``step`` waits for the tier (retention keeps it meanwhile)."""
+        return any(u.step == step for u in self.marked_uploads(job))
 
     def job_info(self, job: str) -> dict[str, Any]:
         """The job's ``job.json`` (owner uid, retention recorded for it); {} when absent."""
@@ -585,12 +614,14 @@ class Store:
         keys = [k for k in _parts.set_keys(jd) if k not in committed]
         now = time.time_ns()
         first = _parts.attempt_order(jd) if keys else {}
+        # Parts the tier does not hold yet stay: on node-local disks the bucket commits the step.
+        uploading = {(u.step, u.attempt) for u in marked_uploads(jd) if u.rank is not None}
         out = []
         for pset in _parts.list_sets(jd, keys) if keys else []:
             why = _parts.collectable(
                 pset, records, now_ns=now, pending_timeout_s=pending_timeout_s, first=first
             )
-            if why is None:
+            if why is None or (pset.step, pset.attempt) in uploading:
                 continue
             undecided = pset.decision is None and not pset.retired
             if not dry_run and undecided and _parts.decide(jd, pset, "collect") != "collect":

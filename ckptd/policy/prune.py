@@ -45,10 +45,13 @@ def job_facts(store: Store, job: str) -> list[CheckpointFacts]:
 
 def delete_unprotected(store: Store, job: str, step: int, newest: int | None = None) -> bool:
     """Delete checkpoint ``step`` unless it is the job's highest step, its most recently
-    committed one (``newest``, as retention saw it) or pinned; checked again right before
-    deleting, whatever a policy said. False when it was protected."""
+    committed one (``newest``, as retention saw it), pinned, or not yet uploaded to the tier;
+    checked again right before deleting, whatever a policy said. False when it was protected."""
     steps = store.steps(job)
     if not steps or step in (steps[-1], newest) or step in store.pinned_steps(job):
+        return False
+    if store.upload_pending(job, step):
+        log.info("%s: step %d kept: its upload to the tier is pending", job, step)
         return False
     store.delete_checkpoint(job, step)
     return True
