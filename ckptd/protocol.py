@@ -11,14 +11,17 @@ its reply (``welcome``, ``registered``, ``unregistered``, ``accepted``, ``refuse
 ``status``, ``stopping``, ``error``) echoes it, so a client matches each reply to its request and
 never takes a late reply for the answer to a later request. Events carry no ``id``::
 
-    hello {id, version, job, root, pid,       -> welcome {id, version, root, pid, daemon}
+    hello {id, version, job, root, pid,       -> welcome {id, version, root, pid, daemon, tier}
            default_root, rank, world_size,       (root null: the daemon's root; on a daemon
            attempt}                              spawned on demand, the client's default_root;
                                                  world_size > 1: this connection hands off rank
-                                                 ``rank``'s parts of attempt ``attempt``)
+                                                 ``rank``'s parts of attempt ``attempt``; tier:
+                                                 null, or {url, endpoint, region} of the job's
+                                                 object-store tier)
     register {id, slot, size} + memfd         -> registered {id, slot}
     submit {id, seq, slot, step, meta_offset, -> accepted {id, seq}
-            meta_length, metric}                 | refused {id, seq, type, message}
+            meta_length, metric, pin, tier}      | refused {id, seq, type, message}
+                                                 (tier false: never upload this one)
                                                  ... later, asynchronously (events):
                                                  released {slot, seq}   (slot may be reused)
                                                  committed {seq, step, path, ...,

@@ -127,10 +127,38 @@ def status_cmd(socket_path: str | None, as_json: bool, job: str | None) -> None:
         lines.append(f"waiting for ranks {len(waiting)}")
     for w in waiting:
         lines.append("  " + waiting_line(w, st["root"]))
+    lines += tier_lines(st.get("tier"))
     for e in st["recent_errors"][-5:]:
         lines.append(f"  error: {e}")
     for line in lines:
         out.print(line, markup=False)
+
+
+def tier_lines(tier: dict[str, Any] | None) -> list[str]:
+    """The object-store tier's part of ``ckptd status`` (nothing when no tier is configured)."""
+    if not tier:
+        return []
+    oldest = tier.get("oldest_s")
+    lines = [
+        f"tier backlog {tier['backlog']}"
+        + (f" (oldest {oldest:.0f} s)" if oldest is not None else "")
+        + f"   uploaded {tier['uploaded']} ({human_bytes(tier['uploaded_bytes'])})"
+        + (f"   dropped {tier['dropped']}" if tier.get("dropped") else "")
+    ]
+    for t in tier.get("tiers", []):
+        where = t["url"] + (f" at {t['endpoint']}" if t.get("endpoint") else "")
+        if t["state"] == "ok":
+            lines.append(f"  {where}: ok")
+        else:
+            retry = t.get("retry_in_s")
+            lines.append(
+                f"  {where}: {t['state']}"
+                + (f", next try in {retry:.0f} s" if retry is not None else "")
+                + f": {t['error']}"
+            )
+    for w in tier.get("waiting_for_ranks", []):
+        lines.append(f"  {w['job']} step {w['step']}: waiting for ranks {w['ranks']} in the tier")
+    return lines
 
 
 def iso_time(t: float) -> str:

@@ -45,6 +45,7 @@ from ckptd.daemon.session import Connection
 from ckptd.daemon.stats import MAX_STATUS_COMMITS, Stats
 from ckptd.daemon.stores import Stores
 from ckptd.daemon.systemd import notify, watchdog_interval_s
+from ckptd.daemon.uploads import Uploads
 from ckptd.daemon.writer import WriteQueue
 from ckptd.errors import CkptdError
 from ckptd.format.store import Store
@@ -97,6 +98,13 @@ class Daemon:
         self.control_pool: Executor = ThreadPoolExecutor(
             CONTROL_THREADS, thread_name_prefix="ckptd-control"
         )
+        self.uploads = Uploads(
+            config,
+            metrics=self.metrics,
+            on_error=lambda text: self.loop.call_soon_threadsafe(self.stats.record_error, text),
+        )
+        self.uploads.check_config()
+        self.stores.on_first_use = self.uploads.recover_job
         self.queue = WriteQueue(
             self.loop,
             pipeline=config.pipeline(),
@@ -105,6 +113,7 @@ class Daemon:
             stats=self.stats,
             metrics=self.metrics,
             on_change=self._status_line,
+            uploads=self.uploads,
         )
         self.admission = Admission(
             self.loop,
@@ -168,6 +177,12 @@ class Daemon:
         notify("READY=1", f"STATUS=serving {socket_path}", f"MAINPID={os.getpid()}")
         # Multi-rank steps a crash left uncommitted: commit those whose parts are all durable.
         self._background(self.queue.recover(self.stores.store_for(str(self.root), None)))
+        # Uploads a stop or a crash left pending resume (the marks of the jobs under the root).
+        self.uploads.start()
+        self._background(self._recover_uploads())
+
+    async def _recover_uploads(self) -> None:
+        await self.loop.run_in_executor(self.control_pool, self.uploads.recover, self.stores.all())
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)
@@ -198,6 +213,7 @@ class Daemon:
         for task in list(self._tasks):
             task.cancel()
         self.queue.shutdown()
+        self.uploads.close()
         # A control thread stuck on a hung filesystem must not keep the daemon from exiting.
         self.control_pool.shutdown(wait=False, cancel_futures=True)
         if self._lock_fd is not None:
@@ -320,6 +336,7 @@ class Daemon:
         self.config_loaded_at = time.time()
         self.admission.reconfigure(new.daemon, new.disk)
         self.queue.pipeline = new.pipeline()
+        self.uploads.reconfigure(new)
         self.idle_exit_s = new.daemon.idle_exit_s or self.idle_exit_s
         logging.getLogger().setLevel(new.daemon.log_level.upper())
         log.info("configuration reloaded from %s", source)
@@ -390,6 +407,7 @@ class Daemon:
             "recent_errors": [e[:400] for e in s.recent_errors],
             "metrics_port": self.metrics.port or None,
             "degraded": None if self.admission.degraded is None else self.admission.degraded[:1000],
+            "tier": self.uploads.status(job),
             "config": str(self.config.source) if self.config.source else None,
             "config_loaded_at": self.config_loaded_at,
         }

@@ -93,6 +93,29 @@ class Metrics:
                 ["job"],
                 registry=registry,
             ),
+            "tier_backlog": prom.Gauge(
+                "ckptd_tier_backlog",
+                "Committed checkpoints (or rank parts) the object-store tier does not hold yet",
+                registry=registry,
+            ),
+            "tier_bytes": prom.Counter(
+                "ckptd_tier_uploaded_bytes_total",
+                "Bytes uploaded to the object-store tier",
+                ["job"],
+                registry=registry,
+            ),
+            "tier_uploads": prom.Counter(
+                "ckptd_tier_uploads_total",
+                "Checkpoints (or rank parts) the object-store tier received",
+                ["job"],
+                registry=registry,
+            ),
+            "tier_errors": prom.Counter(
+                "ckptd_tier_errors_total",
+                "Failed upload attempts (retried with backoff unless permanent)",
+                ["job", "reason"],
+                registry=registry,
+            ),
         }
         host, _, port = listen.rpartition(":")
         server, _thread = prom.start_http_server(int(port), addr=host, registry=registry)
@@ -128,3 +151,16 @@ class Metrics:
     def queue_depth(self, depth: int) -> None:
         if self.enabled:
             self._m["queue"].set(depth)
+
+    def tier_backlog(self, depth: int) -> None:
+        if self.enabled:
+            self._m["tier_backlog"].set(depth)
+
+    def tier_uploaded(self, job: str, nbytes: int) -> None:
+        if self.enabled:
+            self._m["tier_uploads"].labels(job).inc()
+            self._m["tier_bytes"].labels(job).inc(nbytes)
+
+    def tier_error(self, job: str, reason: str) -> None:
+        if self.enabled:
+            self._m["tier_errors"].labels(job, reason).inc()

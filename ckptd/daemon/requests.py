@@ -143,5 +143,7 @@ class WriteRequest:
     world_size: int = 1
     attempt: str | None = None
     """The rank part this is, of a multi-rank job (world_size > 1)."""
+    tier: bool = True
+    """Upload it to the job's tier, if it has one (``Client(tier=False)`` opts out)."""
     done: bool = False
     """True once the slot was handed back (``released``); set by the writer, once."""

@@ -352,6 +352,8 @@ class Connection:
             self.rank, self.world_size, self.attempt = rank, world_size, attempt
             self.name = f"{job} (pid {self.peer.pid}, uid {self.peer.uid})"
             log.info("%s: connected", self.name)
+            uploads = self.host.queue.uploads
+            tier = None if uploads is None else uploads.tier_for(job)
             self.reply(
                 rid,
                 {
@@ -360,6 +362,14 @@ class Connection:
                     "root": str(store.root),
                     "pid": os.getpid(),
                     "daemon": __version__,
+                    # Where restore() looks when the newest checkpoint is not on local disk.
+                    "tier": None
+                    if tier is None
+                    else {
+                        "url": str(tier.url),
+                        "endpoint": tier.settings.endpoint,
+                        "region": tier.settings.region,
+                    },
                 },
             )
 
@@ -411,6 +421,9 @@ class Connection:
         pin = msg.get("pin", False)
         if not isinstance(pin, bool):
             raise ProtocolError(f"submit.pin: expected true or false, got {pin!r:.40}")
+        tier = msg.get("tier", True)
+        if not isinstance(tier, bool):
+            raise ProtocolError(f"submit.tier: expected true or false, got {tier!r:.40}")
         store, job = self.store, self.job
         request = WriteRequest(
             conn=self,
@@ -424,6 +437,7 @@ class Connection:
             raw_bytes=raw,
             accepted_at=self.host.loop.time(),
             pin=pin,
+            tier=tier,
             rank=self.rank,
             world_size=self.world_size,
             attempt=self.attempt,

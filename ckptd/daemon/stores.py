@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,9 @@ class Stores:
         self._opened_jobs: set[tuple[Path, str]] = set()
         self._job_locks: dict[tuple[Path, str], threading.Lock] = {}
         self._job_locks_lock = threading.Lock()
+        self.on_first_use: Callable[[Store, str], object] | None = None
+        """Called (on a control thread) when a job is opened for the first time in this
+        daemon's life: its pending uploads resume."""
 
     def all(self) -> list[Store]:
         return list(self._by_root.values())
@@ -117,6 +121,8 @@ class Stores:
                 swept = store.sweep_tmp(job)
                 if swept:
                     log.info("%s: swept %d stale tmp file(s)", job, swept)
+                if self.on_first_use is not None:
+                    self.on_first_use(store, job)
 
     def _job_mutex(self, store: Store, job: str) -> threading.Lock:
         """A lock per job that serializes its metadata work on the control threads (two

@@ -41,7 +41,9 @@ from ckptd.daemon.coordinator import Coordinator
 from ckptd.daemon.metrics import Metrics
 from ckptd.daemon.requests import Submitter, WriteRequest
 from ckptd.daemon.stats import Stats
+from ckptd.daemon.uploads import Uploads
 from ckptd.errors import CkptdError, DiskFullError
+from ckptd.format.jobmeta import Upload
 from ckptd.format.store import Store
 from ckptd.pipeline.plan import PipelineConfig, TensorSource
 from ckptd.pipeline.write import WriteResult, write_checkpoint
@@ -80,8 +82,10 @@ class WriteQueue:
         stats: Stats,
         metrics: Metrics,
         on_change: Callable[[], None],
+        uploads: Uploads | None = None,
     ) -> None:
         self.loop = loop
+        self.uploads = uploads
         self.pipeline = pipeline
         self.policy_for = policy_for
         self.stats = stats
@@ -175,11 +179,25 @@ class WriteQueue:
             self.loop.call_soon_threadsafe(self._release, request)
 
         added_pin = False
+        upload: Upload | None = None
+        marked_before = False
         try:
             if request.pin and request.step not in request.store.pinned_steps(request.job):
                 # Before the manifest: retention must never see it unpinned.
                 request.store.pin(request.job, request.step)
                 added_pin = True
+            if request.tier and self.uploads is not None:
+                # Before the manifest too: the upload queue must survive a crash after it.
+                upload = self.uploads.upload_for(
+                    request.job,
+                    request.step,
+                    rank=request.rank,
+                    world_size=request.world_size,
+                    attempt=request.attempt,
+                )
+                if upload is not None:
+                    marked_before = upload in request.store.marked_uploads(request.job)
+                    request.store.mark_upload(request.job, upload)
             result = write_checkpoint(
                 request.store,
                 request.job,
@@ -200,6 +218,8 @@ class WriteQueue:
             _clear_frames(exc)
             if added_pin:
                 request.store.unpin(request.job, request.step)
+            if upload is not None and not marked_before:
+                request.store.unmark_upload(request.job, upload)
             if isinstance(exc, DiskFullError):
                 # The write ran out of space: give back what its objects took.
                 with request.store.job_lock(request.job, exclusive=True, blocking=False) as ok:
@@ -208,6 +228,8 @@ class WriteQueue:
             raise
         finally:
             on_read_done()
+        if upload is not None and self.uploads is not None:
+            self.uploads.add(request.store, request.job, upload)
         if request.attempt is not None:
             if result.record is None:
                 self.coordinator.watch(request.store, request.job, request.step, request.attempt)
