@@ -4,7 +4,9 @@ how numbers and library messages are printed.
 Output contract: results go to :data:`out` (stdout), errors, warnings and progress to :data:`err`
 (stderr); both print user data (paths, job names, shapes) verbatim, never as rich markup. A
 command that acts on a store calls :func:`open_store` and then :meth:`Store.check_store`, so a
-mistyped ``--root`` is an error instead of an empty store.
+mistyped ``--root`` is an error instead of an empty store. ``--root s3://bucket/prefix`` reads the
+object-store tier (:class:`~ckptd.tier.mirror.TierStore`): the commands that only read work on it
+unchanged, the ones that change a store (:data:`WRITING_COMMANDS`) refuse it.
 
 Library messages name Python arguments (``fallback=True``); the CLI prints them with its own flags
 (:func:`cli_words`).
@@ -30,11 +32,13 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from ckptd.config import load_config
-from ckptd.errors import CorruptCheckpointError, FormatVersionError, NotFoundError
+from ckptd.config import load_config, tier_settings_for
+from ckptd.errors import CorruptCheckpointError, FormatVersionError, NotFoundError, TierError
 from ckptd.format.manifest import MAX_STEP, Manifest
 from ckptd.format.store import Store, validate_job_name
 from ckptd.locate import store_root
+from ckptd.tier.mirror import TierStore, tier_store
+from ckptd.tier.remote import is_tier_url
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -51,10 +55,36 @@ def say(console: Console, label: str, style: str, message: str) -> None:
 # ---- the store ---------------------------------------------------------------------------------
 
 
+WRITING_COMMANDS = frozenset({"rm", "gc", "pin", "unpin", "prune"})
+"""The commands that change a store: they refuse an ``s3://`` root (the daemon writes the tier
+and applies its retention)."""
+
+
 def open_store(root: str | None, config: str | None) -> Store:
     """The store to act on: ``--root``, else as clients find it (``ckptd.locate``: CKPTD_ROOT,
-    store.root, the running daemon's root, ./checkpoints)."""
+    store.root, the running daemon's root, ./checkpoints).
+
+    An ``s3://bucket/prefix`` root is the tier's :class:`TierStore`, reached through the config's
+    ``[tier]`` endpoint when it names that bucket (:func:`ckptd.config.tier_settings_for`), else
+    through the AWS environment; a command of :data:`WRITING_COMMANDS` refuses it with a
+    :class:`TierError` before it touches anything.
+    """
+    if root is not None and is_tier_url(root):
+        ctx = click.get_current_context(silent=True)
+        command = ctx.info_name if ctx is not None else None
+        if command in WRITING_COMMANDS:
+            raise TierError(
+                f"ckptd {command} changes a store, and {root} is the object-store tier, which "
+                "is read-only here: the daemon writes it and applies its retention "
+                "([tier.retention]). Run it on a local store (--root DIR)"
+            )
+        return tier_store(root, tier_settings_for(root, load_config(config)))
     return Store(store_root(root, load_config(config) if root is None else None))
+
+
+def store_name(store: Store) -> str:
+    """The store as its user named it: the tier's URL, or the root directory."""
+    return str(store.url) if isinstance(store, TierStore) else str(store.root)
 
 
 def store_options(func: F) -> F:
@@ -73,7 +103,8 @@ def store_options(func: F) -> F:
         metavar="DIR",
         default=None,
         help="Checkpoint root (default: CKPTD_ROOT, then store.root in the config, then the "
-        "root of the daemon answering on the socket, then ./checkpoints).",
+        "root of the daemon answering on the socket, then ./checkpoints); s3://bucket/prefix "
+        "reads the object-store tier (read-only).",
     )(func)
 
 
@@ -83,7 +114,7 @@ def require_job(store: Store, job: str) -> None:
     validate_job_name(job)
     if not (store.job_dir(job) / "manifests").is_dir():
         raise NotFoundError(
-            f"no job {job!r} under {store.root} (jobs: {', '.join(store.jobs()) or 'none'})"
+            f"no job {job!r} under {store_name(store)} (jobs: {', '.join(store.jobs()) or 'none'})"
         )
 
 

@@ -33,15 +33,17 @@ from ckptd.cli.common import (
     read_parts,
     require_job,
     say,
+    store_name,
     store_options,
 )
-from ckptd.config import load_config
+from ckptd.config import Config, load_config
 from ckptd.errors import CorruptCheckpointError, RankLayoutError
 from ckptd.format.manifest import Manifest
 from ckptd.format.skeleton import iter_keys
 from ckptd.format.store import Store
 from ckptd.policy.prune import job_facts
-from ckptd.policy.retention import decide
+from ckptd.policy.retention import RetentionPolicy, decide
+from ckptd.tier.mirror import TierStore
 
 FOLDED_MIN = 12
 """Columns that fold (job, kept by) need at least this much to stay readable."""
@@ -70,6 +72,16 @@ def drop_column(columns: list[str], rows: list[list[str]], name: str) -> None:
 def short_digest(digest: str | None) -> str:
     """The first 12 hex digits (like a short git hash), or "-" for a manifest without one."""
     return digest[:12] if digest else "-"
+
+
+def retention_of(cfg: Config, store: Store, job: str) -> RetentionPolicy:
+    """The retention that applies to ``job`` in ``store``: a local store's (the config's, then
+    what the job's client recorded), or for the tier the tier's own ``[tier.retention]`` when the
+    config's tier for the job is that URL (else no policy: nothing prunes it from here)."""
+    if isinstance(store, TierStore):
+        tier = cfg.tier_for(job)
+        return tier.retention if tier is not None and tier.url == store.url else RetentionPolicy()
+    return cfg.policy_for(job, store.job_info(job).get("retention"))
 
 
 def summary(m: Manifest) -> dict[str, Any]:
@@ -122,7 +134,7 @@ def list_cmd(job: str | None, as_json: bool, root: str | None, config: str | Non
                 broken.append(str(exc))
                 readable = False
         if readable and steps:  # retention and commit order need every manifest of the job
-            policy = cfg.policy_for(j, store.job_info(j).get("retention"))
+            policy = retention_of(cfg, store, j)
             for step, why in decide(policy, job_facts(store, j)).items():
                 kept[(j, step)] = why
             latest[j] = store.resolve_step(j, "latest")
@@ -135,7 +147,7 @@ def list_cmd(job: str | None, as_json: bool, root: str | None, config: str | Non
         out.print_json(json.dumps(docs))
     elif not manifests and not broken:
         what = "checkpoints" if job is None else f"checkpoints of job {job!r}"
-        out.print(f"no {what} under {store.root}", markup=False)
+        out.print(f"no {what} under {store_name(store)}", markup=False)
     else:
         highest = {m.job: m.step for m in manifests}  # manifests come in step order
         columns = [
@@ -176,7 +188,9 @@ def list_cmd(job: str | None, as_json: bool, root: str | None, config: str | Non
             if table_fits(columns, rows, out.width):
                 break
             drop_column(columns, rows, col)
-        table = Table(title=f"checkpoints in {store.root}", box=box.HEAVY_HEAD, show_edge=False)
+        table = Table(
+            title=f"checkpoints in {store_name(store)}", box=box.HEAVY_HEAD, show_edge=False
+        )
         for col in columns:
             # Values never shrink (rich would blank them); job names and "kept by" fold instead.
             fold = col in ("job", "kept by")

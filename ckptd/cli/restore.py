@@ -3,6 +3,8 @@
 Every byte is verified before it is written out (:func:`ckptd.format.restore.load_checkpoint`);
 ``--fallback`` with ``latest`` takes the newest checkpoint that verifies. ``ckptd restore`` never
 unpickles: a checkpoint stored with pickled values is refused with how to load it in Python.
+``--root s3://bucket/prefix`` restores from the object-store tier with no local copy: each object
+is verified as it comes in (:mod:`ckptd.tier.mirror`).
 
 A step written by several ranks is exported one rank at a time (``--rank R``): each rank's part is
 the state that rank handed off. Without ``--rank`` such a step is refused, naming its world size.

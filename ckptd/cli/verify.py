@@ -5,6 +5,10 @@ the job lock right before the move (a writer may have written it again meanwhile
 checkpoint of the job that names it is reported: those no longer restore. Exits with the
 corrupt-checkpoint code when any checkpoint fails; an empty store verifies (exit 0).
 
+The object-store tier (``--root s3://bucket/prefix``) is verified the same way, every object as it
+comes in (a damaged one is never cached); nothing is moved there (the tier is read-only here), and
+each damaged or missing object is named by its key in the bucket.
+
 A step written by several ranks is verified part by part: each rank's part must be there, be the
 part the step's global record committed (its checksum), and every object it names must verify.
 A failure names the rank. A step with a part missing or damaged fails as a whole: it does not
@@ -35,12 +39,15 @@ from ckptd.cli.common import (
     require_job,
     say,
     step_objects,
+    store_name,
     store_options,
 )
 from ckptd.errors import CkptdError, CorruptCheckpointError, FormatVersionError, NotFoundError
 from ckptd.format.manifest import Manifest
 from ckptd.format.restore import verify_manifest
 from ckptd.format.store import Store
+from ckptd.tier import keys
+from ckptd.tier.mirror import TierStore
 
 
 def damaged_object(store: Store, m: Manifest, problem: str) -> str | None:
@@ -122,8 +129,12 @@ def report_damage(store: Store, job: str, damage: Damage, quarantine: bool) -> N
     checkpoints, so ``verify JOB STEP`` finding one damaged also breaks older checkpoints. Moving
     a damaged object aside (``<job>/quarantine/``) makes the next snapshot of the same content
     write it again instead of trusting the damaged file, and keeps it for inspection. A missing
-    object has nothing to move; an object of a newer format is not damaged and stays.
+    object has nothing to move; an object of a newer format is not damaged and stays. The tier
+    is only reported (:func:`report_tier_damage`).
     """
+    if isinstance(store, TierStore):
+        report_tier_damage(store, job, damage)
+        return
     find_referrers(store, job, damage)
     moved: list[Path] = []
     lines: list[str] = []
@@ -205,6 +216,49 @@ def report_damage(store: Store, job: str, damage: Damage, quarantine: bool) -> N
         )
 
 
+def report_tier_damage(store: TierStore, job: str, damage: Damage) -> None:
+    """:func:`report_damage` for the tier: each object that failed, by its key in the bucket,
+    missing or damaged, with the checkpoints that name it. Nothing is moved (read-only here).
+    Nothing damaged enters the cache, so a cached copy that fails was damaged there since: it is
+    named as such (deleting it makes the next read fetch it again)."""
+    find_referrers(store, job, damage)
+    out.print(
+        f"{job}: objects in {store.url} that fail verification (the tier is read-only here: "
+        "nothing is moved)",
+        markup=False,
+    )
+    broken_steps: set[int] = set()
+    for digest in sorted(damage.digests):
+        steps = damage.referrers[digest]
+        key = keys.object_key(job, digest)
+        where = f"referenced by {job} step{'s' if len(steps) != 1 else ''} " + (
+            ", ".join(map(str, steps)) or "none"
+        )
+        cached = store.object_path(job, digest)
+        if cached.exists():  # it verified on the way in: the cache's copy was damaged since
+            out.print(
+                f"  damaged     {cached}, the cached copy ({where}): delete it, and the next "
+                "read fetches it from the tier again",
+                markup=False,
+            )
+            continue
+        broken_steps.update(steps)
+        state = "missing" if store.remote.size(key) is None else "damaged"
+        out.print(f"  {state:<11} {store.where(key)} ({where})", markup=False)
+    if damage.unreadable:
+        out.print(
+            f"  could not check steps {', '.join(map(str, damage.unreadable))} (unreadable "
+            "manifests or rank parts) for references to them",
+            markup=False,
+        )
+    if broken_steps:
+        out.print(
+            f"  {job} step(s) {', '.join(map(str, sorted(broken_steps)))} do not restore from "
+            "the tier: restore another step, or these from a local store that holds them",
+            markup=False,
+        )
+
+
 @click.command("verify", cls=StepCommand)
 @click.argument("job", required=False)
 @click.argument("step", required=False, type=STEP)
@@ -242,7 +296,7 @@ def verify_cmd(
         targets = [(job, store.resolve_step(job, step))]
     if not targets:
         what = "checkpoints" if job is None else f"checkpoints of job {job!r}"
-        out.print(f"no {what} to verify under {store.root}", markup=False)
+        out.print(f"no {what} to verify under {store_name(store)}", markup=False)
         return
     failures = 0
     damage: dict[str, Damage] = {}

@@ -2,6 +2,10 @@
 
 ``save`` is the blocking path: it writes and commits the checkpoint before returning. The
 asynchronous path through the ckptd daemon (``Client.snapshot``) writes the same format.
+
+``root="s3://bucket/prefix"`` reads the object-store tier with no local copy (``load``,
+``restore``, ``list_checkpoints``; :func:`tier_store`): every object is verified as it comes in.
+The tier is read-only here (``save`` to it raises :class:`~ckptd.errors.TierError`).
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ckptd.config import Config, load_config
+from ckptd.config import Config, load_config, tier_settings_for
 from ckptd.errors import RankLayoutError
 from ckptd.format.manifest import Manifest
 from ckptd.format.restore import MapLocation, load_checkpoint
@@ -19,6 +23,8 @@ from ckptd.format.store import Store, validate_job_name
 from ckptd.locate import store_root
 from ckptd.pipeline.plan import tensor_source
 from ckptd.pipeline.write import WriteResult, write_checkpoint
+from ckptd.tier import mirror
+from ckptd.tier.remote import is_tier_url
 from ckptd_client.ranks import current_rank, detect
 from ckptd_client.state import Stateful, apply, collect
 
@@ -26,10 +32,30 @@ _stores: dict[Path, Store] = {}
 _stores_lock = threading.Lock()
 
 
-def _store(root: Path | str | None, config: Config | None = None) -> Store:
+def tier_store(url: str, config: Config | None = None) -> Store:
+    """The checkpoints in the object-store tier ``url`` (``s3://bucket/prefix``) as a read-only
+    :class:`Store` (:class:`ckptd.tier.mirror.TierStore`), one per URL in this process, reached
+    through ``config``'s ``[tier]`` endpoint when it names that bucket (default: the config file
+    in use), else through the AWS environment. Each call syncs what the bucket holds again when
+    a job is next read. Contacts nothing itself; :class:`~ckptd.errors.TierError` for a malformed
+    URL."""
+    return mirror.tier_store(url, tier_settings_for(url, config))
+
+
+Root = Path | str | Store | None
+"""Where to read or write: a directory, ``"s3://bucket/prefix"`` (the tier, read-only), a
+:class:`Store` already open, or None (the daemon's root, see :mod:`ckptd.locate`)."""
+
+
+def _store(root: Root, config: Config | None = None) -> Store:
     """The store at ``root`` or, when none was asked for, the daemon's (see :mod:`ckptd.locate`).
     One Store per root for this process: a Store remembers which objects it has verified and
-    made durable, so repeated in-process saves do not re-read the objects they reuse."""
+    made durable, so repeated in-process saves do not re-read the objects they reuse. An
+    ``s3://`` root is the tier's (:func:`tier_store`); a Store is used as it is."""
+    if isinstance(root, Store):
+        return root
+    if isinstance(root, str) and is_tier_url(root):
+        return tier_store(root, config)
     path = Store(store_root(root, config)).root
     with _stores_lock:
         store = _stores.get(path)
@@ -50,7 +76,7 @@ def save(
     metric: float | None = None,
     rng: bool = True,
     state: Any = None,
-    root: Path | str | None = None,
+    root: Root = None,
     allow_pickle: bool = False,
     config: Config | None = None,
     rank: int | None = None,
@@ -94,13 +120,16 @@ def load(
     job: str,
     step: int | str = "latest",
     *,
-    root: Path | str | None = None,
+    root: Root = None,
     map_location: MapLocation = None,
     fallback: bool = False,
     allow_pickle: bool = False,
     rank: int | None = None,
 ) -> Any:
     """Return the state exactly as it was handed over, every byte verified.
+
+    ``root`` is as for :data:`Root`: a directory, ``"s3://bucket/prefix"`` to read the object-store
+    tier with no local copy (each object verified as it comes in), or an open Store.
 
     Of a multi-rank step, rank ``rank``'s state; ``rank`` defaults to this process's rank
     (``torch.distributed``, else ``RANK`` with ``WORLD_SIZE``), and where none can be found a
@@ -153,7 +182,7 @@ def restore(
     step: int | str = "latest",
     scheduler: Stateful | None = None,
     scaler: Stateful | None = None,
-    root: Path | str | None = None,
+    root: Root = None,
     map_location: MapLocation = None,
     fallback: bool = False,
     rng: bool = True,
@@ -215,7 +244,7 @@ def restore(
     return extra
 
 
-def list_checkpoints(job: str | None = None, *, root: Path | str | None = None) -> list[Manifest]:
+def list_checkpoints(job: str | None = None, *, root: Root = None) -> list[Manifest]:
     """Manifests of every checkpoint (of ``job``, or of all jobs), oldest step first per job."""
     store = _store(root)
     store.check_store()  # a mistyped root raises NoStoreError instead of looking empty

@@ -51,6 +51,8 @@ from ckptd.protocol import (
     encode_layout,
     metric_to_wire,
 )
+from ckptd.tier.mirror import tier_store
+from ckptd.tier.remote import TierSettings, parse_url
 from ckptd_client.api import list_checkpoints, restore
 from ckptd_client.link import LOST_OP, Link, error_from
 from ckptd_client.pending import (
@@ -94,6 +96,11 @@ class Client:
     collective; each rank's daemon makes its part durable and the step is committed by a daemon
     once every rank's part is. To checkpoint from rank 0 only, pass ``rank=0, world_size=1`` on
     rank 0 (and make no Client elsewhere).
+
+    ``tier``: when the daemon has an object-store tier for the job (``[tier]`` in its config),
+    its checkpoints are uploaded after each local commit; ``tier=False`` keeps this client's
+    snapshots local. :meth:`restore` reads from the tier when the newest checkpoint is not on
+    local disk.
     """
 
     def __init__(
@@ -112,8 +119,14 @@ class Client:
         rank: int | None = None,
         world_size: int | None = None,
         attempt: str | None = None,
+        tier: bool = True,
     ) -> None:
         self.job = validate_job_name(job)
+        if not isinstance(tier, bool):
+            raise ValueError(f"tier must be True or False, got {tier!r}")
+        self.tier = tier
+        self._tier_info: dict[str, Any] | None = None
+        """The job's object-store tier as the daemon named it (``welcome``), or None."""
         self.ranks: Ranks = detect(rank, world_size, attempt)
         self._handed: set[int] = set()  # steps this rank handed off in this attempt
         if not isinstance(slots, int) or slots < 1:
@@ -209,6 +222,10 @@ class Client:
                 f"{PROTOCOL_VERSION}; install matching ckptd versions"
             )
         self.root = Path(str(welcome.get("root", self.root)))
+        tier = welcome.get("tier")
+        self._tier_info = (
+            tier if isinstance(tier, dict) and isinstance(tier.get("url"), str) else None
+        )
         # From now on this client's root is this one, also after a reconnect to another daemon
         # (a restarted service, or one spawned on demand meanwhile): a run's checkpoints stay in
         # one place, or the reconnect fails saying why.
@@ -573,6 +590,7 @@ class Client:
                     "metric": metric_to_wire(None if metric is None else float(metric)),
                     "stall_s": pending.stall_s,
                     "pin": bool(pin),
+                    "tier": self.tier,
                     "blocked_s": self._last_wait_s,
                 }
             )
@@ -678,17 +696,20 @@ class Client:
                 "fallback=True is for single-process jobs: the ranks of a job must restore the "
                 "same step; pass step= to restore an older one"
             )
+        source: Store = Store(self.root)
         if not (self.ranks.multi and step in ("latest", "highest")):
             self._wait_before_restore(wait_s)
+            source = self._restore_source(step)
         else:
             # Every rank must restore the same step: rank 0's choice, when a process group says
             # so; without one each rank reads the newest step that every rank committed. Every
             # rank reaches the collectives, also after an error (else the others would wait in
             # them until the process group's timeout).
-            store = Store(self.root)
+            store = source
             found, seq, error = -1, 0, None
             try:
                 self._wait_before_restore(wait_s)
+                store = source = self._restore_source(step)
                 found = store.resolve_step(self.job, step)
                 seq = store.read_manifest(self.job, found).seq
             except NotFoundError:
@@ -721,7 +742,7 @@ class Client:
             step=step,
             scheduler=scheduler,
             scaler=scaler,
-            root=self.root,
+            root=source,
             map_location=map_location,
             fallback=fallback,
             rng=rng,
@@ -729,6 +750,52 @@ class Client:
             rank=self.ranks.rank,
             world_size=self.ranks.world_size,
         )
+
+    def _restore_source(self, step: int | str) -> Store:
+        """Where :meth:`restore` reads ``step``: this client's root, or the job's tier when the
+        checkpoint asked for is not on local disk (a fresh node after a failure, or a rank whose
+        node keeps only its own parts) and the tier has it. Says so with a WARNING."""
+        local = Store(self.root)
+        info = self._tier_info
+        if info is None or not self.tier:
+            return local
+        try:
+            mine = local.steps(self.job)
+        except CkptdError:
+            mine = []
+        numbered = isinstance(step, int) or (isinstance(step, str) and step.isdigit())
+        if numbered and int(step) in mine:
+            return local
+        try:
+            remote = tier_store(
+                info["url"],
+                settings=TierSettings(
+                    parse_url(info["url"]), endpoint=info.get("endpoint"), region=info.get("region")
+                ),
+            )
+            theirs = remote.steps(self.job)
+        except CkptdError as exc:
+            log.warning(
+                "ckptd: job %r: the tier %s cannot be read (%s)", self.job, info["url"], exc
+            )
+            return local
+        if numbered:
+            use = int(step) in theirs
+            what = f"step {int(step)}"
+        else:
+            use = bool(theirs) and (not mine or theirs[-1] > mine[-1])
+            what = f"step {theirs[-1]}" if theirs else ""
+        if not use:
+            return local
+        log.warning(
+            "ckptd: job %r: %s is not on local disk (%s holds %s); restoring it from the tier %s",
+            self.job,
+            what,
+            self.root,
+            f"steps up to {mine[-1]}" if mine else "none of its checkpoints",
+            info["url"],
+        )
+        return remote
 
     def _wait_before_restore(self, wait_s: float) -> None:
         try:

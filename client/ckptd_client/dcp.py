@@ -110,6 +110,8 @@ from ckptd.format.skeleton import (
 )
 from ckptd.format.store import Store, validate_job_name
 from ckptd.locate import store_root
+from ckptd.tier.remote import is_tier_url
+from ckptd_client.api import tier_store
 from ckptd_client.client import Client
 
 ObjPath = tuple[str | int, ...]
@@ -518,7 +520,10 @@ class CkptdStorageReader(StorageReader):
     ) -> None:
         self.job = validate_job_name(job)
         self.step = _step_id(step, latest=True)
-        self.root = None if root is None else Path(root)
+        # An s3:// root reads the object-store tier (ckptd.tier.mirror.TierStore).
+        self.root: str | Path | None = (
+            root if is_tier_url(root) else None if root is None else Path(root)
+        )
         self.load_id = uuid.uuid4().hex
         self._store: Store | None = None
         self._parts: list[Manifest] = []
@@ -557,7 +562,11 @@ class CkptdStorageReader(StorageReader):
 
     def _open_store(self) -> Store:
         if self._store is None:
-            self._store = Store(store_root(self.root))
+            self._store = (
+                tier_store(self.root)
+                if isinstance(self.root, str)
+                else Store(store_root(self.root))
+            )
         return self._store
 
     # ``**options``, not ``**kwargs``: DCP retries a failed read_metadata with ``rank=`` (for
