@@ -73,7 +73,7 @@ def record_key(job: str, record: str) -> str:
 
 def object_digest(job: str, key: str) -> str | None:
     """The digest of ``key`` if it is an object key of ``job`` as ckptd writes them, else None."""
-    pieces = PurePosixPath(key).parts
+    pieces = key.split("/")  # not a path: "a//b" or "a/./b" are other keys
     if len(pieces) != 4 or pieces[0] != job or pieces[1] != "objects":
         return None
     digest = pieces[3]
@@ -86,7 +86,7 @@ def object_digest(job: str, key: str) -> str | None:
 
 def manifest_step(job: str, key: str) -> int | None:
     """The step of ``key`` if it is a manifest key of ``job``, else None."""
-    pieces = PurePosixPath(key).parts
+    pieces = key.split("/")
     if len(pieces) != 3 or pieces[0] != job or pieces[1] != "manifests":
         return None
     return step_from_name(pieces[2])
