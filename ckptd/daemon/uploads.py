@@ -273,6 +273,9 @@ class Uploads:
             except TierError as exc:
                 with self._cv:
                     state.error = str(exc)
+                    state.failures = 1
+                    state.due = time.monotonic() + FIRST_RETRY_S * 2
+                self._metrics.tier_error("", "TierError")
                 message = f"tier {state.config.url}: {exc}; local checkpoints go on"
                 log.error("%s", message)
                 self._on_error(message)
