@@ -417,7 +417,7 @@ class Uploads:
         if not policy.configured:
             return
         try:
-            protect = {u.step for u in store.marked_uploads(job)}
+            protect = {u.step for u in store.marked_uploads(job)} | store.pinned_steps(job)
             result = prune_tier(state.uploader.remote, job, policy, protect=protect)
         except CkptdError as exc:
             log.warning("%s: the tier's retention not applied: %s", job, exc)

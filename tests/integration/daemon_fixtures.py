@@ -289,9 +289,30 @@ class DaemonFactory:
         ``timeout_s``); return its exit code (negative: the signal)."""
         return daemon.process.stop(timeout_s)
 
+    def stop_all(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Stop every daemon still running as :meth:`stop` does, side by side: each gets its one
+        SIGTERM (drain and exit) before the first is waited for; one still running ``timeout_s``
+        after that is SIGKILLed. A KeyboardInterrupt while waiting kills them all at once and is
+        passed on."""
+        running = [d.proc for d in self.started if d.proc.poll() is None]
+        for proc in running:
+            proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        try:
+            for proc in running:
+                try:
+                    proc.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        except KeyboardInterrupt:
+            for proc in running:
+                proc.kill()
+                proc.wait()
+            raise
+
     def cleanup(self) -> None:
-        for daemon in self.started:
-            self.stop(daemon)
+        self.stop_all()
         marker = str(self.base)
         strays = processes_mentioning(marker)
         for pid, _cmd in strays:
@@ -433,5 +454,20 @@ def status_json(socket_path: Path, env: dict[str, str]) -> dict[str, Any]:
     proc = run_ckptd("status", "--json", "--socket", socket_path, env=env)
     assert proc.returncode == 0, (proc.stdout, proc.stderr)
     doc = json.loads(proc.stdout)
+    assert isinstance(doc, dict)
+    return doc
+
+
+def cli_status_json(socket_path: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    """``ckptd status --json --socket S`` run by the CLI's ``main`` in this process (no second
+    interpreter and torch import; :func:`status_json` runs the installed console script)."""
+    from ckptd.cli.main import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main(["status", "--json", "--socket", str(socket_path)])
+    captured = capsys.readouterr()
+    assert exited.value.code == 0, (captured.out, captured.err)
+    doc = json.loads(captured.out)
     assert isinstance(doc, dict)
     return doc

@@ -32,18 +32,6 @@ def launch(daemons: DaemonFactory, name: str, config: Path | None = None) -> Dae
     return DaemonProcess(sock, args, log=daemons.base / f"{name}.log", env=daemons.env)
 
 
-def test_a_daemon_answers_once_ready_and_stop_ends_it(daemons: DaemonFactory) -> None:
-    daemon = launch(daemons, "d")
-    try:
-        daemon.wait_ready()
-        assert query(daemon.socket)["pid"] == daemon.pid
-        assert daemon.returncode is None
-    finally:
-        code = daemon.stop()
-    assert code == 0, daemon.log_tail()
-    assert not can_connect(daemon.socket)
-
-
 def test_a_daemon_that_exits_names_its_exit_code_and_last_log_line(
     daemons: DaemonFactory,
 ) -> None:
@@ -64,12 +52,17 @@ def test_a_daemon_that_exits_names_its_exit_code_and_last_log_line(
     assert str(daemon.socket) in message and str(daemon.log) in message
 
 
-def test_a_second_daemon_on_a_served_socket_exits_and_its_wait_ready_returns(
+def test_a_daemon_answers_once_ready_a_second_one_on_its_socket_exits_and_stop_ends_it(
     daemons: DaemonFactory,
 ) -> None:
+    """The first daemon answers once ``wait_ready`` returns; a second one started on its socket
+    exits, and the second's ``wait_ready`` returns all the same (the first one answers); ``stop``
+    ends the first, and nothing answers on the socket any more."""
     first = launch(daemons, "d")
     try:
         first.wait_ready()
+        assert query(first.socket)["pid"] == first.pid
+        assert first.returncode is None
         second = DaemonProcess(
             first.socket,
             start_args(first.socket, daemons.base / "other-root"),
@@ -84,7 +77,9 @@ def test_a_second_daemon_on_a_served_socket_exits_and_its_wait_ready_returns(
             second.stop()
         assert query(first.socket)["pid"] == first.pid
     finally:
-        assert first.stop() == 0
+        code = first.stop()
+    assert code == 0, first.log_tail()
+    assert not can_connect(first.socket)
 
 
 def test_a_process_that_never_answers_times_out_and_stop_ends_it(daemons: DaemonFactory) -> None:

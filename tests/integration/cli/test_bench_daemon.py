@@ -1,8 +1,12 @@
-"""``ckptd bench`` measures a snapshot through a daemon of its own, and leaves nothing running.
+"""``ckptd bench`` measures this machine and a snapshot through a daemon of its own, suggests
+config values, and leaves nothing running.
 
-The command runs as a subprocess at 8 MiB (``--json``): its ``snapshot`` entry must carry the
-stall, the durable latency, the references measured in the same reps and their ratios, and the
-daemon it started must be gone afterwards (process, socket directory, temporary store). A second
+The command runs as a subprocess at 8 MiB (``--json``), the one run of the whole measurement
+(``ckptd.cli.bench.run_bench``) in the suite: every measurement is positive and sized as asked,
+the suggestions each carry a reason, the human-readable rendering names them; its ``snapshot``
+entry must carry the stall, the durable latency, the references measured in the same reps and
+their ratios, and the daemon it started must be gone afterwards (process, socket directory,
+temporary store, the disk test file). A second
 test interrupts the measurement (a KeyboardInterrupt where its trainer process would run) in
 this process and checks that the daemon is stopped anyway, and that it ran without the caller's
 ``CKPTD_*`` and systemd variables. How fast anything is, is not judged here.
@@ -54,6 +58,23 @@ def test_ckptd_bench_reports_stall_and_durable_through_a_daemon(tmp_path: Path) 
     )
     assert proc.returncode == 0, f"ckptd bench failed:\n{proc.stdout}\n{proc.stderr}"
     result = json.loads(proc.stdout)
+    assert result["size_bytes"] == 8 << 20
+    for key in ("memory_copy", "codec", "disk", "ckptd_save"):
+        assert result[key]["gb_per_s" if key != "codec" else "compress_gb_per_s"] > 0, key
+    assert result["codec"]["decompress_gb_per_s"] > 0
+    assert 0 < result["codec"]["stored_over_raw"] <= 1.01
+    assert result["disk"]["bytes"] == 8 << 20
+    assert result["ckptd_save"]["bytes"] == 8 << 20
+    assert result["ckptd_save"]["seconds"] > 0
+    suggestions = result["suggestions"]
+    assert set(suggestions) == {"store.threads", "codec.codec", "codec.level", "slots"}
+    for key, s in suggestions.items():
+        assert isinstance(s["reason"], str) and len(s["reason"]) > 10, key
+    assert suggestions["store.threads"]["value"] >= 1
+    assert suggestions["codec.codec"]["value"] in ("raw", "auto")
+    assert suggestions["codec.level"]["value"] == 1
+    assert suggestions["slots"]["value"] in (1, 2)
+
     snap = result["snapshot"]
     assert snap["bytes"] == 8 << 20
     assert snap["reps"] == benchmark.SNAPSHOT_REPS
@@ -65,10 +86,13 @@ def test_ckptd_bench_reports_stall_and_durable_through_a_daemon(tmp_path: Path) 
     assert snap["durable_vs_torch_save"] == pytest.approx(snap["durable_s"] / snap["torch_save_s"])
     assert snap["daemon"]["exit_code"] == 0  # SIGTERM: drained and exited
     _assert_gone(snap["daemon"])
-    assert list(root.iterdir()) == []  # the temporary store is gone too
+    assert list(root.iterdir()) == []  # the temporary store and the disk test file are gone too
     assert not (tmp_path / "elsewhere").exists()
 
     lines = benchmark.render(result)
+    assert any("suggested configuration" in ln for ln in lines)
+    keys = ("store.threads", "codec.", "Client(slots")
+    assert sum(ln.strip().startswith(keys) for ln in lines) == 4
     stall = next(ln for ln in lines if ln.strip().startswith("snapshot stall (daemon)"))
     durable = next(ln for ln in lines if ln.strip().startswith("snapshot durable (daemon)"))
     assert f"{snap['stall_vs_copy']:.2f}x one copy_ of the state" in stall

@@ -3,7 +3,9 @@ and then never answers: each says so with DaemonNoAnswerError (exit 19), naming 
 pid and the request, as the README's exit-code table defines it.
 
 The listener is this test's own (same uid, so the peer check passes), on a short socket path
-under a directory the test creates and deletes.
+under a directory the test creates and deletes. The commands run in this process (the CLI's
+``main``, whose exit code is the process's); the installed console script itself is run by
+``tests/integration/cli/test_cli.py`` and ``tests/integration/daemon/test_daemon.py``.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ from pathlib import Path
 
 import pytest
 
+from ckptd.cli.main import main
 from ckptd.errors import DaemonNoAnswerError
 from ckptd.locate import ask_daemon, ask_daemon_root
-from tests.integration.daemon_fixtures import clean_env, run_ckptd
+from tests.integration import daemon_fixtures
+
+ckptd_env = daemon_fixtures.ckptd_env
 
 
 @contextmanager
@@ -61,21 +66,24 @@ def mute_listener(*, close: bool) -> Iterator[Path]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.mark.usefixtures("ckptd_env")
 @pytest.mark.parametrize("command", ["status", "stop"])
 def test_status_and_stop_exit_19_when_the_daemon_closes_without_answering(
-    tmp_path: Path, command: str
+    command: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with mute_listener(close=True) as path:
-        got = run_ckptd(command, "--socket", path, env=clean_env(tmp_path))
-    assert got.returncode == DaemonNoAnswerError.exit_code == 19, got.stderr
-    assert f"the ckptd daemon on {path} (pid " in got.stderr
+    monkeypatch.setenv("COLUMNS", "160")  # one line per message, as the console script's env
+    with mute_listener(close=True) as path, pytest.raises(SystemExit) as exited:
+        main([command, "--socket", str(path)])
+    stderr = " ".join(capsys.readouterr().err.split())
+    assert exited.value.code == DaemonNoAnswerError.exit_code == 19, stderr
+    assert f"the ckptd daemon on {path} (pid " in stderr
     # Closed before the request arrived, or with it unread (the kernel then resets): both are
     # "no answer".
     assert re.search(
         rf"(closed the connection without answering|dropped the connection \(Connection reset "
         rf"by peer\) to) a '{command}' request",
-        got.stderr,
-    ), got.stderr
+        stderr,
+    ), stderr
 
 
 def test_a_daemon_that_never_answers_times_out_naming_the_request() -> None:

@@ -12,6 +12,9 @@ nothing committed is lost.
 * ``ckptd restore`` export errors (the file side of the CLI, run in-process like every command
   here that needs no daemon).
 
+The tests that leave a default daemon serving share one for the module (``shared_daemon``),
+each with a job of its own.
+
 Write faults (EROFS, EDQUOT) are injected with libfiu in
 ``tests/reliability/test_fault_injection.py``. Client reply timeouts, hung daemons and lost
 connections are tested with the client code that handles them.
@@ -45,7 +48,7 @@ from ckptd.errors import (
 from ckptd.format.export import export_file
 from ckptd.format.restore import load_checkpoint, verify_manifest
 from ckptd.format.store import Store
-from ckptd.protocol import PROTOCOL_VERSION, recv_message, send_message
+from ckptd.protocol import PROTOCOL_VERSION, can_connect, recv_message, send_message
 from ckptd_client import Client
 from tests.integration import daemon_fixtures
 from tests.integration.daemon_fixtures import (
@@ -55,6 +58,7 @@ from tests.integration.daemon_fixtures import (
     assert_same,
     pid_alive,
     processes_mentioning,
+    query,
     run_ckptd,
     wait_until,
 )
@@ -62,7 +66,7 @@ from tests.integration.faulty_ckptd import FAULT_MARKER, FAULT_MESSAGE
 
 ckptd_env = daemon_fixtures.ckptd_env
 daemons = daemon_fixtures.daemons
-daemon = daemon_fixtures.daemon
+shared_daemon = daemon_fixtures.shared_daemon
 pytestmark = pytest.mark.usefixtures("ckptd_env")
 
 JOB = "fp"
@@ -96,8 +100,9 @@ def one_line(text: str) -> str:
 
 
 def test_a_second_daemon_on_a_served_socket_is_refused(
-    daemon: Daemon, daemons: DaemonFactory
+    shared_daemon: Daemon, daemons: DaemonFactory
 ) -> None:
+    daemon, job = shared_daemon, "second"
     other_root = daemons.base / "other-root"
     proc = run_ckptd(
         "start", "--user", "--socket", daemon.socket, "--root", other_root, env=daemons.env
@@ -109,9 +114,9 @@ def test_a_second_daemon_on_a_served_socket_is_refused(
     assert "Traceback" not in err
     # The first daemon still owns the socket file and serves on it.
     assert daemon.status()["pid"] == daemon.pid
-    with connect(daemon) as client:
+    with connect(daemon, job) as client:
         assert client.snapshot(state=state(1), step=1, rng=False).wait(WAIT_S).step == 1
-    assert_committed(daemon.root, JOB, [1])
+    assert_committed(daemon.root, job, [1])
 
 
 SPAWNING_TRAINER = """
@@ -195,8 +200,8 @@ def test_two_trainers_spawning_at_once_share_one_daemon(daemons: DaemonFactory) 
             if p.poll() is None:
                 p.kill()
                 p.communicate()
-        if sock.exists():
-            run_ckptd("stop", "--socket", sock, env=daemons.env)
+        if can_connect(sock):
+            query(sock, "stop")  # the op `ckptd stop` sends
         for pid in spawned:
             wait_until(exited(pid), 60, f"spawned daemon {pid} to exit")
 
@@ -322,15 +327,15 @@ def test_an_unexpected_exception_in_the_write_path_is_a_snapshot_failed_error(
 
 
 def test_a_retention_error_after_the_commit_never_fails_the_snapshot(
-    daemons: DaemonFactory,
+    shared_daemon: Daemon,
 ) -> None:
     """``Daemon._retain`` promises that retention never fails the commit; here retention cannot
     list the pins (``<job>/pins`` is a file). It once let the error through: the committed step
     was reported to the client as failed."""
-    daemon = daemons.start()
-    with connect(daemon) as client:
+    daemon, job = shared_daemon, "retention"
+    with connect(daemon, job) as client:
         assert client.snapshot(state=state(1), step=1, rng=False).wait(WAIT_S).step == 1
-        pins = Store(daemon.root).job_dir(JOB) / "pins"
+        pins = Store(daemon.root).job_dir(job) / "pins"
         pins.write_bytes(b"not a directory")
         handle = client.snapshot(state=state(2), step=2, rng=False)
         try:
@@ -338,19 +343,21 @@ def test_a_retention_error_after_the_commit_never_fails_the_snapshot(
         finally:
             daemon.wait_idle()
             # Committed either way: the manifest is visible and verifies.
-            assert_committed(daemon.root, JOB, [1, 2])
+            assert_committed(daemon.root, job, [1, 2])
     assert info.step == 2
-    assert f"{JOB}: retention not applied" in daemon.log_text()
+    assert f"{job}: retention not applied" in daemon.log_text()
+    pins.unlink()
+    pins.mkdir()  # the job whole again: a later test of this daemon lists the whole root
 
 
 def test_a_pins_path_that_is_not_a_directory_fails_a_pinned_snapshot_naming_it(
-    daemons: DaemonFactory,
+    shared_daemon: Daemon,
 ) -> None:
     """It once failed with 'internal error: NotADirectoryError(20, ...)', naming no path."""
-    daemon = daemons.start()
-    with connect(daemon) as client:
+    daemon, job = shared_daemon, "pins"
+    with connect(daemon, job) as client:
         assert client.snapshot(state=state(1), step=1, rng=False).wait(WAIT_S).step == 1
-        pins = Store(daemon.root).job_dir(JOB) / "pins"
+        pins = Store(daemon.root).job_dir(job) / "pins"
         pins.write_bytes(b"not a directory")
         handle = client.snapshot(state=state(2), step=2, rng=False, pin=True)
         try:
@@ -358,8 +365,10 @@ def test_a_pins_path_that_is_not_a_directory_fails_a_pinned_snapshot_naming_it(
                 handle.wait(WAIT_S)
         finally:
             daemon.wait_idle()
-            assert Store(daemon.root).steps(JOB) == [1]
+            assert Store(daemon.root).steps(job) == [1]
     assert str(pins) in str(info.value)
+    pins.unlink()
+    pins.mkdir()  # the job whole again: a later test of this daemon lists the whole root
 
 
 # ---- the operator CLI, in-process -------------------------------------------------------------
@@ -390,11 +399,12 @@ GARBAGE = b"\x89PNG\r\n\x1a\n\x00\xff not json {"
 
 
 def test_a_damaged_job_json_is_a_clear_error_and_loses_no_checkpoint(
-    daemon: Daemon, cli: CLI
+    shared_daemon: Daemon, cli: CLI
 ) -> None:
+    daemon, job = shared_daemon, "damaged"
     store = Store(daemon.root)
-    job_json = store.job_dir(JOB) / "job.json"
-    with connect(daemon) as client:
+    job_json = store.job_dir(job) / "job.json"
+    with connect(daemon, job) as client:
         assert client.snapshot(state=state(1), step=1, rng=False).wait(WAIT_S).step == 1
         assert json.loads(job_json.read_bytes())["owner_uid"] == os.getuid()
         job_json.write_bytes(GARBAGE)
@@ -403,27 +413,27 @@ def test_a_damaged_job_json_is_a_clear_error_and_loses_no_checkpoint(
         assert client.snapshot(state=state(2), step=2, rng=False).wait(WAIT_S).step == 2
     st = daemon.wait_idle()
     assert any(
-        f"{JOB}: retention: {job_json}: damaged" in e and "fix or delete it" in e
+        f"{job}: retention: {job_json}: damaged" in e and "fix or delete it" in e
         for e in st["recent_errors"]
     ), st["recent_errors"]
 
     # A new client of the job is refused with the file and what to do.
     with pytest.raises(ManifestError) as info:
-        connect(daemon)
+        connect(daemon, job)
     assert str(info.value).startswith(f"{job_json}: damaged (")
     assert str(info.value).endswith("fix or delete it")
 
     # The operator CLI names it too (exit 7, corrupt).
-    for args in (("list",), ("list", JOB), ("prune", JOB)):
+    for args in (("list",), ("list", job), ("prune", job)):
         code, out, err = cli(*args, "--root", daemon.root)
         assert code == EXIT_CODES["CorruptCheckpointError"], (args, out, err)
         assert f"error: {job_json}: damaged (" in err, (args, err)
 
     # Nothing committed was lost, the daemon serves other jobs, and the job's checkpoints
     # still verify and restore.
-    code, out, err = cli("verify", JOB, "--root", daemon.root)
+    code, out, err = cli("verify", job, "--root", daemon.root)
     assert code == 0, (out, err)
-    assert_committed(daemon.root, JOB, [1, 2])
+    assert_committed(daemon.root, job, [1, 2])
     with connect(daemon, "bystander") as client:
         assert client.snapshot(state=state(1), step=1, rng=False).wait(WAIT_S).step == 1
     assert daemon.proc.poll() is None
@@ -432,11 +442,14 @@ def test_a_damaged_job_json_is_a_clear_error_and_loses_no_checkpoint(
 # ---- protocol version -----------------------------------------------------------------------
 
 
-def test_a_client_of_another_protocol_version_is_told_both_versions(daemon: Daemon) -> None:
+def test_a_client_of_another_protocol_version_is_told_both_versions(
+    shared_daemon: Daemon,
+) -> None:
+    daemon, job = shared_daemon, "version"
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as sock:
         sock.settimeout(30)
         sock.connect(str(daemon.socket))
-        hello = {"op": "hello", "id": 1, "version": 999, "job": JOB, "root": str(daemon.root)}
+        hello = {"op": "hello", "id": 1, "version": 999, "job": job, "root": str(daemon.root)}
         send_message(sock, hello | {"pid": os.getpid()})
         reply, _ = recv_message(sock)
         assert reply is not None and reply["op"] == "error", reply
@@ -445,8 +458,8 @@ def test_a_client_of_another_protocol_version_is_told_both_versions(daemon: Daem
         assert "999" in message
         assert re.search(rf"\b{PROTOCOL_VERSION}\b", message.replace("999", "")), message
         assert recv_message(sock)[0] is None  # and it hung up
-    assert not Store(daemon.root).job_dir(JOB).exists()  # refused before anything was created
-    with connect(daemon) as client:  # the current version is served
+    assert not Store(daemon.root).job_dir(job).exists()  # refused before anything was created
+    with connect(daemon, job) as client:  # the current version is served
         assert client.snapshot(state=state(1), step=1, rng=False).wait(WAIT_S).step == 1
     assert daemon.proc.poll() is None
 

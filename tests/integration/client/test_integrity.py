@@ -5,6 +5,9 @@ filesystem, and ``restore()`` that sees the job's in-flight snapshots.
 
 Every test here failed on the code before the fix (the docstrings say how). Real daemons, real
 sockets, real signals; the fake servers are real processes (one of them runs as another uid).
+Tests that leave a daemon as they found it share one per configuration for the module
+(``shared_daemon``, ``slow_daemon``), each with jobs of its own; a SIGSTOPped daemon is always
+continued (``stopped``).
 """
 
 from __future__ import annotations
@@ -63,13 +66,18 @@ from tests.integration.daemon_fixtures import (
 
 ckptd_env = daemon_fixtures.ckptd_env
 daemons = daemon_fixtures.daemons
-daemon = daemon_fixtures.daemon
+shared_daemon = daemon_fixtures.shared_daemon
 
 pytestmark = pytest.mark.usefixtures("ckptd_env")
 
 NOBODY = 65534
 # A daemon whose writes take long enough to observe: one write thread, zstd everywhere.
 SLOW = '[store]\nthreads = 1\n[codec]\ncodec = "zstd"\nlevel = 3\n'
+# A disk guard that refuses every snapshot (no disk has 1000 TiB free), with a retention policy
+# for it to apply first.
+FULL = '[disk]\nmin_free_bytes = "1000TiB"\n[retention]\nkeep_last = 2\n'
+# Two connections and two slots per uid.
+CAPPED = "[daemon]\nmax_clients_per_uid = 2\nmax_slots_per_uid = 2\n"
 
 
 def connect(d: Daemon, job: str, **kwargs: Any) -> Client:
@@ -92,6 +100,27 @@ def error_of(handle: Any) -> BaseException | None:
     return error
 
 
+@pytest.fixture(scope="module")
+def slow_daemon() -> Iterator[Daemon]:
+    """One daemon with the ``SLOW`` configuration for the module."""
+    with daemon_fixtures.daemon_factory() as factory:
+        yield factory.start(config=SLOW)
+
+
+@pytest.fixture(scope="module")
+def full_daemon() -> Iterator[Daemon]:
+    """One daemon with the ``FULL`` configuration for the module."""
+    with daemon_fixtures.daemon_factory() as factory:
+        yield factory.start(config=FULL)
+
+
+@pytest.fixture(scope="module")
+def capped_daemon() -> Iterator[Daemon]:
+    """One daemon with the ``CAPPED`` configuration for the module."""
+    with daemon_fixtures.daemon_factory() as factory:
+        yield factory.start(config=CAPPED)
+
+
 @pytest.fixture
 def stopped() -> Iterator[list[int]]:
     """pids the test SIGSTOPs; every one is continued again, whatever the test did."""
@@ -108,12 +137,12 @@ def stopped() -> Iterator[list[int]]:
 
 
 def test_a_timed_out_submit_never_lets_its_slot_be_refilled(
-    daemons: DaemonFactory, stopped: list[int]
+    slow_daemon: Daemon, stopped: list[int]
 ) -> None:
     """SIGSTOP the daemon so ``submit`` times out. Before the fix the client marked the slot
     free and kept the connection: the stale ``accepted`` answered the next submit, and step 2
     committed holding step 3's tensors (or, with one slot, the next snapshot blocked forever)."""
-    d = daemons.start(config=SLOW)
+    d = slow_daemon
     store = Store(d.root)
     states = {step: make_state(700 + step, 24) for step in (1, 2, 3)}
     client = connect(d, "stale", slots=1, timeout_s=1.0)
@@ -141,12 +170,12 @@ def test_a_timed_out_submit_never_lets_its_slot_be_refilled(
 
 
 def test_a_blocked_snapshot_gives_up_on_a_hung_daemon(
-    daemons: DaemonFactory, stopped: list[int]
+    slow_daemon: Daemon, stopped: list[int]
 ) -> None:
     """``on_full="block"`` waits as long as the daemon is alive, but a hung (stopped) daemon that
     holds every slot is asked for its status every ``timeout_s``; with no answer the snapshot
     fails instead of stalling training forever (it used to wait until the daemon came back)."""
-    d = daemons.start(config=SLOW)
+    d = slow_daemon
     client = connect(d, "hung", slots=1, on_full="block", timeout_s=1.0)
     try:
         first = client.snapshot(state=make_state(1201, 64), step=1)
@@ -202,10 +231,10 @@ def test_replies_are_matched_by_id_and_a_stray_reply_breaks_the_link(tmp_path: P
 # ---- 2. prepare() never frees a slot the daemon holds ---------------------------------------
 
 
-def test_prepare_leaves_slots_the_daemon_still_reads(daemons: DaemonFactory) -> None:
+def test_prepare_leaves_slots_the_daemon_still_reads(slow_daemon: Daemon) -> None:
     """With ``on_full="skip"``, ``prepare()`` used to clear ``busy`` on every slot, so the next
     snapshot overwrote the one being written: step 1 committed but failed restore."""
-    d = daemons.start(config=SLOW)
+    d = slow_daemon
     first, second = make_state(801, 64), make_state(802, 64)
     client = connect(d, "prep", slots=1, on_full="skip")
     try:
@@ -356,15 +385,14 @@ def test_a_symlinked_log_or_socket_dir_is_refused(monkeypatch: pytest.MonkeyPatc
 # ---- 5. the disk guard and a job with no checkpoints ----------------------------------------
 
 
-def test_the_disk_guard_with_a_job_that_has_no_checkpoints(daemons: DaemonFactory) -> None:
+def test_the_disk_guard_with_a_job_that_has_no_checkpoints(full_daemon: Daemon) -> None:
     """A brand-new job on the filesystem made the guard call ``max()`` on nothing: every submit
     that reached it got "the daemon could not handle this message" and no space was freed."""
-    root = daemons.default_root
+    d = full_daemon
+    root = d.root
     model = torch.nn.Linear(4, 4)
     for step in range(1, 5):
         ckptd_client.save("old", state={"w": model.weight.detach() * step}, step=step, root=root)
-    config = '[disk]\nmin_free_bytes = "1000TiB"\n[retention]\nkeep_last = 2\n'
-    d = daemons.start(config=config)
     with connect(d, "fresh") as client:
         handle = client.snapshot(state={"w": torch.ones(8)}, step=1)
         with pytest.raises(DiskFullError, match="not enough space for a snapshot"):
@@ -379,9 +407,10 @@ def test_the_disk_guard_with_a_job_that_has_no_checkpoints(daemons: DaemonFactor
 # ---- 7. bounded daemon resources ------------------------------------------------------------
 
 
-def test_a_client_that_never_reads_is_disconnected(daemon: Daemon) -> None:
+def test_a_client_that_never_reads_is_disconnected(shared_daemon: Daemon) -> None:
     """Before the fix the reply queue had no bound: a client that never read grew the daemon by
     45 MiB with 80k requests."""
+    daemon = shared_daemon
     status = encode_message({"op": "status"})
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
         sock.connect(str(daemon.socket))
@@ -402,8 +431,9 @@ def test_a_client_that_never_reads_is_disconnected(daemon: Daemon) -> None:
     assert query(daemon.socket)["op"] == "status"  # everyone else is still served
 
 
-def test_accept_backs_off_when_out_of_descriptors(daemon: Daemon) -> None:
+def test_accept_backs_off_when_out_of_descriptors(shared_daemon: Daemon) -> None:
     """``accept()`` failing with EMFILE made the loop spin and log about 2 MB/s."""
+    daemon = shared_daemon
     require(os.getuid() == 0, "running as root (to lower the daemon's open-file limit)")
     # An answer means startup is over (the socket accepts connections into its backlog before
     # the daemon has opened everything it needs, e.g. the config watcher's inotify descriptors).
@@ -439,8 +469,8 @@ def _answers(path: Path) -> bool:
         return False
 
 
-def test_connections_per_uid_are_capped(daemons: DaemonFactory) -> None:
-    d = daemons.start(config="[daemon]\nmax_clients_per_uid = 2\n")
+def test_connections_per_uid_are_capped(capped_daemon: Daemon) -> None:
+    d = capped_daemon
     a, b = connect(d, "cap1"), connect(d, "cap2")
     try:
         with pytest.raises(Exception, match=r"daemon\.max_clients_per_uid") as info:
@@ -464,8 +494,9 @@ def _raw_hello(path: Path, root: Path, job: str) -> socket.socket:
     return sock
 
 
-def test_a_sparse_terabyte_slot_is_refused(daemon: Daemon) -> None:
+def test_a_sparse_terabyte_slot_is_refused(shared_daemon: Daemon) -> None:
     """A sealed, sparse memfd of 1 TiB was accepted as a slot."""
+    daemon = shared_daemon
     fd = os.memfd_create("huge", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, 1 << 40)
@@ -483,8 +514,8 @@ def test_a_sparse_terabyte_slot_is_refused(daemon: Daemon) -> None:
     assert query(daemon.socket)["op"] == "status"
 
 
-def test_slots_per_uid_are_capped(daemons: DaemonFactory) -> None:
-    d = daemons.start(config="[daemon]\nmax_slots_per_uid = 2\n")
+def test_slots_per_uid_are_capped(capped_daemon: Daemon) -> None:
+    d = capped_daemon
     reply: dict[str, Any] | None = None
     with _raw_hello(d.socket, d.root, "slots") as sock:
         for slot in range(3):
@@ -506,9 +537,10 @@ def test_slots_per_uid_are_capped(daemons: DaemonFactory) -> None:
 def test_status_stays_bounded_with_many_jobs(daemons: DaemonFactory) -> None:
     """``status`` broke for good after a few hundred jobs (650 in the review, fewer with long
     names): ``last_commit`` was never pruned and the reply outgrew the 64 KiB message limit.
-    ``status`` with a job narrows it to that job."""
+    ``status`` with a job narrows it to that job. 240 jobs: more than the daemon remembers
+    (4 x ``MAX_STATUS_COMMITS``), so its own pruning runs too."""
     d = daemons.start()
-    jobs = [f"j{i:04d}-" + "x" * 110 for i in range(420)]
+    jobs = [f"j{i:04d}-" + "x" * 110 for i in range(240)]
     code = textwrap.dedent(
         """
         import sys, torch
@@ -551,10 +583,11 @@ def query_status_job(path: Path, job: str) -> dict[str, Any]:
 # ---- 8. every handle resolves after close() -------------------------------------------------
 
 
-def test_close_without_waiting_resolves_every_handle(daemons: DaemonFactory) -> None:
+def test_close_without_waiting_resolves_every_handle(slow_daemon: Daemon) -> None:
     """After ``close(timeout=0)`` the checkpoint committed on disk, but its handle never
     resolved: ``wait()`` without a timeout blocked forever."""
-    d = daemons.start(config=SLOW)
+    d = slow_daemon
+    commits = d.wait_idle()["commits"]
     client = connect(d, "closing")
     handle = client.snapshot(state=make_state(901, 48), step=1)
     assert handle.error is None
@@ -564,7 +597,7 @@ def test_close_without_waiting_resolves_every_handle(daemons: DaemonFactory) -> 
         handle.wait()
     except SnapshotUnconfirmedError as exc:
         assert "outcome unknown: the client closed before the daemon answered" in str(exc)
-    d.wait_idle(commits=1)
+    d.wait_idle(commits=commits + 1)
     assert verify_all(Store(d.root), "closing") == [1]
 
 
@@ -572,12 +605,12 @@ def test_close_without_waiting_resolves_every_handle(daemons: DaemonFactory) -> 
 
 
 def test_a_hello_stuck_on_the_filesystem_does_not_stall_the_daemon(
-    daemons: DaemonFactory,
+    shared_daemon: Daemon,
 ) -> None:
     """``hello`` read and fsynced ``job.json`` on the event loop: a slow filesystem stalled
     every client's replies (and systemd's watchdog). A FIFO as ``job.json`` blocks the read
     until the test writes to it; meanwhile the daemon must keep answering."""
-    d = daemons.start()
+    d = shared_daemon
     job_dir = d.root / "stuck"
     for sub in ("objects", "manifests", "tmp"):
         (job_dir / sub).mkdir(parents=True)
@@ -603,16 +636,17 @@ def test_a_hello_stuck_on_the_filesystem_does_not_stall_the_daemon(
         t.join(60)
     assert "error" not in result, result
     result["client"].close()
+    (job_dir / "job.json").unlink()  # no FIFO left for the next test of this daemon to open
 
 
 def test_an_admission_stuck_on_the_filesystem_does_not_stall_the_daemon(
-    daemons: DaemonFactory,
+    full_daemon: Daemon,
 ) -> None:
     """The disk guard read every job's retention (``job.json``) on the event loop while deciding
     whether a snapshot fits. Here it blocks on a FIFO; status and other clients go on."""
-    root = daemons.default_root
+    d = full_daemon
+    root = d.root
     ckptd_client.save("blocker", state={"w": torch.ones(2)}, step=1, root=root)
-    d = daemons.start(config='[disk]\nmin_free_bytes = "1000TiB"\n')
     with connect(d, "guarded", timeout_s=120) as client:
         (root / "blocker" / "job.json").unlink(missing_ok=True)
         os.mkfifo(root / "blocker" / "job.json")
@@ -631,22 +665,23 @@ def test_an_admission_stuck_on_the_filesystem_does_not_stall_the_daemon(
             t.join(60)
         with pytest.raises(DiskFullError):
             handles[0].wait(30)
+    (root / "blocker" / "job.json").unlink()  # no FIFO left for a later guard to open
 
 
 # ---- 10. restore() waits for the job's in-flight snapshots ----------------------------------
 
 
 def big_model(seed: int) -> torch.nn.Linear:
-    """128 MiB of random parameters (they compress poorly): long enough to write that a test
-    can act while it is written."""
+    """64 MiB of random parameters (they compress poorly): long enough to write (zstd on one
+    thread) that a test can act while it is written."""
     torch.manual_seed(seed)
-    return torch.nn.Linear(8192, 4096)
+    return torch.nn.Linear(4096, 4096)
 
 
-def test_restore_waits_for_what_the_daemon_still_commits(daemons: DaemonFactory) -> None:
+def test_restore_waits_for_what_the_daemon_still_commits(slow_daemon: Daemon) -> None:
     """After a trainer handed off a snapshot and died, a new trainer's ``restore()`` ran while
     the daemon was still committing it: training resumed from an older step."""
-    d = daemons.start(config=SLOW)
+    d = slow_daemon
     model = big_model(1)
     first = connect(d, "resume")
     first.snapshot(model, step=1).wait(120)
@@ -662,8 +697,8 @@ def test_restore_waits_for_what_the_daemon_still_commits(daemons: DaemonFactory)
     assert torch.equal(resumed.weight, model.weight)
 
 
-def test_restore_names_the_steps_still_pending_after_its_wait(daemons: DaemonFactory) -> None:
-    d = daemons.start(config=SLOW)
+def test_restore_names_the_steps_still_pending_after_its_wait(slow_daemon: Daemon) -> None:
+    d = slow_daemon
     first = connect(d, "late")
     first.snapshot(big_model(3), step=7)
     first.close(timeout=0)
@@ -674,8 +709,9 @@ def test_restore_names_the_steps_still_pending_after_its_wait(daemons: DaemonFac
     assert Store(d.root).steps("late") == [7]
 
 
-def test_drain_of_a_closed_protocol_error(daemon: Daemon) -> None:
+def test_drain_of_a_closed_protocol_error(shared_daemon: Daemon) -> None:
     """``drain`` before ``hello`` is a protocol error, answered to its request id."""
+    daemon = shared_daemon
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
         sock.settimeout(10)
         sock.connect(str(daemon.socket))

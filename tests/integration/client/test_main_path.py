@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import ckptd_client
+from ckptd.cli.main import main
 from ckptd.errors import ConfigError, DaemonUnavailableError, StorePermissionError
 from ckptd.format.store import Store
 from ckptd.protocol import can_connect
@@ -151,20 +152,15 @@ torch.save(model.state_dict(), sys.argv[1])
 """
 
 
-# Runs a script or ``-m module`` as on a machine where the shipped unit is installed: the system
-# socket (``/run/ckptd/ckptd.sock``, not writable for a test) is the given path. Nothing in the
+# Runs a script as on a machine where the shipped unit is installed: the system socket
+# (``/run/ckptd/ckptd.sock``, not writable for a test) is the given path. Nothing in the
 # environment names a socket or a root.
 AS_INSTALLED = """
 import pathlib, runpy, sys
 import ckptd.config
 ckptd.config.SYSTEM_SOCKET = pathlib.Path(sys.argv.pop(1))
-target = sys.argv.pop(1)
-if target == "-m":
-    sys.argv[0] = sys.argv.pop(1)
-    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
-else:
-    sys.argv[0] = target
-    runpy.run_path(target, run_name="__main__")
+sys.argv[0] = sys.argv.pop(1)
+runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
@@ -184,12 +180,17 @@ def as_installed(
 
 
 def test_the_readme_loop_with_no_root_writes_where_an_operators_daemon_writes(
-    daemons: DaemonFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    daemons: DaemonFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A daemon started as the shipped unit starts it (system mode, ``--config``, ``--root``,
     ``--socket`` on the system socket). Before the fix the loop sent ``<cwd>/checkpoints`` and
     the daemon refused it (StorePermissionError), and ``ckptd list`` looked in the current
-    directory."""
+    directory. The trainers run as processes of their own; ``ckptd list`` runs in this process,
+    from another working directory, with the same system socket and nothing in the environment
+    naming a socket or a root."""
     config = tmp_path / "etc-ckptd.toml"
     config.write_text("")
     d = daemons.start("--config", str(config), user=False)
@@ -210,14 +211,20 @@ def test_the_readme_loop_with_no_root_writes_where_an_operators_daemon_writes(
     steps = sorted(int(p.name[5:17]) for p in (d.root / "my-run" / "manifests").iterdir())
     assert steps == [8, 10, 12]  # run 2 went on from step 6; keep_last 3
 
-    listed = as_installed(
-        d.socket, "-m", "ckptd", "list", "my-run", "--json", cwd=elsewhere, env=env
-    )
-    assert listed.returncode == 0, listed.stderr
-    assert [c["step"] for c in json.loads(listed.stdout)] == [8, 10, 12]
-
     monkeypatch.chdir(elsewhere)
     monkeypatch.setattr("ckptd.config.SYSTEM_SOCKET", d.socket)
+
+    def ckptd_list(*args: str) -> tuple[int | str | None, str, str]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exited:
+            main(["list", *args])
+        out, err = capsys.readouterr()
+        return exited.value.code, out, err
+
+    code, out, err = ckptd_list("my-run", "--json")
+    assert code == 0, err
+    assert [c["step"] for c in json.loads(out)] == [8, 10, 12]
+
     state = ckptd_client.load("my-run")
     assert_same(state["model"], torch.load(tmp_path / "model-2.pt"), "model")
     assert [m.step for m in ckptd_client.list_checkpoints("my-run")] == [8, 10, 12]
@@ -230,9 +237,9 @@ def test_the_readme_loop_with_no_root_writes_where_an_operators_daemon_writes(
     ckptd_client.save("decoy", state={"w": torch.ones(1)}, step=1, root=elsewhere / "checkpoints")
     assert daemons.stop(d) == 0
     d.socket.touch()  # a stale socket file, as after a crash
-    listed = as_installed(d.socket, "-m", "ckptd", "list", cwd=elsewhere, env=env)
-    assert listed.returncode == DaemonUnavailableError.exit_code, (listed.stdout, listed.stderr)
-    assert f"no ckptd daemon answers on {d.socket}" in " ".join(listed.stderr.split())
+    code, out, err = ckptd_list()
+    assert code == DaemonUnavailableError.exit_code, (out, err)
+    assert f"no ckptd daemon answers on {d.socket}" in " ".join(err.split())
     with pytest.raises(DaemonUnavailableError, match="name the root"):
         ckptd_client.list_checkpoints()
 

@@ -2,7 +2,9 @@
 SEQPACKET sockets, memfd slots, signals, SIGKILLed trainers and daemons.
 
 Every daemon runs in its own short ``/tmp/ckXXXXXXXX`` directory (see ``daemon_fixtures``); the
-fixtures stop it afterwards and fail the test if any daemon or trainer process survives.
+fixtures stop it afterwards and fail the test if any daemon or trainer process survives. Tests
+that neither stop, kill, reconfigure nor count the whole daemon share one for the module
+(``shared_daemon``), each with jobs of its own; the others start their own.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,7 @@ from tests.integration.daemon_fixtures import (
     DaemonFactory,
     assert_same,
     clean_env,
+    cli_status_json,
     fd_count,
     fd_targets,
     make_state,
@@ -115,7 +118,8 @@ def finish(proc: subprocess.Popen[str], timeout_s: float = 120.0) -> tuple[int, 
 # ---- 1. round trip ------------------------------------------------------------------------------
 
 
-def test_round_trip_model_optimizer_scheduler_is_bit_identical(daemon: Daemon) -> None:
+def test_round_trip_model_optimizer_scheduler_is_bit_identical(shared_daemon: Daemon) -> None:
+    daemon = shared_daemon
     model, opt, sched = trained(steps=3, seed=1)
     expected_rng = ckptd_client.rng_state()
     with connect(daemon, "rt", strict=True) as client:
@@ -161,8 +165,9 @@ def test_round_trip_model_optimizer_scheduler_is_bit_identical(daemon: Daemon) -
 
 
 def test_tensors_mutated_right_after_snapshot_returns_do_not_leak_into_the_checkpoint(
-    daemon: Daemon,
+    shared_daemon: Daemon,
 ) -> None:
+    daemon = shared_daemon
     torch.manual_seed(3)
     model = torch.nn.Sequential(
         torch.nn.Linear(1024, 1024), torch.nn.BatchNorm1d(1024), torch.nn.Linear(1024, 512)
@@ -194,9 +199,10 @@ def test_tensors_mutated_right_after_snapshot_returns_do_not_leak_into_the_check
     assert mutated_while_pending
 
 
-def test_one_slot_reused_for_states_whose_layout_changes(daemon: Daemon) -> None:
+def test_one_slot_reused_for_states_whose_layout_changes(shared_daemon: Daemon) -> None:
     """The client caches typed views into a slot by (offset, dtype, shape): every snapshot of a
     state whose tensors change dtype or shape at the same offsets must still come back exact."""
+    daemon = shared_daemon
     states: list[dict[str, Any]] = [
         {"a": torch.arange(64, dtype=torch.float32), "b": torch.ones(8, 8)},
         {"a": torch.arange(64, dtype=torch.int32), "b": torch.ones(8, 8)},  # dtype at offset 0
@@ -258,8 +264,11 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 
 def test_snapshot_survives_its_trainer_being_sigkilled(
-    daemon: Daemon, daemons: DaemonFactory
+    shared_daemon: Daemon, daemons: DaemonFactory
 ) -> None:
+    daemon = shared_daemon
+    before = daemon.wait_idle()
+    log_start = len(daemon.log_text())
     proc = run_trainer(
         CRASHING_TRAINER, daemon.socket, daemon.root, "crash", 7, 64, 42, env=daemons.env
     )
@@ -267,8 +276,8 @@ def test_snapshot_survives_its_trainer_being_sigkilled(
     assert code == -signal.SIGKILL, (out, err)
     assert "accepted step 42" in out
 
-    st = daemon.wait_idle(commits=1, timeout_s=120)
-    assert st["commits"] == 1 and st["failures"] == {}
+    st = daemon.wait_idle(commits=before["commits"] + 1, timeout_s=120)
+    assert st["commits"] == before["commits"] + 1 and st["failures"] == before["failures"]
     assert st["clients"] == []
     store = Store(daemon.root)
     assert verify_job(store, "crash") == [42]
@@ -276,7 +285,7 @@ def test_snapshot_survives_its_trainer_being_sigkilled(
     assert_same(loaded.state, make_state(7, 64))
     assert loaded.manifest.raw_bytes >= 64 << 20
     # The premise: the daemon saw the trainer go away before the checkpoint was durable.
-    log = daemon.log_text()
+    log = daemon.log_text()[log_start:]
     assert log.index("crash (pid") < log.index("disconnected") < log.index("step 42 committed")
 
 
@@ -404,11 +413,12 @@ except Exception as exc:
 
 
 def test_first_client_of_a_job_leaves_a_live_writers_tmp_files_alone(
-    daemon: Daemon, daemons: DaemonFactory
+    shared_daemon: Daemon, daemons: DaemonFactory
 ) -> None:
     """Another writer of the same job (an in-process ``ckptd_client.save``, a daemon on another
     host of a shared root) is in the middle of an object write when a client attaches to that
     job for the first time in the daemon's life: its tmp file is not a crash leftover."""
+    daemon = shared_daemon
     store = Store(daemon.root)
     writer = subprocess.Popen(
         [sys.executable, "-c", LIVE_WRITER, str(daemon.root), "shared"],
@@ -454,13 +464,15 @@ def test_no_daemon_and_spawn_false_names_the_socket(daemons: DaemonFactory) -> N
     assert not sock.parent.exists()  # nothing was started
 
 
-def test_client_spawns_a_detached_daemon_when_none_runs(daemons: DaemonFactory) -> None:
+def test_client_spawns_a_detached_daemon_when_none_runs(
+    daemons: DaemonFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
     sock = daemons.base / "emb" / "s.sock"
     root = daemons.default_root
     with Client("embedded", socket=sock, root=root, spawn=True) as client:
         info = client.snapshot(state={"w": torch.arange(10.0)}, step=4).wait(timeout=60)
         assert info.step == 4
-        st = status_json(sock, daemons.env)
+        st = cli_status_json(sock, capsys)
     pid = st["pid"]
     try:
         assert st["socket"] == str(sock) and st["root"] == str(root) and st["mode"] == "user"
@@ -529,8 +541,11 @@ print("done", job, flush=True)
 
 
 def test_two_jobs_from_two_processes_commit_separately(
-    daemon: Daemon, daemons: DaemonFactory
+    shared_daemon: Daemon, daemons: DaemonFactory
 ) -> None:
+    daemon = shared_daemon
+    before = daemon.wait_idle()
+    jobs_before = set(Store(daemon.root).jobs())
     jobs = {"alpha": (1000, [1, 3, 5, 7]), "beta": (2000, [2, 4, 6, 8])}
     procs = [
         run_trainer(
@@ -550,16 +565,17 @@ def test_two_jobs_from_two_processes_commit_separately(
         assert f"done {job}" in out
 
     store = Store(daemon.root)
-    assert store.jobs() == ["alpha", "beta"]
+    assert sorted(set(store.jobs()) - jobs_before) == ["alpha", "beta"]
     for job, (seed, steps) in jobs.items():
         assert verify_job(store, job) == steps
         for step in steps:
             loaded = load_checkpoint(store, job, step)
             assert loaded.manifest.job == job
             assert_same(loaded.state, make_state(seed + step, 4), f"{job}@{step}")
-    st = daemon.wait_idle(commits=8)
-    assert st["commits"] == 8
-    assert {c["job"] for c in st["last_commit"]} == {"alpha", "beta"}
+    st = daemon.wait_idle(commits=before["commits"] + 8)
+    assert st["commits"] == before["commits"] + 8
+    # last_commit: each job's latest commit, the most recent first
+    assert {c["job"] for c in st["last_commit"][:2]} == {"alpha", "beta"}
 
 
 # ---- 8. another uid --------------------------------------------------------------------------
@@ -650,20 +666,30 @@ def open_up(sock: Path) -> None:
     sock.chmod(0o666)
 
 
-def allowing_nobody(daemons: DaemonFactory, name: str) -> Daemon:
-    """A daemon whose config admits uid 65534's group, its socket opened up to everyone."""
+def close_down(sock: Path) -> None:
+    """The modes the daemon gave its socket and the directory it created: 0600 in 0700."""
+    sock.parent.chmod(0o700)
+    sock.chmod(0o600)
+
+
+@pytest.fixture(scope="module")
+def allowing_nobody(nobody: None) -> Iterator[Daemon]:
+    """A daemon whose config admits uid 65534's group, for the module; each test opens its
+    socket up to everyone (:func:`open_up`) or closes it down (:func:`close_down`) as it needs."""
     group = grp.getgrgid(NOBODY).gr_name
-    daemon = daemons.start(
-        socket_path=daemons.base / name / "s.sock",
-        root=daemons.base / f"{name}-root",
-        config=f'[daemon]\nallowed_groups = ["{group}"]\n',
-    )
-    open_up(daemon.socket)
-    return daemon
+    with daemon_fixtures.daemon_factory() as factory:
+        yield factory.start(
+            socket_path=factory.base / "allowing" / "s.sock",
+            root=factory.base / "allowing-root",
+            config=f'[daemon]\nallowed_groups = ["{group}"]\n',
+        )
 
 
 @pytest.mark.usefixtures("nobody")
-def test_other_uid_cannot_reach_a_user_daemon(daemon: Daemon, daemons: DaemonFactory) -> None:
+def test_other_uid_cannot_reach_a_user_daemon(
+    shared_daemon: Daemon, daemons: DaemonFactory
+) -> None:
+    daemon = shared_daemon
     assert daemon.socket.stat().st_mode & 0o777 == 0o600
     assert daemon.socket.parent.stat().st_mode & 0o777 == 0o700
     got = client_as_nobody(daemons, daemon, "nobodyjob")
@@ -672,12 +698,15 @@ def test_other_uid_cannot_reach_a_user_daemon(daemon: Daemon, daemons: DaemonFac
     assert kind == DaemonUnavailableError.__name__
     assert f"no ckptd daemon answers on {daemon.socket}" in message
     assert "Permission denied" in message
-    assert Store(daemon.root).jobs() == []
+    assert "nobodyjob" not in Store(daemon.root).jobs()
 
 
 @pytest.mark.usefixtures("nobody")
-def test_other_uid_cannot_write_a_job_created_by_root(daemons: DaemonFactory) -> None:
-    shared = allowing_nobody(daemons, "shared")
+def test_other_uid_cannot_write_a_job_created_by_root(
+    allowing_nobody: Daemon, daemons: DaemonFactory
+) -> None:
+    shared = allowing_nobody
+    open_up(shared.socket)
     with connect(shared, "rootjob", strict=True) as client:
         client.snapshot(state={"w": torch.zeros(4)}, step=1).wait(timeout=60)
     got = client_as_nobody(daemons, shared, "rootjob", "nobodyjob")
@@ -711,13 +740,13 @@ def test_other_uid_outside_allowed_groups_is_told_why(
 
 
 @pytest.mark.usefixtures("nobody")
-def test_cli_status_and_stop_as_other_uid_fail_cleanly(daemons: DaemonFactory) -> None:
+def test_cli_status_and_stop_as_other_uid_fail_cleanly(
+    allowing_nobody: Daemon, daemons: DaemonFactory
+) -> None:
     """``ckptd status`` on a socket nobody may not reach, and ``ckptd stop`` by a client the
     daemon admits but may not stop it: each error with its own type and exit code."""
-    daemon = daemons.start(
-        socket_path=daemons.base / "cli" / "s.sock",
-        config=f'[daemon]\nallowed_groups = ["{grp.getgrgid(NOBODY).gr_name}"]\n',
-    )
+    daemon = allowing_nobody
+    close_down(daemon.socket)
     private = as_nobody(daemons, CKPTD, "status", "--json", "--socket", daemon.socket)
     open_up(daemon.socket)
     stop = as_nobody(daemons, CKPTD, "stop", "--socket", daemon.socket)
@@ -993,7 +1022,8 @@ def test_a_hand_crafted_valid_submit_is_committed(shared_daemon: Daemon) -> None
 # ---- 10. no fd / mapping growth ---------------------------------------------------------------
 
 
-def test_a_hundred_snapshots_leak_no_fds_or_mappings(daemon: Daemon) -> None:
+def test_a_hundred_snapshots_leak_no_fds_or_mappings(shared_daemon: Daemon) -> None:
+    daemon = shared_daemon
     torch.manual_seed(0)
     model = torch.nn.Linear(64, 32)
     me = os.getpid()
@@ -1040,7 +1070,11 @@ def test_a_hundred_snapshots_leak_no_fds_or_mappings(daemon: Daemon) -> None:
 # ---- 11. a full ring: skip and block ---------------------------------------------------------
 
 
-def test_full_ring_skips_or_blocks(daemon: Daemon, daemons: DaemonFactory) -> None:
+def test_full_ring_skips_or_blocks(
+    shared_daemon: Daemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    daemon = shared_daemon
+    before = daemon.wait_idle()
     big = make_state(11, 128)
     with connect(daemon, "skipper", slots=1, on_full="skip") as client:
         first = client.snapshot(state=big, step=1)
@@ -1052,8 +1086,9 @@ def test_full_ring_skips_or_blocks(daemon: Daemon, daemons: DaemonFactory) -> No
         assert "on_full='skip'" in str(second.error)
         assert first.wait(timeout=120).step == 1
         assert client.stats["skipped"] == 1 and client.stats["blocked"] == 0
-    wait_until(lambda: daemon.status()["skipped"] == 1, 10, "status to count the skip")
-    assert status_json(daemon.socket, daemons.env)["skipped"] == 1
+    skipped = before["skipped"] + 1
+    wait_until(lambda: daemon.status()["skipped"] == skipped, 10, "status to count the skip")
+    assert cli_status_json(daemon.socket, capsys)["skipped"] == skipped
     assert Store(daemon.root).steps("skipper") == [1]
 
     with connect(daemon, "blocker", slots=1, on_full="block") as client:
@@ -1064,8 +1099,9 @@ def test_full_ring_skips_or_blocks(daemon: Daemon, daemons: DaemonFactory) -> No
         assert second.stall_s >= client.stats["blocked_s"]
         assert [first.wait(120).step, second.wait(120).step] == [1, 2]
     status = daemon.status()
-    assert status["skipped"] == 1
-    assert status["blocked"] == 1 and status["blocked_s"] > 0  # counted by the daemon too
+    assert status["skipped"] == skipped
+    assert status["blocked"] == before["blocked"] + 1  # counted by the daemon too
+    assert status["blocked_s"] > before["blocked_s"]
 
 
 # ---- 12. status and stop ----------------------------------------------------------------------
@@ -1110,8 +1146,11 @@ def test_readme_demo_runs(daemons: DaemonFactory) -> None:
     runtime.mkdir(mode=0o700)
     sock = runtime / "ckptd" / "ckptd.sock"
     env = clean_env(daemons.base, XDG_RUNTIME_DIR=str(runtime))
+    # The demo's own flags, at a smaller scale than its defaults (30 steps, every 5, crash at
+    # 16): the same three runs, a SIGKILL between two checkpoints and six commits.
+    demo = [sys.executable, str(REPO / "examples" / "demo.py"), "--root", str(daemons.default_root)]
     proc = subprocess.run(
-        [sys.executable, str(REPO / "examples" / "demo.py"), "--root", str(daemons.default_root)],
+        [*demo, "--steps", "12", "--every", "2", "--crash-at", "7"],
         cwd=daemons.base,
         env=env,
         stdin=subprocess.DEVNULL,

@@ -1,6 +1,7 @@
 """The disk guard, retention and pins end to end: real ``ckptd start`` daemons whose root is a
-48 MiB tmpfs, real clients, the ``ckptd`` command line (``status`` and one ``list`` through the
-installed console script; the file-only commands in-process: the same code, 2 s faster a call).
+48 MiB tmpfs, real clients, the ``ckptd`` command line in-process (the same code as the
+installed console script, which ``tests/integration/cli/test_cli.py`` and
+``tests/integration/daemon/test_daemon.py`` run, without a second interpreter's 2-3 s a call).
 
 Every daemon runs with ``[disk] min_free_bytes = "4MiB"`` from a ``--config`` file. States are
 random bytes (stored raw: the codec cannot shrink them), so a 6 MiB snapshot takes 6 MiB of the
@@ -35,9 +36,7 @@ from tests.integration.daemon_fixtures import (
     DaemonFactory,
     clean_env,
     memfd_maps,
-    run_ckptd,
     short_tmp,
-    status_json,
     wait_until,
 )
 
@@ -75,8 +74,7 @@ def tmpfs_daemons() -> Iterator[DaemonFactory]:
         yield factory
     finally:
         try:
-            for daemon in factory.started:  # nothing may hold the mount when it is unmounted
-                factory.stop(daemon)
+            factory.stop_all()  # nothing may hold the mount when it is unmounted
         finally:
             umount = subprocess.run(["umount", str(mountpoint)], capture_output=True, check=False)
             if umount.returncode != 0:
@@ -193,7 +191,7 @@ def test_full_disk_without_policy_refuses_snapshots_then_recovers(
             assert f"the disk guard keeps {GUARD_BYTES} free (disk.min_free_bytes" in message
             assert "retention freed 0 bytes" in message
         assert daemon.proc.poll() is None, "the daemon died"
-        status = status_json(daemon.socket, tmpfs_daemons.env)  # `ckptd status --json`
+        status = json.loads(ok(cli("status", "--json", "--socket", daemon.socket)))
         assert status["degraded"] is not None
         assert status["degraded"].startswith(f"not enough space for a snapshot under {daemon.root}")
         assert status["commits"] == len(committed)
@@ -235,19 +233,12 @@ def test_keep_last_deletes_old_steps_so_every_snapshot_commits(
             assert store.steps("roll") == steps[max(0, step - 2) : step]
             assert object_files(store, "roll") == store.referenced_objects("roll")
             assert free_bytes(daemon.root) >= 30 * MiB
-    status = status_json(daemon.socket, tmpfs_daemons.env)
+    status = json.loads(ok(cli("status", "--json", "--socket", daemon.socket)))
     assert status["degraded"] is None
     assert status["commits"] == len(steps)
     assert status["failures"] == {}
     assert verify_job(store, "roll") == [11, 12]
-    # the installed console script, as an operator runs it
-    args = ("list", "roll", "--json", "--root", daemon.root, "--config", config)
-    proc = run_ckptd(*args, env=tmpfs_daemons.env)
-    assert proc.returncode == 0, proc.stderr
-    assert {doc["step"]: doc["kept_by"] for doc in json.loads(proc.stdout)} == {
-        11: ["last 2"],
-        12: ["newest", "last 2"],
-    }
+    assert kept_by(cli, "roll", daemon.root, config) == {11: ["last 2"], 12: ["newest", "last 2"]}
     table = ok(cli("list", "roll", "--root", daemon.root, "--config", config))
     assert "newest, last 2" in table
     assert "(prunable)" not in table

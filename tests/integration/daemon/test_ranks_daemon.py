@@ -1,11 +1,14 @@
 """Multi-rank hand-offs through real daemons: bad layouts refused with clear errors and nothing
 committed wrongly; a daemon that restarts commits the steps a crash left complete; garbage rank
-fields on the socket. Two daemons over one root stand for two nodes."""
+fields on the socket. Two daemons over one root stand for two nodes: one pair serves the module
+(each test with jobs of its own), and the restart test starts its own daemon on a root it
+prepared."""
 
 from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,7 +22,7 @@ from ckptd.pipeline.write import write_checkpoint
 from ckptd.protocol import PROTOCOL_VERSION, close_fds, recv_message, send_message
 from ckptd_client import Client
 from tests.integration import daemon_fixtures
-from tests.integration.daemon_fixtures import Daemon, DaemonFactory, wait_until
+from tests.integration.daemon_fixtures import Daemon, DaemonFactory, daemon_factory, wait_until
 
 ckptd_env = daemon_fixtures.ckptd_env
 daemons = daemon_fixtures.daemons
@@ -28,6 +31,14 @@ pytestmark = pytest.mark.usefixtures("ckptd_env")
 
 JOB = "ranks"
 WAIT_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[tuple[Daemon, Daemon]]:
+    """Two daemons over one root, for the module."""
+    with daemon_factory() as factory:
+        a = factory.start()
+        yield a, factory.start(socket_path=factory.base / "run" / "b.sock")
 
 
 def rank_client(
@@ -49,9 +60,14 @@ def part_state(step: int, rank: int) -> dict[str, torch.Tensor]:
     return {"replica": torch.arange(50_000.0) + step, "own": torch.full((100,), float(rank))}
 
 
-def test_two_daemons_commit_a_step_once_every_rank_is_durable(daemons: DaemonFactory) -> None:
-    a = daemons.start()
-    b = daemons.start(socket_path=daemons.base / "run" / "b.sock")
+def waiting_for_ranks(daemon: Daemon, job: str) -> list[dict[str, Any]]:
+    return [w for w in daemon.status()["waiting_for_ranks"] if w["job"] == job]
+
+
+def test_two_daemons_commit_a_step_once_every_rank_is_durable(
+    pair: tuple[Daemon, Daemon],
+) -> None:
+    a, b = pair
     clients = [rank_client(a, 0, 3), rank_client(b, 1, 3), rank_client(b, 2, 3)]
     try:
         infos = [
@@ -63,15 +79,15 @@ def test_two_daemons_commit_a_step_once_every_rank_is_durable(daemons: DaemonFac
         store = Store(a.root)
         assert store.steps(JOB) == []
         # Waiting for rank 2, since when: what `ckptd status` shows.
-        wait_until(lambda: bool(a.status()["waiting_for_ranks"]), 30, "a to report step 7")
-        waiting = a.status()["waiting_for_ranks"][0]
+        wait_until(lambda: bool(waiting_for_ranks(a, JOB)), 30, "a to report step 7")
+        [waiting] = waiting_for_ranks(a, JOB)
         assert (waiting["step"], waiting["ranks"], waiting["missing"]) == (7, [0, 1], [2])
         last = clients[2].snapshot(state=part_state(7, 2), step=7, rng=False).wait(WAIT_S)
         assert last.step_committed  # daemon b wrote the last part and committed
         assert store.steps(JOB) == [7]
         record = store.read_manifest(JOB, 7)
         assert record.world_size == 3 and record.attempt == "t1"
-        wait_until(lambda: not a.status()["waiting_for_ranks"], 30, "a to see step 7 commit")
+        wait_until(lambda: not waiting_for_ranks(a, JOB), 30, "a to see step 7 commit")
         for r in range(3):
             loaded = store.step_parts(JOB, 7)[r]
             assert loaded.rank == r
@@ -80,16 +96,16 @@ def test_two_daemons_commit_a_step_once_every_rank_is_durable(daemons: DaemonFac
             c.close()
 
 
-def test_bad_rank_layouts_fail_and_commit_nothing(daemons: DaemonFactory) -> None:
+def test_bad_rank_layouts_fail_and_commit_nothing(pair: tuple[Daemon, Daemon]) -> None:
     """Ranks that disagree on the world size; two processes claiming one rank; a rank handing a
     step off twice (one daemon, one job each)."""
-    d = daemons.start()
-    with rank_client(d, 0, 2) as first, rank_client(d, 1, 3) as second:
+    d, _ = pair
+    with rank_client(d, 0, 2, job="worlds") as first, rank_client(d, 1, 3, job="worlds") as second:
         first.snapshot(state=part_state(1, 0), step=1, rng=False).wait(WAIT_S)
         handle = second.snapshot(state=part_state(1, 1), step=1, rng=False)
         with pytest.raises(RankLayoutError, match=r"says world size 3.*said \[2\]"):
             handle.wait(WAIT_S)
-    assert Store(d.root).steps(JOB) == []
+    assert Store(d.root).steps("worlds") == []
     with rank_client(d, 0, 2, job="claim") as one, rank_client(d, 0, 2, job="claim") as other:
         one.snapshot(state=part_state(1, 0), step=1, rng=False).wait(WAIT_S)
         with pytest.raises(RankLayoutError, match="rank 0 already handed this step off"):
@@ -113,29 +129,32 @@ GARBAGE: list[tuple[dict[str, Any], str]] = [
 
 
 def test_a_rank_outside_the_world_and_garbage_rank_fields_get_an_error(
-    daemons: DaemonFactory,
+    pair: tuple[Daemon, Daemon],
 ) -> None:
-    d = daemons.start()
+    d, _ = pair
+    job = "outside"
     with pytest.raises(RankLayoutError, match=r"rank 2 is outside \[0, 2\)"):
-        rank_client(d, 2, 2)
+        rank_client(d, 2, 2, job=job)
     with Raw(d) as sock:
-        reply = hello(sock, d, rank=2, world_size=2, attempt="t1")
+        reply = hello(sock, d, job=job, rank=2, world_size=2, attempt="t1")
     assert reply["op"] == "error" and reply["type"] == "ProtocolError"
     assert "rank 2 is outside [0, 2)" in reply["message"]
     for fields, message in GARBAGE:
         with Raw(d) as sock:
-            reply = hello(sock, d, **fields)
+            reply = hello(sock, d, job=job, **fields)
         assert reply["op"] == "error" and message in reply["message"], (fields, reply)
     assert d.status()["pid"] == d.pid  # still serving
-    assert Store(d.root).part_sets(JOB) == []
+    assert Store(d.root).part_sets(job) == []
 
 
-def test_single_process_and_multi_rank_clients_do_not_share_a_job(daemons: DaemonFactory) -> None:
-    d = daemons.start()
-    with rank_client(d, 0, 2) as c:
+def test_single_process_and_multi_rank_clients_do_not_share_a_job(
+    pair: tuple[Daemon, Daemon],
+) -> None:
+    d, _ = pair
+    with rank_client(d, 0, 2, job="multi") as c:
         c.snapshot(state=part_state(1, 0), step=1, rng=False).wait(WAIT_S)
     with pytest.raises(RankLayoutError, match="holds multi-rank checkpoints"):
-        Client(JOB, socket=d.socket, root=d.root, spawn=False)
+        Client("multi", socket=d.socket, root=d.root, spawn=False)
     with Client("solo", socket=d.socket, root=d.root, spawn=False) as solo:
         solo.snapshot(state=part_state(1, 0), step=1, rng=False).wait(WAIT_S)
     with pytest.raises(RankLayoutError, match="holds single-process checkpoints"):
