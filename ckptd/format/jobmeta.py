@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ckptd.errors import ManifestError
@@ -21,18 +22,18 @@ from ckptd.format.layout import JobDir
 from ckptd.format.manifest import STEP_DIGITS, check_attempt, check_step, step_from_name
 
 
-def pin_step(job: JobDir, step: int, dirs: DurableDirs) -> None:
-    """Create the pin of ``step``, and ``pins/`` durably if this Store (``dirs``) has not."""
-    if dirs.mkdir(job.pins):
-        # pins/ may be new, or left by a pin that died before this fsync.
+def _create_flag(path: Path, job: JobDir, dirs: DurableDirs) -> None:
+    """Create the empty file ``path`` durably, and its directory (in the job directory) durably
+    if this Store (``dirs``) has not."""
+    if dirs.mkdir(path.parent):
+        # The directory may be new, or left by a writer that died before this fsync.
         fsync_dir(job.path)
-        dirs.add([job.pins])
-    durable_write(job.pin(step), [b""], tmp_dir=job.tmp)
+        dirs.add([path.parent])
+    durable_write(path, [b""], tmp_dir=job.tmp)
 
 
-def unpin_step(job: JobDir, step: int) -> bool:
-    """Remove the pin of ``step``, durably; False when there was none."""
-    path = job.pin(step)
+def _remove_flag(path: Path) -> bool:
+    """Remove ``path``, durably; False when there was none."""
     try:
         path.unlink()
     except FileNotFoundError:
@@ -43,14 +44,28 @@ def unpin_step(job: JobDir, step: int) -> bool:
     return True
 
 
-def pinned_steps(job: JobDir) -> set[int]:
+def _names(directory: Path) -> list[str]:
+    """The names in ``directory``; none when it does not exist."""
     try:
-        names = os.listdir(job.pins)
+        return os.listdir(directory)
     except FileNotFoundError:
-        return set()
+        return []
     except OSError as exc:
-        raise os_error(exc, "list", job.pins) from exc
-    return {s for s in map(step_from_name, names) if s is not None}
+        raise os_error(exc, "list", directory) from exc
+
+
+def pin_step(job: JobDir, step: int, dirs: DurableDirs) -> None:
+    """Create the pin of ``step``, and ``pins/`` durably if this Store (``dirs``) has not."""
+    _create_flag(job.pin(step), job, dirs)
+
+
+def unpin_step(job: JobDir, step: int) -> bool:
+    """Remove the pin of ``step``, durably; False when there was none."""
+    return _remove_flag(job.pin(step))
+
+
+def pinned_steps(job: JobDir) -> set[int]:
+    return {s for s in map(step_from_name, _names(job.pins)) if s is not None}
 
 
 @dataclass(frozen=True)
@@ -97,34 +112,17 @@ def upload_from_name(name: str) -> Upload | None:
 
 def mark_upload(job: JobDir, upload: Upload, dirs: DurableDirs) -> None:
     """Create the mark of ``upload``, and ``uploads/`` durably if this Store has not."""
-    if dirs.mkdir(job.uploads):
-        fsync_dir(job.path)
-        dirs.add([job.uploads])
-    durable_write(job.uploads / upload.name, [b""], tmp_dir=job.tmp)
+    _create_flag(job.uploads / upload.name, job, dirs)
 
 
 def unmark_upload(job: JobDir, upload: Upload) -> bool:
     """Remove the mark of ``upload``, durably; False when there was none."""
-    path = job.uploads / upload.name
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        return False
-    except OSError as exc:
-        raise os_error(exc, "delete", path) from exc
-    fsync_dir(path.parent)
-    return True
+    return _remove_flag(job.uploads / upload.name)
 
 
 def marked_uploads(job: JobDir) -> list[Upload]:
     """The job's upload marks, oldest step first."""
-    try:
-        names = os.listdir(job.uploads)
-    except FileNotFoundError:
-        return []
-    except OSError as exc:
-        raise os_error(exc, "list", job.uploads) from exc
-    found = [u for u in map(upload_from_name, names) if u is not None]
+    found = [u for u in map(upload_from_name, _names(job.uploads)) if u is not None]
     return sorted(found, key=lambda u: (u.step, -1 if u.rank is None else u.rank, u.attempt or ""))
 
 
