@@ -65,6 +65,9 @@ class _Entry:
     tries: int = 0
     waiting: list[int] | None = None
     """Ranks the step still waits for in the bucket (a part uploaded, the step not committed)."""
+    commits: int = 0
+    """Commits of the checkpoint handed over since the entry was made (:meth:`Uploads.add`):
+    an upload that began before the last of them leaves the mark."""
 
 
 @dataclass
@@ -91,6 +94,9 @@ class Uploads:
         self._on_error = on_error
         self._cv = threading.Condition()
         self._entries: dict[tuple[str, str, Upload], _Entry] = {}
+        self._writing: dict[tuple[str, str, Upload], int] = {}
+        """Commits the writer announced (:meth:`begin`) and has not handed over yet: their
+        marks are not the upload thread's to remove."""
         self._tiers: dict[str, _TierState] = {}
         self._stopped = False
         self._uploaded = 0
@@ -140,17 +146,49 @@ class Uploads:
             return None
         return Upload(step) if world_size == 1 else Upload(step, rank, attempt)
 
-    def add(self, store: Store, job: str, upload: Upload) -> None:
-        """Queue a marked checkpoint (after its local commit, or found at startup)."""
+    def begin(self, store: Store, job: str, upload: Upload) -> None:
+        """Writer thread, before it marks ``upload`` for a commit: until that commit is handed
+        over (:meth:`add`) or given up (:meth:`abandon`), the upload thread leaves the mark
+        alone, whatever it uploads meanwhile."""
         key = (str(store.root), job, upload)
         with self._cv:
-            entry = self._entries.get(key)
-            if entry is None:
-                self._entries[key] = _Entry(store, job, upload, added=time.time())
-            else:  # committed again while queued: upload what is there now, soon
-                entry.due = 0.0
-            self._metrics.tier_backlog(len(self._entries))
-            self._cv.notify_all()
+            self._writing[key] = self._writing.get(key, 0) + 1
+
+    def abandon(self, store: Store, job: str, upload: Upload) -> None:
+        """Writer thread: the commit announced by :meth:`begin` failed."""
+        with self._cv:
+            self._end_write((str(store.root), job, upload))
+
+    def _end_write(self, key: tuple[str, str, Upload]) -> None:
+        left = self._writing.pop(key, 0) - 1
+        if left > 0:
+            self._writing[key] = left
+
+    def add(self, store: Store, job: str, upload: Upload) -> None:
+        """Writer thread: queue a marked checkpoint after its local commit."""
+        key = (str(store.root), job, upload)
+        with self._cv:
+            self._end_write(key)
+            self._queue(key, store, job, upload, committed=True)
+
+    def _queue(
+        self,
+        key: tuple[str, str, Upload],
+        store: Store,
+        job: str,
+        upload: Upload,
+        *,
+        committed: bool,
+    ) -> None:
+        """Called under the lock."""
+        entry = self._entries.get(key)
+        if entry is None:
+            self._entries[key] = _Entry(store, job, upload, added=time.time())
+        else:  # committed again while queued: upload what is there now, soon
+            entry.due = 0.0
+            entry.commits += committed
+        self._metrics.tier_backlog(len(self._entries))
+        self._cv.notify_all()
 
     def recover(self, stores: Iterable[Store]) -> int:
         """Queue every mark found under ``stores`` (at startup). Returns how many were queued."""
@@ -184,8 +222,9 @@ class Uploads:
                 "%s: %d pending upload(s) dropped: the job has no tier any more", job, len(marks)
             )
             return 0
-        for upload in marks:
-            self.add(store, job, upload)
+        with self._cv:
+            for upload in marks:
+                self._queue((str(store.root), job, upload), store, job, upload, committed=False)
         return len(marks)
 
     def status(self, job: str | None = None) -> dict[str, Any] | None:
@@ -313,6 +352,30 @@ class Uploads:
                 self._dropped += 1
             self._metrics.tier_backlog(len(self._entries))
 
+    def _settle(
+        self, key: tuple[str, str, Upload], entry: _Entry, commits: int, why: str | None
+    ) -> bool:
+        """The upload that began when ``entry`` had seen ``commits`` commits is over: remove the
+        mark, unless the writer committed the checkpoint again since (or is committing it): then
+        upload it again, soon. True when the mark went.
+
+        The mark is removed under the lock, so a writer's :meth:`begin` comes either before the
+        check (the mark stays) or after the removal (its own mark is made afterwards)."""
+        with self._cv:
+            if entry.commits != commits or self._writing.get(key):
+                entry.due = 0.0
+                return False
+            try:
+                entry.store.unmark_upload(entry.job, entry.upload)
+            except CkptdError as exc:
+                log.warning("%s: the mark of %s not removed: %s", entry.job, entry.upload, exc)
+            if self._entries.get(key) is entry:
+                del self._entries[key]
+            if why is not None:
+                self._dropped += 1
+            self._metrics.tier_backlog(len(self._entries))
+        return True
+
     def _one(self, key: tuple[str, str, Upload], entry: _Entry, state: _TierState | None) -> None:
         job, upload = entry.job, entry.upload
         if state is None:
@@ -326,14 +389,17 @@ class Uploads:
             nonlocal sent
             sent += n
 
+        with self._cv:
+            commits = entry.commits
         try:
             outcome = state.uploader.upload(entry.store, job, upload, on_bytes=count)
         except (TierConflictError, CorruptCheckpointError, ManifestError) as exc:
+            if not self._settle(key, entry, commits, str(exc)):
+                return  # committed again meanwhile (its old objects may be gone): upload that
             message = f"{job}: {upload} not uploaded to {tier.url}: {exc}"
             log.error("%s", message)
             self._on_error(message)
             self._metrics.tier_error(job, type(exc).__name__)
-            self._drop(key, entry, str(exc))
             return
         except TierError as exc:
             self._failed(entry, state, exc)
@@ -345,7 +411,7 @@ class Uploads:
             self._uploaded_bytes += sent
         if outcome.gone:
             log.debug("%s: %s is gone from local disk; nothing to upload", job, upload)
-            self._drop(key, entry, None)
+            self._settle(key, entry, commits, None)
             return
         if outcome.changed:
             with self._cv:
@@ -368,7 +434,7 @@ class Uploads:
         self._retain(state, job, entry.store)
         with self._cv:
             self._uploaded += 1
-        self._drop(key, entry, None)
+        self._settle(key, entry, commits, None)
 
     def _wait_for_ranks(
         self, key: tuple[str, str, Upload], entry: _Entry, missing: list[int]

@@ -180,7 +180,7 @@ class WriteQueue:
 
         added_pin = False
         upload: Upload | None = None
-        marked_before = False
+        marked_before = begun = False
         try:
             if request.pin and request.step not in request.store.pinned_steps(request.job):
                 # Before the manifest: retention must never see it unpinned.
@@ -196,6 +196,9 @@ class WriteQueue:
                     attempt=request.attempt,
                 )
                 if upload is not None:
+                    # First: from here the upload thread leaves the mark as it is.
+                    self.uploads.begin(request.store, request.job, upload)
+                    begun = True
                     marked_before = upload in request.store.marked_uploads(request.job)
                     request.store.mark_upload(request.job, upload)
             result = write_checkpoint(
@@ -220,6 +223,8 @@ class WriteQueue:
                 request.store.unpin(request.job, request.step)
             if upload is not None and not marked_before:
                 request.store.unmark_upload(request.job, upload)
+            if begun and upload is not None and self.uploads is not None:
+                self.uploads.abandon(request.store, request.job, upload)
             if isinstance(exc, DiskFullError):
                 # The write ran out of space: give back what its objects took.
                 with request.store.job_lock(request.job, exclusive=True, blocking=False) as ok:

@@ -19,10 +19,18 @@ from pathlib import Path, PurePosixPath
 from ckptd.errors import ManifestError
 from ckptd.format.hashing import check_hash_name
 from ckptd.format.layout import JobDir, rank_from_name
-from ckptd.format.manifest import step_from_name
+from ckptd.format.manifest import Manifest, step_from_name
 from ckptd.format.store import STORE_MARKER, validate_job_name
 
 MARKER = STORE_MARKER
+
+
+def tier_order(manifest: Manifest) -> tuple[str, int, int]:
+    """Sort key of a checkpoint in the tier, oldest commit first: its creation time (UTC, to the
+    microsecond), then ``seq``, then the step. Several daemons commit to one bucket (a fresh
+    node after a failure, several nodes), each numbering ``seq`` from its own disk, so their
+    ``seq`` are not comparable and the tier orders commits by time (keep clocks in sync)."""
+    return (manifest.created, manifest.seq, manifest.step)
 
 
 def _job(job: str) -> JobDir:

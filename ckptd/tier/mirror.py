@@ -233,6 +233,20 @@ class TierStore(Store):
         known = ", ".join(self.jobs()) or "none"
         raise NotFoundError(f"job {job!r} has no checkpoints in {self.url} (jobs there: {known})")
 
+    def steps_by_commit(self, job: str) -> list[int]:
+        """The tier's steps in commit order by creation time (:func:`keys.tier_order`): commits
+        of several daemons meet in a bucket, and their ``seq`` come from separate counters. A
+        damaged manifest counts as the newest, so that ``latest`` reports it when read."""
+        steps = super().steps_by_commit(job)
+
+        def order(step: int) -> tuple[str, int, int]:
+            try:
+                return keys.tier_order(self.read_manifest(job, step))
+            except ManifestError:
+                return ("\uffff", 0, step)
+
+        return sorted(steps, key=order)
+
     # ---- parts and objects, fetched when read --------------------------------------------------
 
     def read_part(self, job: str, step: int, rank: int, record: Manifest | None = None) -> Manifest:

@@ -274,7 +274,8 @@ def _facts(m: _Record, parts: Mapping[str, _Record]) -> CheckpointFacts:
         part = parts.get(key)
         if part is not None:
             objects.update(part.objects)
-    return CheckpointFacts(m.step, m.metric, False, objects, m.created, m.seq)
+    # seq 0: retention's commit order is then the creation time (see keys.tier_order).
+    return CheckpointFacts(m.step, m.metric, False, objects, m.created, 0)
 
 
 # ---- deleting ----------------------------------------------------------------------------------

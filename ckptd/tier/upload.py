@@ -195,13 +195,15 @@ class Uploader:
             theirs = parse_manifest(existing, where=f"{self.remote.url}/{key}")
         except ManifestError:
             theirs = None  # damaged in the bucket: this commit replaces it
-        if theirs is None or (not theirs.is_global and theirs.seq < manifest.seq):
-            self.remote.put(key, data)  # the step was committed again locally
+        if theirs is None or (
+            not theirs.is_global and keys.tier_order(theirs) < keys.tier_order(manifest)
+        ):
+            self.remote.put(key, data)  # the step was committed again since
             return
         raise TierConflictError(
-            f"{self.remote.url}/{key} holds another commit of step {manifest.step} (seq "
-            f"{theirs.seq}, created {theirs.created}) than this one (seq {manifest.seq}); "
-            "another daemon or job writes the same prefix. Give each a prefix of its own"
+            f"{self.remote.url}/{key} holds another commit of step {manifest.step}, not older "
+            f"than this one (created {theirs.created}, this one {manifest.created}); another "
+            "daemon wrote that step since. Give each job a prefix of its own"
         )
 
     # ---- the multi-rank commit in the bucket ---------------------------------------------------

@@ -699,7 +699,7 @@ class Client:
         source: Store = Store(self.root)
         if not (self.ranks.multi and step in ("latest", "highest")):
             self._wait_before_restore(wait_s)
-            source = self._restore_source(step)
+            source, step = self._restore_source(step)
         else:
             # Every rank must restore the same step: rank 0's choice, when a process group says
             # so; without one each rank reads the newest step that every rank committed. Every
@@ -709,7 +709,8 @@ class Client:
             found, seq, error = -1, 0, None
             try:
                 self._wait_before_restore(wait_s)
-                store = source = self._restore_source(step)
+                source, step = self._restore_source(step)
+                store = source
                 found = store.resolve_step(self.job, step)
                 seq = store.read_manifest(self.job, found).seq
             except NotFoundError:
@@ -751,21 +752,23 @@ class Client:
             world_size=self.ranks.world_size,
         )
 
-    def _restore_source(self, step: int | str) -> Store:
-        """Where :meth:`restore` reads ``step``: this client's root, or the job's tier when the
-        checkpoint asked for is not on local disk (a fresh node after a failure, or a rank whose
-        node keeps only its own parts) and the tier has it. Says so with a WARNING."""
+    def _restore_source(self, step: int | str) -> tuple[Store, int | str]:
+        """Where :meth:`restore` reads ``step``, and the step to read there: this client's root,
+        or the job's tier when the checkpoint asked for is not on local disk (a fresh node after
+        a failure, or a rank whose node keeps only its own parts) and the tier has it. A
+        ``"latest"`` of the tier is taken when it is newer (created later) than the local one.
+        The tier's step is returned as a number, the one the WARNING names."""
         local = Store(self.root)
         info = self._tier_info
         if info is None or not self.tier:
-            return local
+            return local, step
         try:
             mine = local.steps(self.job)
         except CkptdError:
             mine = []
         numbered = isinstance(step, int) or (isinstance(step, str) and step.isdigit())
         if numbered and int(step) in mine:
-            return local
+            return local, step
         try:
             remote = tier_store(
                 info["url"],
@@ -773,29 +776,41 @@ class Client:
                     parse_url(info["url"]), endpoint=info.get("endpoint"), region=info.get("region")
                 ),
             )
-            theirs = remote.steps(self.job)
+            if numbered and int(step) not in remote.steps(self.job):
+                return local, step
+            chosen = int(step) if numbered else remote.resolve_step(self.job, step)
+            if not numbered and mine and chosen not in mine:
+                here = local.resolve_step(self.job, step)
+                newer_here = (
+                    here > chosen
+                    if step == "highest"
+                    else local.read_manifest(self.job, here).created
+                    > remote.read_manifest(self.job, chosen).created
+                )
+                if newer_here:
+                    return local, step
+        except NotFoundError:
+            return local, step  # the tier holds nothing of the job (or not that step)
         except CkptdError as exc:
             log.warning(
-                "ckptd: job %r: the tier %s cannot be read (%s)", self.job, info["url"], exc
+                "ckptd: job %r: the tier %s cannot be read (%s); restoring from local disk",
+                self.job,
+                info["url"],
+                exc,
             )
-            return local
-        if numbered:
-            use = int(step) in theirs
-            what = f"step {int(step)}"
-        else:
-            use = bool(theirs) and (not mine or theirs[-1] > mine[-1])
-            what = f"step {theirs[-1]}" if theirs else ""
-        if not use:
-            return local
+            return local, step
+        if chosen in mine:
+            return local, step
         log.warning(
-            "ckptd: job %r: %s is not on local disk (%s holds %s); restoring it from the tier %s",
+            "ckptd: job %r: step %d is not on local disk (%s holds %s); restoring it from the "
+            "tier %s",
             self.job,
-            what,
+            chosen,
             self.root,
             f"steps up to {mine[-1]}" if mine else "none of its checkpoints",
             info["url"],
         )
-        return remote
+        return remote, chosen
 
     def _wait_before_restore(self, wait_s: float) -> None:
         try:

@@ -29,9 +29,9 @@ bucket with its local bytes, or was, until the tier's retention deleted it. At t
 the ``drain`` rule) every mark is uploaded with no faults and the queue must empty with no error
 other than the injected ones.
 
-Tests at the end of the module reproduce races and sequences the machine does not draw because
-the code mishandles them (strict xfail: each fails once it is fixed, to be moved into the
-machine).
+Tests at the end of the module reproduce, deterministically, the races and sequences the
+machine found: a step committed again during its upload or its unmark, a step removed and
+committed again, a fresh node's commits.
 """
 
 from __future__ import annotations
@@ -256,6 +256,7 @@ class Daemon:
         """The writer: mark, commit, queue (:mod:`ckptd.daemon.writer`). Returns the manifest."""
         upload = self.uploads.upload_for(JOB, step, rank=0, world_size=1, attempt=None)
         assert upload == Upload(step)
+        self.uploads.begin(self.store, JOB, upload)
         self.store.mark_upload(JOB, upload)
         state = state_of(picks, fresh)
         api.save(JOB, state=state, step=step, root=self.root, rng=False, config=self.config)
@@ -442,9 +443,8 @@ class TierMachine(RuleBasedStateMachine):
         elif hook is not None:
             what, nth = hook
             if what == "writer":
-                # Only during the upload itself: a commit landing after it returned is lost
-                # (test_a_step_committed_again_before_its_unmark_is_uploaded).
-                self.remote.at_call(nth, partial(self._commit, step, picks, True), in_upload=True)
+                # At any call, the tier's retention after the upload included.
+                self.remote.at_call(nth, partial(self._commit, step, picks, True))
             else:
                 self.remote.at_call(nth, self.remote.crash)
         failures = daemon.tier.failures
@@ -628,12 +628,6 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
     node.die()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="Uploads._one removes the mark (and the entry) of the commit it uploaded after the "
-    "tier's retention, without looking whether the writer committed the step again meanwhile",
-)
 def test_a_step_committed_again_before_its_unmark_is_uploaded(daemon: Daemon) -> None:
     """The writer commits step 1 again once its upload returned, while the upload thread runs
     the tier's retention (before it drops the mark): the new commit must reach the bucket."""
@@ -645,12 +639,6 @@ def test_a_step_committed_again_before_its_unmark_is_uploaded(daemon: Daemon) ->
     assert in_bucket(daemon.uploader.hooked, 1) == local
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="a local object the upload needs, collected after the step was committed again, is "
-    "taken for damage (CorruptCheckpointError) and the mark, now the new commit's, is dropped",
-)
 def test_a_step_committed_again_while_its_upload_reads_it_is_uploaded(daemon: Daemon) -> None:
     """The upload has read step 2's manifest; before it looks at the objects the writer commits
     step 2 again and its retention (keep_last=1) deletes step 1 and collects the objects nothing
@@ -671,13 +659,6 @@ def test_a_step_committed_again_while_its_upload_reads_it_is_uploaded(daemon: Da
     assert in_bucket(remote, 2) == local
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="seq is 1 + the highest seq on local disk: after `ckptd rm` of the latest "
-    "checkpoint the next commit reuses its seq, and the tier takes the step committed again "
-    "for another writer's (TierConflictError) and keeps the old one",
-)
 def test_a_step_removed_and_committed_again_replaces_it_in_the_bucket(daemon: Daemon) -> None:
     """Roll back: `ckptd rm` the latest step (a loss spike), resume from the one before it, and
     save the same step number again."""
@@ -692,13 +673,6 @@ def test_a_step_removed_and_committed_again_replaces_it_in_the_bucket(daemon: Da
     assert in_bucket(remote, 2) == local
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="seq restarts at 1 on a fresh local disk: the tier orders a new node's commits "
-    "before the old node's, so `latest` there is the old node's last step and the tier's "
-    "retention deletes the new node's",
-)
 def test_a_fresh_nodes_commits_are_the_newest_in_the_bucket(tmp_path: Path) -> None:
     """Node 1 uploads steps 1-3 and dies with its disk; node 2, on a fresh local root (it
     restored step 3 from the tier), saves steps 4 and 5."""
