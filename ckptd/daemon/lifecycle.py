@@ -326,6 +326,7 @@ class Daemon:
             return False
         try:
             new = load_config(source)
+            self.uploads.check_config(new)
         except CkptdError as exc:
             log.error("config change rejected, keeping the previous configuration: %s", exc)
             self.stats.record_error(f"config change rejected: {exc}")

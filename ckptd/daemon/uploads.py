@@ -37,7 +37,7 @@ from ckptd.errors import (
     CkptdError,
     ConfigError,
     CorruptCheckpointError,
-    ManifestError,
+    FormatVersionError,
     TierError,
 )
 from ckptd.format.jobmeta import Upload
@@ -73,10 +73,14 @@ class _Entry:
 @dataclass
 class _TierState:
     config: TierConfig
-    uploader: Uploader
+    uploader: Uploader | None
+    """None while the tier's client cannot be made (e.g. a damaged ~/.aws/credentials)."""
     due: float = 0.0
     failures: int = 0
     error: str | None = None
+    stale: bool = False
+    """Make the client again before the next attempt: after a failure, so that credentials
+    fixed in the environment's files are read again."""
 
 
 class Uploads:
@@ -104,9 +108,10 @@ class Uploads:
         self._dropped = 0
         self._thread: threading.Thread | None = None
 
-    def check_config(self) -> None:
-        """Raise :class:`ConfigError` for a tier that cannot be used at all (obstore missing)."""
-        for tier in self._config.tiers():
+    def check_config(self, config: Config | None = None) -> None:
+        """Raise :class:`ConfigError` for a tier of ``config`` (default: the current one) that
+        cannot be used at all (obstore missing, credentials files unreadable)."""
+        for tier in (config or self._config).tiers():
             try:
                 open_remote(tier.settings)
             except TierError as exc:
@@ -125,7 +130,8 @@ class Uploads:
         if self._thread is not None:
             self._thread.join(STOP_WAIT_S)
         for state in self._tiers.values():
-            state.uploader.pool.shutdown(wait=False, cancel_futures=True)
+            if state.uploader is not None:
+                state.uploader.pool.shutdown(wait=False, cancel_futures=True)
 
     def reconfigure(self, config: Config) -> None:
         with self._cv:
@@ -286,18 +292,24 @@ class Uploads:
             return None
 
     def _state(self, tier: TierConfig) -> _TierState:
-        """The tier's uploader (made again when its settings changed); called under the lock."""
+        """The tier's state and uploader, the uploader made again when the settings changed or
+        after a failure (its backoff carried over); called under the lock. Never raises: a
+        client that cannot be made is the tier's error, retried with backoff."""
         url = str(tier.url)
         state = self._tiers.get(url)
-        if state is None or state.config.settings != tier.settings:
+        if state is None or state.stale or state.config.settings != tier.settings:
+            fresh = _TierState(tier, None)
             if state is not None:
-                state.uploader.pool.shutdown(wait=False)
+                if state.uploader is not None:
+                    state.uploader.pool.shutdown(wait=False)
+                fresh.due, fresh.failures, fresh.error = state.due, state.failures, state.error
             try:
                 remote = open_remote(tier.settings)
             except TierError as exc:
-                raise RuntimeError(str(exc)) from exc  # checked at config load: a bug
-            state = _TierState(tier, Uploader(remote, concurrency=tier.settings.concurrency))
-            self._tiers[url] = state
+                fresh.error, fresh.stale = str(exc), True
+            else:
+                fresh.uploader = Uploader(remote, concurrency=tier.settings.concurrency)
+            state = self._tiers[url] = fresh
         state.config = tier
         return state
 
@@ -308,6 +320,8 @@ class Uploads:
             states = [self._state(t) for t in self._config.tiers()]
         for state in states:
             try:
+                if state.uploader is None:
+                    raise TierError(state.error or f"tier {state.config.url}: no client")
                 state.uploader.remote.check()
             except TierError as exc:
                 with self._cv:
@@ -315,30 +329,43 @@ class Uploads:
                     state.failures = 1
                     state.due = time.monotonic() + FIRST_RETRY_S * 2
                 self._metrics.tier_error("", "TierError")
-                message = f"tier {state.config.url}: {exc}; local checkpoints go on"
+                message = f"{exc}; local checkpoints go on"
                 log.error("%s", message)
                 self._on_error(message)
             else:
                 log.info("tier %s is reachable", state.config.settings.describe())
 
     def _run(self) -> None:
-        self._check_tiers()
+        """The upload thread: it never ends before :meth:`close` (an unexpected error is
+        reported in status and the log, and retried)."""
+        try:
+            self._check_tiers()
+        except Exception as exc:
+            self._unexpected(f"checking the tiers failed: {exc!r}")
         while True:
             try:
                 found = self._next()
-            except Exception:
-                log.exception("the upload queue failed; uploads stop until the daemon restarts")
-                return
+            except Exception as exc:
+                self._unexpected(f"the upload queue failed: {exc!r}; trying again in 10 s")
+                with self._cv:
+                    self._cv.wait(10.0)
+                continue
             if found is None:
                 return
             key, entry, state = found
             try:
                 self._one(key, entry, state)
-            except Exception:  # a bug: keep the mark, try again later
-                log.exception("%s: uploading %s failed unexpectedly", entry.job, entry.upload)
+            except Exception as exc:  # a bug, or an error of the local store: keep the mark
+                self._unexpected(
+                    f"{entry.job}: uploading {entry.upload} failed: {exc!r}; trying again in 60 s"
+                )
                 with self._cv:
                     entry.tries += 1
                     entry.due = time.monotonic() + 60.0
+
+    def _unexpected(self, message: str) -> None:
+        log.exception("%s", message)
+        self._on_error(message)
 
     def _drop(self, key: tuple[str, str, Upload], entry: _Entry, why: str | None) -> None:
         try:
@@ -378,11 +405,15 @@ class Uploads:
 
     def _one(self, key: tuple[str, str, Upload], entry: _Entry, state: _TierState | None) -> None:
         job, upload = entry.job, entry.upload
+        if state is not None and state.uploader is None:
+            self._failed(entry, state, TierError(state.error or f"tier {state.config.url}"))
+            return
         if state is None:
             log.warning("%s: the job has no tier any more: %s will not be uploaded", job, upload)
             self._drop(key, entry, "no tier")
             return
         tier = state.config
+        assert state.uploader is not None
         sent = 0
 
         def count(n: int) -> None:
@@ -393,7 +424,7 @@ class Uploads:
             commits = entry.commits
         try:
             outcome = state.uploader.upload(entry.store, job, upload, on_bytes=count)
-        except (TierConflictError, CorruptCheckpointError, ManifestError) as exc:
+        except (TierConflictError, CorruptCheckpointError, FormatVersionError) as exc:
             if not self._settle(key, entry, commits, str(exc)):
                 return  # committed again meanwhile (its old objects may be gone): upload that
             message = f"{job}: {upload} not uploaded to {tier.url}: {exc}"
@@ -468,10 +499,11 @@ class Uploads:
             state.due = time.monotonic() + delay * random.uniform(0.8, 1.0)
             first = state.error != str(exc)
             state.error = str(exc)
+            state.stale = True  # the next attempt reads the credentials again
             entry.tries += 1
         self._metrics.tier_error(entry.job, "TierError")
         if first:
-            message = f"tier {state.config.url}: {exc}; local checkpoints go on, uploads retry"
+            message = f"{exc}; local checkpoints go on, uploads retry"
             log.error("%s", message)
             self._on_error(message)
         else:
@@ -480,7 +512,7 @@ class Uploads:
     def _retain(self, state: _TierState, job: str, store: Store) -> None:
         """The tier's own retention, after an upload (never fails the upload)."""
         policy = state.config.retention
-        if not policy.configured:
+        if not policy.configured or state.uploader is None:
             return
         try:
             protect = {u.step for u in store.marked_uploads(job)} | store.pinned_steps(job)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -131,10 +132,24 @@ class Uploader:
         return out
 
     def _mark_tier(self) -> None:
-        """Write ``.ckptd-store`` at the tier's root once (readers find the tier by it)."""
-        if not self._marked_store:
-            self.remote.put_new(keys.MARKER, b"ckptd.store\n")
-            self._marked_store = True
+        """Once per Uploader: check that the endpoint is an object store (it must say that an
+        object which does not exist is not there: a server that answers anything, e.g. a web
+        server behind a wrong ``tier.endpoint``, would take every upload and keep nothing), then
+        write ``.ckptd-store`` at the tier's root (readers find the tier by it)."""
+        if self._marked_store:
+            return
+        probe = f"{keys.MARKER}.absent-{uuid.uuid4().hex}"
+        try:
+            self.remote.get(probe)
+        except NotFoundError:
+            pass
+        else:
+            raise TierError(
+                f"tier {self.remote.url}: the endpoint returned an object that does not exist "
+                f"({probe}): it is not an S3-compatible store; check tier.endpoint"
+            )
+        self.remote.put_new(keys.MARKER, b"ckptd.store\n")
+        self._marked_store = True
 
     def _put_objects(
         self,

@@ -300,6 +300,54 @@ def test_refused_credentials_and_missing_bucket_are_errors_in_status_not_crashes
         daemons.start(socket_path=daemons.base / "b.sock", config=bad)
 
 
+def test_credentials_fixed_in_the_shared_file_are_read_again_and_a_bad_reload_is_rejected(
+    daemons: DaemonFactory, s3: WeedServer, tier_url: str
+) -> None:
+    """Keys from ~/.aws/credentials (no AWS_* keys in the environment): a wrong secret is an
+    error in status; fixing the file, as the error says, is enough (no restart). A config reload
+    whose tier client cannot be made (the file damaged meanwhile) is rejected, and uploads go on
+    with the client in use."""
+    creds = daemons.base / "aws" / "credentials"
+    creds.parent.mkdir()
+
+    def write_creds(secret: str) -> None:
+        key = s3.env["AWS_ACCESS_KEY_ID"]
+        creds.write_text(f"[ckptd]\naws_access_key_id = {key}\naws_secret_access_key = {secret}\n")
+
+    write_creds("not-the-secret")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        daemons.env.pop(name, None)
+    daemons.env.update(
+        AWS_SHARED_CREDENTIALS_FILE=str(creds), AWS_PROFILE="ckptd", AWS_REGION="us-east-1"
+    )
+    conf = daemons.base / "conf" / "ckptd.toml"
+    conf.parent.mkdir()
+    conf.write_text(config(s3, tier_url))
+    d = daemons.start(config=conf)
+    with Client(JOB, socket=d.socket, root=d.root, spawn=False, strict=True) as c:
+        c.snapshot(state=state(1), step=1).wait(60)
+        wait_until(lambda: failing(d), 30, "the refused credentials in status")
+        assert "credentials" in tier_status(d)["tiers"][0]["error"]
+        write_creds(s3.env["AWS_SECRET_ACCESS_KEY"])
+        wait_drained(d, 1)
+        assert tier_status(d)["tiers"][0]["state"] == "ok"
+
+        creds.write_text("[ckptd\nthis is not an ini file\n")
+        loaded = d.status()["config_loaded_at"]
+        conf.write_text(config(s3, tier_url, concurrency="4"))
+        wait_until(
+            lambda: any("config change rejected" in e for e in d.status()["recent_errors"]),
+            30,
+            "the reload to be rejected",
+        )
+        assert any("AWS file" in e for e in d.status()["recent_errors"])
+        assert d.status()["config_loaded_at"] == loaded
+        c.snapshot(state=state(2, changed=1), step=2).wait(60)
+    wait_drained(d, 2)  # the upload thread is alive, with the client it had
+    remote = s3.remote(tier_url.split("/", 3)[3])
+    assert steps_in(remote) == [1, 2] and scan_bucket(remote) == []
+
+
 def test_opted_out_client_stays_local_and_tier_retention_prunes_the_bucket(
     daemons: DaemonFactory, s3: WeedServer, tier_url: str
 ) -> None:

@@ -405,3 +405,19 @@ def test_another_part_under_the_same_rank_is_a_conflict(
         uploader.upload(local, RANKS, Upload(5, 0, ATTEMPT))
     assert remote.get(pkey) == local_bytes(local, keys.part_key(RANKS, 5, ATTEMPT, 1))
     assert keys.manifest_key(RANKS, 5) not in remote.blobs
+
+
+def test_an_endpoint_that_answers_anything_is_refused_before_anything_is_put(
+    local: Store,
+) -> None:
+    """A web server behind a wrong tier.endpoint answers 200 to every request: it must not be
+    taken for a store that keeps what is put (the marks would go, nothing kept)."""
+
+    class AnswersAnything(MemoryRemote):
+        def get(self, key: str) -> bytes:
+            return b"<html>welcome</html>"
+
+    remote = AnswersAnything()
+    with pytest.raises(TierError, match="not an S3-compatible store; check tier.endpoint"):
+        Uploader(remote, concurrency=1).upload(local, JOB, Upload(1))
+    assert remote.written() == []
