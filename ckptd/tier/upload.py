@@ -68,9 +68,10 @@ class Uploader:
     """Uploads checkpoints of local stores to one tier. Thread-safe; one instance per tier.
 
     Every object of every checkpoint is looked up (``HEAD``) before it is skipped, never taken
-    from memory: another daemon's retention may have deleted an object since this one saw it,
-    and a manifest must never name a missing object. A checkpoint that shares most objects with
-    the previous one costs those lookups, and an upload of its new objects only."""
+    from memory, and an object found there is looked up again right before the manifest is
+    created: another daemon's retention may have deleted it meanwhile, and a manifest must never
+    name a missing object. A checkpoint that shares most objects with the previous one costs
+    those lookups, and an upload of its new objects only."""
 
     def __init__(self, remote: Remote, *, concurrency: int = 8) -> None:
         self.remote = remote
@@ -159,10 +160,9 @@ class Uploader:
         out: UploadOutcome,
         on_bytes: Callable[[int], None] | None,
     ) -> None:
-        todo = list(manifest.objects.items())
+        todo = list(manifest.objects)
 
-        def one(item: tuple[str, object]) -> int:
-            digest = item[0]
+        def one(digest: str) -> int:
             info = manifest.objects[digest]
             key = keys.object_key(job, digest)
             if self.remote.size(key) == info.stored_bytes:
@@ -188,10 +188,20 @@ class Uploader:
                 on_bytes(info.stored_bytes)
             return info.stored_bytes
 
-        for sent in self.pool.map(one, todo):
+        present = []
+        for digest, sent in zip(todo, self.pool.map(one, todo), strict=True):
             if sent < 0:
-                out.objects_present += 1
+                present.append(digest)
             else:
+                out.objects_put += 1
+                out.bytes_put += sent
+        # The objects found there are looked up once more, right before the manifest: the
+        # tier's retention on another node may have collected one since (an object nothing
+        # names any more, older than its grace), and the manifest must not name a missing one.
+        again = list(self.pool.map(one, present))
+        out.objects_present = sum(1 for sent in again if sent < 0)
+        for sent in again:
+            if sent >= 0:
                 out.objects_put += 1
                 out.bytes_put += sent
 

@@ -212,6 +212,37 @@ def test_an_object_deleted_from_the_bucket_since_is_put_again(
     assert remote.get(shared) == local_bytes(local, shared)
 
 
+def test_an_object_deleted_while_the_upload_runs_is_put_again_before_the_manifest(
+    local: Store,
+) -> None:
+    """Another node's retention collects a shared object after this upload found it there and
+    before its manifest: it is looked up again, and put again."""
+    remote = MemoryRemote()
+    Uploader(remote, concurrency=1).upload(local, JOB, Upload(1))
+    m1, m2 = local.read_manifest(JOB, 1), local.read_manifest(JOB, 2)
+    shared = keys.object_key(JOB, (set(m1.objects) & set(m2.objects)).pop())
+
+    class CollectedMeanwhile(MemoryRemote):
+        looked = 0
+
+        def size(self, key: str) -> int | None:
+            found = super().size(key)
+            if key == shared:
+                self.looked += 1
+                if self.looked == 1:
+                    self.delete([shared])  # right after the first look
+            return found
+
+    racing = CollectedMeanwhile()
+    racing.blobs.update(remote.blobs)
+    out = Uploader(racing, concurrency=1).upload(local, JOB, Upload(2))
+    assert racing.looked == 2
+    assert object_keys(m2) <= set(racing.blobs)
+    assert racing.get(shared) == local_bytes(local, shared)
+    assert racing.written()[-1] == keys.manifest_key(JOB, 2)
+    assert out.objects_put == 3
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "missing"])
 def test_a_damaged_local_object_is_never_uploaded(
     local: Store, remote: MemoryRemote, uploader: Uploader, damage: str
@@ -418,6 +449,6 @@ def test_an_endpoint_that_answers_anything_is_refused_before_anything_is_put(
             return b"<html>welcome</html>"
 
     remote = AnswersAnything()
-    with pytest.raises(TierError, match="not an S3-compatible store; check tier.endpoint"):
+    with pytest.raises(TierError, match=r"not an S3-compatible store; check tier\.endpoint"):
         Uploader(remote, concurrency=1).upload(local, JOB, Upload(1))
     assert remote.written() == []
