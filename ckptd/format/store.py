@@ -262,9 +262,8 @@ class Store:
     def mark_upload(self, job: str, upload: Upload) -> None:
         """Queue ``upload`` for the tier, durably (before its local commit; see
         :class:`~ckptd.format.jobmeta.Upload`)."""
-        jd = self._real_job(job)
-        ensure_dir(jd.path)
-        mark_upload(jd, upload, self._dirs)
+        self.open_job(job)  # as pin does: the mark is written through the job's tmp/
+        mark_upload(self._real_job(job), upload, self._dirs)
 
     def unmark_upload(self, job: str, upload: Upload) -> bool:
         """The tier holds ``upload`` (or it is dropped): remove its mark."""

@@ -133,6 +133,14 @@ def test_marks_are_files_under_uploads_created_and_removed_durably(
     assert Store(store.root).marked_uploads(JOB) == [part]
 
 
+def test_a_job_never_opened_gets_its_mark(tmp_path: Path) -> None:
+    """The first mark of a job nothing opened yet (as a pin of one): its directories are made."""
+    fresh = Store(tmp_path / "root")
+    fresh.mark_upload("new-job", Upload(3))
+    assert fresh.marked_uploads("new-job") == [Upload(3)]
+    assert Store(tmp_path / "root").upload_pending("new-job", 3)
+
+
 def test_marked_uploads_oldest_first_and_junk_ignored(store: Store) -> None:
     save(store, 1)
     marks = [Upload(9, 1, "b"), Upload(2), Upload(9), Upload(9, 0, "b"), Upload(9, 0, "a")]
