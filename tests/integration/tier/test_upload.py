@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import time
 import urllib.request
 from contextlib import ExitStack
@@ -298,6 +299,26 @@ def test_refused_credentials_and_missing_bucket_are_errors_in_status_not_crashes
     bad = '[tier]\nurl = "s3://Not_A_Bucket/x"\n'
     with pytest.raises(DaemonUnavailableError, match=r"tier\.url"):
         daemons.start(socket_path=daemons.base / "b.sock", config=bad)
+
+
+def test_a_tier_that_cannot_be_read_on_restore_is_a_warning_and_local_disk_is_used(
+    daemons: DaemonFactory, s3: WeedServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nobody listens there
+    text = config(s3, "s3://gone-bucket/x").replace(s3.endpoint, f"http://127.0.0.1:{port}")
+    d = start(daemons, s3, text)
+    model = torch.nn.Linear(8, 8)
+    with Client(JOB, socket=d.socket, root=d.root, spawn=False, strict=True) as c:
+        c.snapshot(model, step=4).wait(60)
+        with caplog.at_level("WARNING", logger="ckptd_client.client"):
+            assert c.restore(torch.nn.Linear(8, 8))["__step__"] == 4
+            with pytest.raises(NotFoundError, match="step 9"):
+                c.restore(torch.nn.Linear(8, 8), step=9)
+    assert caplog.text.count("cannot be read") == 2, caplog.text
+    assert "cannot reach the endpoint" in caplog.text
+    assert "restoring from local disk" in caplog.text
 
 
 def test_credentials_fixed_in_the_shared_file_are_read_again_and_a_bad_reload_is_rejected(
