@@ -247,10 +247,10 @@ def align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def encode_layout(skeleton: Any, tensors: list[LayoutEntry]) -> bytes:
-    doc = {
-        "skeleton": skeleton,
-        "tensors": [
+def encode_entries(tensors: list[LayoutEntry]) -> bytes:
+    """The ``tensors`` part of an encoded slot layout (see :func:`encode_layout`)."""
+    return json.dumps(
+        [
             {
                 "path": t.path,
                 "dtype": t.dtype,
@@ -260,8 +260,21 @@ def encode_layout(skeleton: Any, tensors: list[LayoutEntry]) -> bytes:
             }
             for t in tensors
         ],
-    }
-    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+        separators=(",", ":"),
+        allow_nan=False,
+    ).encode()
+
+
+def encode_layout(
+    skeleton: Any, tensors: list[LayoutEntry], encoded_tensors: bytes | None = None
+) -> bytes:
+    """The slot layout the daemon parses (:func:`parse_layout`). ``encoded_tensors``, when
+    given, is :func:`encode_entries` of ``tensors``, kept from an earlier snapshot of the same
+    layout."""
+    if encoded_tensors is None:
+        encoded_tensors = encode_entries(tensors)
+    sk = json.dumps({"skeleton": skeleton}, separators=(",", ":"), allow_nan=False).encode()
+    return sk[:-1] + b',"tensors":' + encoded_tensors + b"}"
 
 
 def parse_layout(data: bytes, data_limit: int, itemsize: Any) -> Layout:

@@ -421,6 +421,11 @@ def dtensor_entries(skeleton: JSON) -> dict[int, DTensorInfo]:
     return dict(sorted(found.items()))
 
 
+def _all_ints(values: list[Any] | tuple[Any, ...]) -> bool:
+    """Whether every item is a plain ``int`` (not a bool): such a sequence encodes as itself."""
+    return len(values) > 8 and all(type(v) is int for v in values)
+
+
 def flatten(state: object, *, allow_pickle: bool = False) -> Flattened:
     """Split ``state`` into a JSON skeleton and its distinct tensors (see the module docstring).
 
@@ -537,10 +542,14 @@ def flatten(state: object, *, allow_pickle: bool = False) -> Flattened:
         value: list[Any] | tuple[Any, ...] | dict[Any, Any], path: str, depth: int
     ) -> JSON:
         if type(value) is list:
+            if _all_ints(value):
+                return list(value)
             return [enc(v, _join(path, i), depth + 1) for i, v in enumerate(value)]
         if type(value) is torch.Size:
             return {"$size": [int(v) for v in value]}
         if type(value) is tuple:
+            if _all_ints(value):  # Python's RNG state: 625 ints, encoded every snapshot
+                return {"$tuple": list(value)}
             return {"$tuple": [enc(v, _join(path, i), depth + 1) for i, v in enumerate(value)]}
         if type(value) is dict and all(isinstance(k, str) and not k.startswith("$") for k in value):
             for k in value:

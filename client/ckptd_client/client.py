@@ -23,6 +23,8 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,6 +38,7 @@ from ckptd.errors import (
     NotFoundError,
     ProtocolError,
     RankLayoutError,
+    SnapshotFailedError,
     SnapshotSkippedError,
     SnapshotUnconfirmedError,
     UntrustedDaemonError,
@@ -55,6 +58,7 @@ from ckptd.tier.mirror import tier_store
 from ckptd.tier.remote import TierSettings, parse_url
 from ckptd_client.api import list_checkpoints, restore
 from ckptd_client.link import LOST_OP, Link, error_from
+from ckptd_client.overlap import CopyJob, StepGuard, guarded_storages, split
 from ckptd_client.pending import (
     CheckpointInfo,
     CheckpointSummary,
@@ -63,13 +67,38 @@ from ckptd_client.pending import (
     wait_all,
 )
 from ckptd_client.ranks import Ranks, agree_on_step, detect
-from ckptd_client.slots import PAGE_BYTES, Ring, Slot, layout, slot_size
+from ckptd_client.slots import PAGE_BYTES, LayoutCache, Ring, Slot, layout, slot_size
 from ckptd_client.spawn import spawn_daemon
 from ckptd_client.state import Stateful, collect
 
 log = logging.getLogger("ckptd_client.client")
 
 OnFull = Literal["block", "skip"]
+
+
+@dataclass(frozen=True)
+class _Submit:
+    """What a submit carries besides the slot: the caller's arguments and when the call began."""
+
+    metric: float | None
+    pin: bool
+    started: float
+
+
+def _check_overlap(optimizer: object, state: object) -> None:
+    """Refuse ``overlap=True`` where no optimizer step could wait for the copy."""
+    if state is not None:
+        raise ValueError(
+            "overlap=True needs the model and optimizer objects, not state=: the copy is waited "
+            "for in the optimizer's step, and with state= there is no step to hook. Pass the "
+            "objects, or overlap=False"
+        )
+    if optimizer is None or isinstance(optimizer, dict):
+        got = "no optimizer" if optimizer is None else "a plain dict as the optimizer"
+        raise ValueError(
+            f"overlap=True needs the optimizer object (its step waits for the copy of the "
+            f"parameters and its state); got {got}. Pass the optimizer, or overlap=False"
+        )
 
 
 class Client:
@@ -120,8 +149,12 @@ class Client:
         world_size: int | None = None,
         attempt: str | None = None,
         tier: bool = True,
+        overlap: bool = False,
     ) -> None:
         self.job = validate_job_name(job)
+        if not isinstance(overlap, bool):
+            raise ValueError(f"overlap must be True or False, got {overlap!r}")
+        self.overlap = overlap
         if not isinstance(tier, bool):
             raise ValueError(f"tier must be True or False, got {tier!r}")
         self.tier = tier
@@ -164,6 +197,12 @@ class Client:
         self._stream: torch.cuda.Stream | None = None  # CUDA copies into slots, made on first use
         self._prepare_thread: threading.Thread | None = None
         self._last_wait_s = 0.0
+        self._layouts = LayoutCache()
+        self._guard = StepGuard()
+        self._worker: ThreadPoolExecutor | None = None  # the copy thread of overlapped snapshots
+        self._background: Future[None] | None = None  # the last overlapped snapshot's copy
+        self._copy: CopyJob | None = None
+        self._background_error: CkptdError | None = None  # raised by the next call (strict)
         self._connect()
 
     # ---- connection ----------------------------------------------------------------------
@@ -242,6 +281,7 @@ class Client:
                 link.close()
                 self._link = None
             self._ring.abandon()
+            self._wait_copied()
             self._ring.close_abandoned()
             link = self._connect()
         return link
@@ -479,6 +519,7 @@ class Client:
         rng: bool = True,
         state: Any = None,
         pin: bool = False,
+        overlap: bool | None = None,
     ) -> PendingSnapshot:
         """Copy the state into shared memory, hand it to the daemon and return.
 
@@ -489,12 +530,33 @@ class Client:
         daemon does not answer within ``timeout_s`` the connection is dropped with every slot on
         it (the daemon may still read them; they are never refilled), the handle fails with
         :class:`SnapshotUnconfirmedError`, and the next call reconnects with fresh slots.
+
+        ``overlap=True`` (default: the client's ``overlap``) returns before the parameters and
+        the optimizer's state are copied: they are copied in the background while the next
+        iteration computes, and ``optimizer.step()`` waits for that copy (see
+        :mod:`ckptd_client.overlap` for the contract). Buffers, scheduler, scaler, RNG and
+        ``extra`` are copied before it returns. The hand-off to the daemon follows the copy, so
+        the daemon owns the snapshot once the copy is over, not when this returns; a failure of
+        that hand-off is carried by the handle (``strict=True`` raises it from the next
+        ``snapshot()``). ``stall_s`` counts this call and the step's wait. It needs the model
+        and optimizer objects: with ``state=`` or a plain dict as the optimizer there is no step
+        to wait in, and it raises :class:`ValueError`.
         """
         started = time.perf_counter()
         if self._closed:
             raise RuntimeError("snapshot() on a closed ckptd Client")
         if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 10**12:
             raise ValueError(f"step must be an integer in [0, 10**12), got {step!r}")
+        overlap = self.overlap if overlap is None else overlap
+        if not isinstance(overlap, bool):
+            raise ValueError(f"overlap must be True, False or None, got {overlap!r}")
+        if overlap:
+            _check_overlap(optimizer, state)
+            self._guard.attach(optimizer)
+        self._settle_background()  # a second snapshot first waits for the previous copy
+        failed, self._background_error = self._background_error, None
+        if failed is not None:
+            raise failed
         flat = flatten(
             collect(
                 model,
@@ -507,9 +569,8 @@ class Client:
             ),
             allow_pickle=self.allow_pickle,
         )
-        entries, data_end = layout(flat.paths, flat.tensors)
-        meta = encode_layout(flat.skeleton, entries)
-        meta_offset = data_end
+        entries, data_end, encoded = self._layouts.get(flat.paths, flat.tensors)
+        meta = encode_layout(flat.skeleton, entries, encoded)
         pending = PendingSnapshot(self.job, step)
         with self._call:
             if self.ranks.multi and step in self._handed:
@@ -521,7 +582,13 @@ class Client:
             self.stats["snapshots"] += 1
             try:
                 self._hand_off(
-                    pending, flat.tensors, entries, meta_offset, meta, metric, pin, started
+                    pending,
+                    flat.tensors,
+                    entries,
+                    data_end,
+                    meta,
+                    _Submit(metric, pin, started),
+                    optimizer if overlap else None,
                 )
                 if self.ranks.multi and not pending.skipped:
                     self._handed.add(step)
@@ -541,12 +608,12 @@ class Client:
         entries: list[LayoutEntry],
         meta_offset: int,
         meta: bytes,
-        metric: float | None,
-        pin: bool,
-        started: float,
+        submit: _Submit,
+        optimizer: Any,
     ) -> None:
-        """Fill a slot and submit it (trainer thread, under the call lock). Raises the
-        :class:`CkptdError` that failed the hand-off."""
+        """Fill a slot and submit it (trainer thread, under the call lock); with an
+        ``optimizer`` (overlap), fill what it does not guard and leave the rest and the submit
+        to the background thread. Raises the :class:`CkptdError` that failed the hand-off."""
         step = pending.step
         link = self._ensure_link()
         slot = self._acquire(
@@ -568,14 +635,147 @@ class Client:
             )
             return
         try:
-            self._fill(slot, entries, tensors, meta_offset, meta)
+            if optimizer is None:
+                self._fill(slot, entries, tensors, meta_offset, meta)
+            else:
+                job = self._fill_now(slot, entries, tensors, meta_offset, meta, optimizer, pending)
         except BaseException:
             self._ring.give_back(slot)
             raise
+        pending.stall_s = time.perf_counter() - submit.started
+        if optimizer is None:
+            self._submit(pending, link, slot, meta_offset, len(meta), submit)
+            return
+        self._guard.start(job)
+        self._copy = job
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="ckptd-copy")
+        self._background = self._worker.submit(
+            self._copy_and_submit, job, link, meta_offset, len(meta), submit
+        )
+
+    def _fill_now(
+        self,
+        slot: Slot,
+        entries: list[LayoutEntry],
+        tensors: Sequence[torch.Tensor],
+        meta_offset: int,
+        meta: bytes,
+        optimizer: Any,
+        pending: PendingSnapshot,
+    ) -> CopyJob:
+        """Copy what the optimizer's step does not guard, and the layout; enqueue the guarded
+        CUDA copies on the copy stream; return the job that copies the guarded host tensors."""
+        now, later = split(entries, tensors, guarded_storages(optimizer))
+        stream = None
+        if any(t.is_cuda for t in tensors):
+            if self._stream is None:
+                self._stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+            stream = self._stream
+        enqueued = slot.copy_in([entries[i] for i in now], [tensors[i] for i in now], stream)
+        slot.write_meta(meta_offset, meta)
+        device_later = [i for i in later if tensors[i].is_cuda]
+        event = None
+        if stream is not None and (enqueued or device_later):
+            current = torch.cuda.current_stream(stream.device)
+            for t in tensors:
+                if t.is_cuda:
+                    t.record_stream(stream)  # freed tensors are not reused before the copy
+            # Forward may change the buffers next: it waits for their copies (no host sync).
+            current.wait_stream(stream)
+            slot.copy_in(
+                [entries[i] for i in device_later], [tensors[i] for i in device_later], stream
+            )
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            event.record(stream)
+        return CopyJob(
+            slot,
+            [(entries[i], tensors[i]) for i in later if not tensors[i].is_cuda],
+            optimizer,
+            pending,
+            event=event,
+            device=None if stream is None else stream.device,
+        )
+
+    def _copy_and_submit(
+        self, job: CopyJob, link: Link, meta_offset: int, meta_length: int, submit: _Submit
+    ) -> None:
+        """The background half of an overlapped snapshot (copy thread): copy the guarded
+        tensors, then submit. Never raises: a failure settles the handle."""
+        job.run()
+        try:
+            job.wait_device()
+        except BaseException as exc:
+            job.error = job.error or exc
+        pending = job.pending
+        with self._call:
+            try:
+                if job.error is not None:
+                    self._ring.give_back(job.slot)
+                    raise SnapshotFailedError(
+                        f"{self.job} step {pending.step}: the background copy of the "
+                        f"parameters and optimizer state failed: {job.error!r:.300}"
+                    ) from job.error
+                self._submit(pending, link, job.slot, meta_offset, meta_length, submit)
+            except Exception as exc:
+                error = (
+                    exc
+                    if isinstance(exc, CkptdError)
+                    else SnapshotFailedError(f"{self.job} step {pending.step}: {exc!r:.300}")
+                )
+                self.stats["failed"] += 1
+                self._handed.discard(pending.step)
+                pending._reject(error)
+                if self.strict:
+                    self._background_error = error
+                log.warning(
+                    "ckptd: overlapped snapshot of %s step %d failed: %s",
+                    self.job,
+                    pending.step,
+                    error,
+                )
+
+    def _settle_background(self) -> None:
+        """Wait until the last overlapped snapshot is copied and handed off (trainer thread,
+        not under the call lock: the copy thread takes it to submit)."""
+        background = self._background
+        if background is not None:
+            background.result()
+            self._background = None
+            self._copy = None
+
+    def _wait_copied(self) -> None:
+        """Wait until no background copy writes into a slot (under the call lock, before slots
+        are unmapped)."""
+        job = self._copy
+        if job is not None:
+            job.copied.wait()
+            try:
+                job.wait_device()
+            except RuntimeError:
+                pass  # the copy thread reports it
+
+    def wait_copied(self) -> None:
+        """Wait until the last ``overlap=True`` snapshot is copied and handed off. Call it before
+        changing parameters or optimizer state in place other than through ``optimizer.step()``
+        (clipping or projecting weights, ``load_state_dict``)."""
+        self._settle_background()
+
+    def _submit(
+        self,
+        pending: PendingSnapshot,
+        link: Link,
+        slot: Slot,
+        meta_offset: int,
+        meta_length: int,
+        submit: _Submit,
+    ) -> None:
+        """Submit a filled slot (under the call lock). Raises the :class:`CkptdError` that
+        failed it."""
+        step = pending.step
         self._seq += 1
         seq = self._seq
         self._outstanding.add(seq, link, pending)
-        pending.stall_s = time.perf_counter() - started
         self._ring.submitting(slot, seq)
         self._submitting = seq
         try:
@@ -586,10 +786,12 @@ class Client:
                     "slot": slot.id,
                     "step": step,
                     "meta_offset": meta_offset,
-                    "meta_length": len(meta),
-                    "metric": metric_to_wire(None if metric is None else float(metric)),
+                    "meta_length": meta_length,
+                    "metric": metric_to_wire(
+                        None if submit.metric is None else float(submit.metric)
+                    ),
                     "stall_s": pending.stall_s,
-                    "pin": bool(pin),
+                    "pin": bool(submit.pin),
                     "tier": self.tier,
                     "blocked_s": self._last_wait_s,
                 }
@@ -613,6 +815,7 @@ class Client:
     def flush(self, timeout: float | None = None) -> list[PendingSnapshot]:
         """Wait until every accepted snapshot is committed or failed; return those still pending
         when ``timeout`` runs out (empty when all are done). Failures stay on their handles."""
+        self._settle_background()
         return wait_all(self._outstanding.handles(), timeout)
 
     def close(self, timeout: float | None = 60.0) -> None:
@@ -625,6 +828,9 @@ class Client:
         if self._closed:
             return
         self.flush(timeout)
+        self._guard.close()
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
         with self._call:
             self._closed = True
             unanswered = self._outstanding.take()
@@ -654,6 +860,7 @@ class Client:
 
         Raises :class:`TimeoutError` naming the steps still pending after ``timeout_s``, and
         :class:`DaemonUnavailableError` when no daemon answers."""
+        self._settle_background()
         with self._call:
             if self._closed:
                 raise RuntimeError("wait_for_daemon() on a closed ckptd Client")

@@ -21,16 +21,28 @@ import os
 import threading
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from ckptd.format.skeleton import dtype_name
-from ckptd.protocol import LayoutEntry, Message, align
+from ckptd.protocol import LayoutEntry, Message, align, encode_entries
 
 PAGE_BYTES = mmap.PAGESIZE
 SLOT_ROUND_BYTES = 1 << 20
 """Slot sizes are multiples of this, so a state that grows a little reuses its slots."""
 _MADV_POPULATE_WRITE = 23
 _MAX_VIEWS = 1 << 16  # cached slot views before the cache is dropped (a layout that keeps changing)
+
+
+def _host_bytes(t: torch.Tensor) -> np.ndarray | None:
+    """The bytes of a contiguous CPU tensor as a flat ``uint8`` array sharing its memory; None
+    for any other tensor (copied with ``copy_`` instead)."""
+    if t.device.type != "cpu" or not t.is_contiguous() or t.is_conj() or t.is_neg():
+        return None
+    try:
+        return t.detach().reshape(-1).view(torch.uint8).numpy()
+    except (RuntimeError, TypeError):
+        return None
 
 
 def slot_size(need: int) -> int:
@@ -49,6 +61,33 @@ def layout(paths: Sequence[str], tensors: Sequence[torch.Tensor]) -> tuple[list[
         entries.append(LayoutEntry(path, dtype_name(t.dtype), tuple(t.shape), cursor, nbytes))
         cursor = align(cursor + nbytes)
     return entries, cursor
+
+
+class LayoutCache:
+    """The layout of the last state laid out, kept for the next snapshot of the same layout.
+
+    A training loop snapshots the same tensors (paths, dtypes, shapes) every time: then the
+    entries and their encoding are reused and only the skeleton is encoded again (its values,
+    such as the learning rate or the RNG state, change). Any change of a path, dtype or shape
+    lays the state out anew."""
+
+    def __init__(self) -> None:
+        self._key: tuple[tuple[str, torch.dtype, torch.Size], ...] | None = None
+        self._entries: list[LayoutEntry] = []
+        self._data_end = 0
+        self._encoded = b""
+
+    def get(
+        self, paths: Sequence[str], tensors: Sequence[torch.Tensor]
+    ) -> tuple[list[LayoutEntry], int, bytes]:
+        """``layout(paths, tensors)`` and :func:`~ckptd.protocol.encode_entries` of it."""
+        key = tuple(zip(paths, (t.dtype for t in tensors), (t.shape for t in tensors), strict=True))
+        if key != self._key:
+            entries, data_end = layout(paths, tensors)
+            self._entries, self._data_end = entries, data_end
+            self._encoded = encode_entries(entries)
+            self._key = key
+        return self._entries, self._data_end, self._encoded
 
 
 class SlotState(enum.Enum):
@@ -119,10 +158,24 @@ class Slot:
 
         Every byte is in the slot when this returns. CUDA tensors are copied ``non_blocking`` on
         ``stream`` (required when there are any), which first waits for the current stream."""
+        if self.copy_in(entries, tensors, stream):
+            assert stream is not None
+            stream.synchronize()
+        self.write_meta(meta_offset, meta)
+
+    def copy_in(
+        self,
+        entries: Sequence[LayoutEntry],
+        tensors: Sequence[torch.Tensor],
+        stream: torch.cuda.Stream | None = None,
+    ) -> bool:
+        """Copy each CPU tensor to its entry now, and enqueue each CUDA tensor's copy
+        ``non_blocking`` on ``stream`` (required when there are any; it first waits for the
+        current stream). True when CUDA copies were enqueued: the caller synchronizes."""
         cuda = any(t.is_cuda for t in tensors)
         if cuda:
             assert stream is not None, "CUDA tensors need a copy stream"
-            stream.wait_stream(torch.cuda.current_stream())
+            stream.wait_stream(torch.cuda.current_stream(stream.device))
         with torch.no_grad():
             for e, t in zip(entries, tensors, strict=True):
                 if e.nbytes == 0:
@@ -133,9 +186,23 @@ class Slot:
                         dst.copy_(t, non_blocking=True)
                 else:
                     dst.copy_(t)
-        if cuda:
-            assert stream is not None
-            stream.synchronize()
+        return cuda
+
+    def copy_one(self, entry: LayoutEntry, tensor: torch.Tensor) -> None:
+        """Copy one CPU tensor to its entry on this thread alone (no intra-op threads: a
+        background copy must not take the cores the training loop computes on). A contiguous
+        tensor is one ``memcpy`` that releases the GIL."""
+        if entry.nbytes == 0:
+            return
+        dst = self.view(entry.offset, tensor.dtype, entry.shape)
+        src = _host_bytes(tensor)
+        if src is not None:
+            np.copyto(_host_bytes(dst), src)  # type: ignore[arg-type]
+            return
+        with torch.no_grad():
+            dst.copy_(tensor)
+
+    def write_meta(self, meta_offset: int, meta: bytes) -> None:
         self.mm[meta_offset : meta_offset + len(meta)] = meta
 
     def prefault(self) -> None:
