@@ -325,6 +325,40 @@ def parse_layout(data: bytes, data_limit: int, itemsize: Any) -> Layout:
     return Layout(skeleton, tuple(entries))
 
 
+class LayoutParser:
+    """:func:`parse_layout` that remembers the last layout's tensors: a training loop submits
+    the same tensors every time and only the skeleton changes. When a layout ends with the
+    canonical encoding of the remembered entries (:func:`encode_layout` writes the tensors last),
+    only its skeleton is parsed; anything else is parsed in full. One per connection."""
+
+    _MARK = b',"tensors":'
+
+    def __init__(self) -> None:
+        self._tail = b""
+        self._entries: tuple[LayoutEntry, ...] = ()
+        self._data_end = 0
+
+    def parse(self, data: bytes, data_limit: int, itemsize: Any) -> Layout:
+        tail = self._tail
+        if tail and len(data) > len(tail) and data.endswith(tail) and self._data_end <= data_limit:
+            doc = strict_json(data[: -len(tail)] + b"}", "slot layout")
+            if isinstance(doc, dict) and list(doc) == ["skeleton"]:
+                skeleton = doc["skeleton"]
+                if _depth(skeleton) > MAX_SKELETON_DEPTH:
+                    raise ProtocolError(
+                        f"slot layout: skeleton nested deeper than {MAX_SKELETON_DEPTH}"
+                    )
+                return Layout(skeleton, self._entries)
+        layout = parse_layout(data, data_limit, itemsize)
+        tail = self._MARK + encode_entries(list(layout.tensors)) + b"}"
+        if data.endswith(tail):
+            self._tail, self._entries = tail, layout.tensors
+            self._data_end = max((e.offset + e.nbytes for e in layout.tensors), default=0)
+        else:
+            self._tail = b""
+        return layout
+
+
 MAX_SKELETON_DEPTH = 256
 
 

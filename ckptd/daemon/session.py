@@ -45,6 +45,7 @@ from ckptd.policy.retention import policy_from_dict, policy_to_dict
 from ckptd.protocol import (
     MAX_META_BYTES,
     PROTOCOL_VERSION,
+    LayoutParser,
     Message,
     close_fds,
     encode_message,
@@ -52,7 +53,6 @@ from ckptd.protocol import (
     get_metric,
     get_ranks,
     get_seconds,
-    parse_layout,
     recv_packet,
 )
 from ckptd.protocol import decode_message as _decode
@@ -95,6 +95,10 @@ def _error_fields(exc: BaseException) -> Message:
     return {"type": type(exc).__name__, "message": str(exc)}
 
 
+def _itemsize(dtype: str) -> int:
+    return dtype_from_name(dtype).itemsize
+
+
 def request_id(msg: Message) -> int | None:
     """The ``id`` a reply to ``msg`` must echo (None when the request carries none)."""
     rid = msg.get("id")
@@ -128,6 +132,7 @@ class Connection:
         self._out: deque[bytes] = deque()
         self._writing = False
         self._paused = False
+        self.layouts = LayoutParser()
         self.name = f"pid {peer.pid} uid {peer.uid}"
 
     # ---- I/O -------------------------------------------------------------------------------
@@ -416,7 +421,7 @@ class Connection:
             )
         metric = get_metric(msg)
         meta = slot.mm[meta_offset : meta_offset + meta_length]  # a private copy
-        layout = parse_layout(meta, meta_offset, lambda d: dtype_from_name(d).itemsize)
+        layout = self.layouts.parse(meta, meta_offset, _itemsize)
         raw = sum(t.nbytes for t in layout.tensors)
         pin = msg.get("pin", False)
         if not isinstance(pin, bool):
