@@ -532,6 +532,11 @@ def flatten(state: object, *, allow_pickle: bool = False) -> Flattened:
             "allow_pickle=True (restore then needs allow_pickle=True as well)"
         )
 
+    def enc_key(key: object, path: str, depth: int) -> JSON:
+        if type(key) is int:  # an optimizer's parameter ids, every snapshot: no path to build
+            return key
+        return enc(key, _join(path, f"<key {key!r}>"), depth + 1)
+
     def enc_dtensor(value: torch.Tensor, path: str) -> JSON:
         with torch.no_grad():  # the local tensor itself, not an autograd view of it
             local: torch.Tensor = value.to_local()  # type: ignore[attr-defined]
@@ -559,10 +564,7 @@ def flatten(state: object, *, allow_pickle: bool = False) -> Flattened:
             assert isinstance(value, dict)
             out: dict[str, JSON] = {
                 "$dict": [
-                    [
-                        enc(k, _join(path, f"<key {k!r}>"), depth + 1),
-                        enc(v, _join(path, k), depth + 1),
-                    ]
+                    [enc_key(k, path, depth), enc(v, _join(path, k), depth + 1)]
                     for k, v in value.items()
                 ],
                 "ordered": type(value) is OrderedDict,
