@@ -85,6 +85,10 @@ class _Submit:
     started: float
 
 
+def _can_overlap(optimizer: object, state: object) -> bool:
+    return state is None and hasattr(optimizer, "register_step_pre_hook")
+
+
 def _check_overlap(optimizer: object, state: object) -> None:
     """Refuse ``overlap=True`` where no optimizer step could wait for the copy."""
     if state is not None:
@@ -125,6 +129,9 @@ class Client:
     collective; each rank's daemon makes its part durable and the step is committed by a daemon
     once every rank's part is. To checkpoint from rank 0 only, pass ``rank=0, world_size=1`` on
     rank 0 (and make no Client elsewhere).
+
+    ``overlap``: the default of :meth:`snapshot`'s ``overlap`` (copy the parameters and the
+    optimizer's state while the next iteration computes; ``optimizer.step()`` waits for it).
 
     ``tier``: when the daemon has an object-store tier for the job (``[tier]`` in its config),
     its checkpoints are uploaded after each local commit; ``tier=False`` keeps this client's
@@ -535,19 +542,22 @@ class Client:
         the optimizer's state are copied: they are copied in the background while the next
         iteration computes, and ``optimizer.step()`` waits for that copy (see
         :mod:`ckptd_client.overlap` for the contract). Buffers, scheduler, scaler, RNG and
-        ``extra`` are copied before it returns. The hand-off to the daemon follows the copy, so
+        ``extra`` are copied before it returns. A client's ``overlap=True`` default applies
+        where it can: a snapshot of ``state=`` (the framework adapters take those) or without an
+        optimizer object is copied before the call returns. The hand-off follows the copy, so
         the daemon owns the snapshot once the copy is over, not when this returns; a failure of
         that hand-off is carried by the handle (``strict=True`` raises it from the next
-        ``snapshot()``). ``stall_s`` counts this call and the step's wait. It needs the model
-        and optimizer objects: with ``state=`` or a plain dict as the optimizer there is no step
-        to wait in, and it raises :class:`ValueError`.
+        ``snapshot()``). ``stall_s`` counts this call and the step's wait. An explicit
+        ``overlap=True`` needs the optimizer object: with ``state=``, no optimizer or a plain dict
+        as the optimizer there is no step to wait in, and it raises :class:`ValueError`.
         """
         started = time.perf_counter()
         if self._closed:
             raise RuntimeError("snapshot() on a closed ckptd Client")
         if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 10**12:
             raise ValueError(f"step must be an integer in [0, 10**12), got {step!r}")
-        overlap = self.overlap if overlap is None else overlap
+        if overlap is None:  # the client's default, where there is an optimizer step to hook
+            overlap = self.overlap and _can_overlap(optimizer, state)
         if not isinstance(overlap, bool):
             raise ValueError(f"overlap must be True, False or None, got {overlap!r}")
         if overlap:

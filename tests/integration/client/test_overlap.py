@@ -133,6 +133,11 @@ def test_overlap_refuses_what_it_cannot_hook(daemon: Daemon) -> None:
         assert client.stats["snapshots"] == 0
         # The same client still snapshots without overlap.
         client.snapshot(model, opt, step=2).wait(60)
+    # A client's overlap=True default applies where it can: state= (what the framework adapters
+    # hand off) and a model alone are copied before the call returns.
+    with Client("ov", socket=daemon.socket, root=daemon.root, overlap=True) as client:
+        assert client.snapshot(step=3, state={"w": torch.ones(3)}).wait(60).step == 3
+        assert client.snapshot(model, step=4).wait(60).step == 4
 
 
 class _NoHooks:
