@@ -43,7 +43,7 @@ PLANE = struct.Struct("<BQ")
 RAW, ZSTD, BYTEGROUP = 0, 1, 2
 CODEC_NAMES = {RAW: "raw", ZSTD: "zstd", BYTEGROUP: "bytegroup+zstd"}
 
-CodecChoice = Literal["auto", "zstd", "raw"]
+CodecChoice = Literal["auto", "bytegroup", "zstd", "raw"]
 
 # Planes smaller than this are compressed whole; larger ones are first probed with a sample so
 # that incompressible mantissa planes cost a 64 KiB trial instead of a full zstd pass.
@@ -57,10 +57,12 @@ _MIN_SAVING = 0.01
 class CodecConfig:
     """How chunks are encoded.
 
-    ``codec``: ``"auto"`` groups float bytes before zstd and uses plain zstd for other dtypes;
+    ``codec``: ``"bytegroup"`` groups float bytes before zstd and uses plain zstd for other dtypes;
     ``"zstd"`` always uses plain zstd; ``"raw"`` stores bytes as they are (fastest persist, largest
-    files). ``level``: zstd level; 1 is the measured sweet spot (higher levels are slower and, after
-    byte grouping, no smaller).
+    files). ``"auto"`` encodes as ``"bytegroup"``: the daemon never hands it to the encoder,
+    :class:`ckptd.pipeline.auto.AutoCodec` replaces it per write by ``"bytegroup"`` or ``"raw"``.
+    ``level``: zstd level; 1 is the measured sweet spot (higher levels are slower and, after byte
+    grouping, no smaller).
     """
 
     codec: CodecChoice = "auto"
@@ -134,7 +136,12 @@ def encode(raw: memoryview, *, elem_size: int, is_float: bool, config: CodecConf
     raw = raw.cast("B") if raw.format != "B" or raw.ndim != 1 else raw
     n = len(raw)
     if config.codec != "raw" and n > 0:
-        if config.codec == "auto" and is_float and elem_size in (2, 4, 8) and n % elem_size == 0:
+        if (
+            config.codec in ("auto", "bytegroup")
+            and is_float
+            and elem_size in (2, 4, 8)
+            and n % elem_size == 0
+        ):
             return _encode_bytegroup(raw, elem_size, config.level)
         packed = _maybe_compress(raw, config.level)
         if packed is not None:
