@@ -58,7 +58,14 @@ from ckptd.tier.mirror import tier_store
 from ckptd.tier.remote import TierSettings, parse_url
 from ckptd_client.api import list_checkpoints, restore
 from ckptd_client.link import LOST_OP, Link, error_from
-from ckptd_client.overlap import CopyJob, StepGuard, guarded_storages, split
+from ckptd_client.overlap import (
+    CopyJob,
+    StepGuard,
+    forward_written,
+    guarded_views,
+    split,
+    stepping_optimizer,
+)
 from ckptd_client.pending import (
     CheckpointInfo,
     CheckpointSummary,
@@ -86,7 +93,7 @@ class _Submit:
 
 
 def _can_overlap(optimizer: object, state: object) -> bool:
-    return state is None and hasattr(optimizer, "register_step_pre_hook")
+    return state is None and stepping_optimizer(optimizer) is not None
 
 
 def _check_overlap(optimizer: object, state: object) -> None:
@@ -210,6 +217,7 @@ class Client:
         self._background: Future[None] | None = None  # the last overlapped snapshot's copy
         self._copy: CopyJob | None = None
         self._background_error: CkptdError | None = None  # raised by the next call (strict)
+        self._copy_thread: int | None = None  # the copy thread's ident (its callbacks settle)
         self._connect()
 
     # ---- connection ----------------------------------------------------------------------
@@ -392,6 +400,8 @@ class Client:
                     fit = next((s for s in free if s.size >= need), None)
                     if fit is not None:
                         ring.take(fit)
+                        if pin and not fit.pinned:
+                            fit.pin()  # made for CPU state: CUDA copies into it would block
                         break
                     if free or len(ring.slots) < self.n_slots:
                         victim = free[0] if free else None
@@ -434,9 +444,17 @@ class Client:
         meta_offset: int,
         meta: bytes,
     ) -> None:
-        if self._stream is None and any(t.is_cuda for t in tensors):
-            self._stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
-        slot.fill(entries, tensors, meta_offset, meta, self._stream)
+        slot.fill(entries, tensors, meta_offset, meta, self._copy_stream(tensors))
+
+    def _copy_stream(self, tensors: Sequence[torch.Tensor]) -> torch.cuda.Stream | None:
+        """The CUDA stream copies into slots run on, made on the device of the first CUDA
+        tensor (None for a state without CUDA tensors)."""
+        if self._stream is None:
+            first = next((t for t in tensors if t.is_cuda), None)
+            if first is None:
+                return None
+            self._stream = torch.cuda.Stream(device=first.device)  # type: ignore[no-untyped-call]
+        return self._stream
 
     # ---- public API ----------------------------------------------------------------------
 
@@ -599,6 +617,7 @@ class Client:
                     meta,
                     _Submit(metric, pin, started),
                     optimizer if overlap else None,
+                    model,
                 )
                 if self.ranks.multi and not pending.skipped:
                     self._handed.add(step)
@@ -620,6 +639,7 @@ class Client:
         meta: bytes,
         submit: _Submit,
         optimizer: Any,
+        model: Any = None,
     ) -> None:
         """Fill a slot and submit it (trainer thread, under the call lock); with an
         ``optimizer`` (overlap), fill what it does not guard and leave the rest and the submit
@@ -648,21 +668,34 @@ class Client:
             if optimizer is None:
                 self._fill(slot, entries, tensors, meta_offset, meta)
             else:
-                job = self._fill_now(slot, entries, tensors, meta_offset, meta, optimizer, pending)
+                job = self._fill_now(
+                    slot, entries, tensors, meta_offset, meta, optimizer, pending, model
+                )
         except BaseException:
+            if self._stream is not None:
+                self._stream.synchronize()  # no copy still lands in a slot given back
             self._ring.give_back(slot)
             raise
         pending.stall_s = time.perf_counter() - submit.started
         if optimizer is None:
             self._submit(pending, link, slot, meta_offset, len(meta), submit)
             return
+        args = (job, link, meta_offset, len(meta), submit)
+        try:
+            if self._worker is None:
+                self._worker = ThreadPoolExecutor(
+                    1, thread_name_prefix="ckptd-copy", initializer=self._on_copy_thread
+                )
+            background = self._worker.submit(self._copy_and_submit, *args)
+        except RuntimeError:
+            # No copy thread (interpreter shutdown: a save in an atexit handler; no thread can
+            # be started): copy and hand off in the call, as overlap=False would.
+            self._copy_and_submit(*args)
+            return
+        # Published once the copy is sure to run: a job nobody copies would hang the step.
         self._guard.start(job)
         self._copy = job
-        if self._worker is None:
-            self._worker = ThreadPoolExecutor(1, thread_name_prefix="ckptd-copy")
-        self._background = self._worker.submit(
-            self._copy_and_submit, job, link, meta_offset, len(meta), submit
-        )
+        self._background = background
 
     def _fill_now(
         self,
@@ -673,26 +706,27 @@ class Client:
         meta: bytes,
         optimizer: Any,
         pending: PendingSnapshot,
+        model: Any = None,
     ) -> CopyJob:
         """Copy what the optimizer's step does not guard, and the layout; enqueue the guarded
         CUDA copies on the copy stream; return the job that copies the guarded host tensors."""
-        now, later = split(entries, tensors, guarded_storages(optimizer))
-        stream = None
-        if any(t.is_cuda for t in tensors):
-            if self._stream is None:
-                self._stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
-            stream = self._stream
+        guarded = guarded_views(optimizer)
+        now, later = split(entries, tensors, guarded, forward_written(model))
+        stream = self._copy_stream(tensors)
+        # CUDA tensors on another device than the copy stream's are copied now (synchronously).
+        device_later = [
+            i for i in later if stream is not None and tensors[i].device == stream.device
+        ]
+        host_later = [i for i in later if not tensors[i].is_cuda]
+        now = sorted(set(now) | (set(later) - set(device_later) - set(host_later)))
         enqueued = slot.copy_in([entries[i] for i in now], [tensors[i] for i in now], stream)
         slot.write_meta(meta_offset, meta)
-        device_later = [i for i in later if tensors[i].is_cuda]
         event = None
         if stream is not None and (enqueued or device_later):
-            current = torch.cuda.current_stream(stream.device)
-            for t in tensors:
-                if t.is_cuda:
-                    t.record_stream(stream)  # freed tensors are not reused before the copy
             # Forward may change the buffers next: it waits for their copies (no host sync).
-            current.wait_stream(stream)
+            torch.cuda.current_stream(stream.device).wait_stream(stream)
+            for i in device_later:
+                tensors[i].record_stream(stream)  # not reused before the copy, even if freed
             slot.copy_in(
                 [entries[i] for i in device_later], [tensors[i] for i in device_later], stream
             )
@@ -700,8 +734,8 @@ class Client:
             event.record(stream)
         return CopyJob(
             slot,
-            [(entries[i], tensors[i]) for i in later if not tensors[i].is_cuda],
-            optimizer,
+            [(entries[i], tensors[i]) for i in host_later],
+            guarded,
             pending,
             event=event,
             device=None if stream is None else stream.device,
@@ -711,13 +745,15 @@ class Client:
         self, job: CopyJob, link: Link, meta_offset: int, meta_length: int, submit: _Submit
     ) -> None:
         """The background half of an overlapped snapshot (copy thread): copy the guarded
-        tensors, then submit. Never raises: a failure settles the handle."""
+        tensors, then submit. Never raises: a failure settles the handle (its done-callbacks run
+        on this thread, after the call lock is released)."""
         job.run()
         try:
             job.wait_device()
         except BaseException as exc:
             job.error = job.error or exc
         pending = job.pending
+        error: CkptdError | None = None
         with self._call:
             try:
                 if job.error is not None:
@@ -735,24 +771,30 @@ class Client:
                 )
                 self.stats["failed"] += 1
                 self._handed.discard(pending.step)
-                pending._reject(error)
                 if self.strict:
                     self._background_error = error
-                log.warning(
-                    "ckptd: overlapped snapshot of %s step %d failed: %s",
-                    self.job,
-                    pending.step,
-                    error,
-                )
+        if error is not None:
+            log.warning(
+                "ckptd: overlapped snapshot of %s step %d failed: %s", self.job, pending.step, error
+            )
+            pending._reject(error)
 
-    def _settle_background(self) -> None:
-        """Wait until the last overlapped snapshot is copied and handed off (trainer thread,
-        not under the call lock: the copy thread takes it to submit)."""
+    def _on_copy_thread(self) -> None:
+        self._copy_thread = threading.get_ident()
+
+    def _settle_background(self, timeout: float | None = None) -> bool:
+        """Wait (up to ``timeout``) until the last overlapped snapshot is copied and handed off
+        (trainer thread, not under the call lock: the copy thread takes it to submit). False
+        when it still runs."""
         background = self._background
-        if background is not None:
-            background.result()
+        if background is not None and threading.get_ident() != self._copy_thread:
+            try:
+                background.result(timeout)
+            except TimeoutError:
+                return False
             self._background = None
             self._copy = None
+        return True
 
     def _wait_copied(self) -> None:
         """Wait until no background copy writes into a slot (under the call lock, before slots
@@ -825,8 +867,13 @@ class Client:
     def flush(self, timeout: float | None = None) -> list[PendingSnapshot]:
         """Wait until every accepted snapshot is committed or failed; return those still pending
         when ``timeout`` runs out (empty when all are done). Failures stay on their handles."""
-        self._settle_background()
-        return wait_all(self._outstanding.handles(), timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        job = self._copy
+        if not self._settle_background(timeout):
+            assert job is not None
+            return [job.pending, *self._outstanding.handles()]
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return wait_all(self._outstanding.handles(), left)
 
     def close(self, timeout: float | None = 60.0) -> None:
         """Wait (up to ``timeout``) for outstanding snapshots, then disconnect and free the slots.

@@ -6,79 +6,131 @@ per-parameter state (Adam's moments and step counts): forward and backward read 
 gradients, activations and buffers. ``Client.snapshot(..., overlap=True)`` therefore splits the
 state's tensors in two (:func:`split`):
 
-* *guarded* tensors, whose storage is a parameter of the optimizer or a tensor of its ``state``:
-  copied on a background thread (CPU tensors) or enqueued on a side stream (CUDA tensors) after
-  the call returns;
+* *guarded* tensors, each one a parameter of the optimizer or a tensor of its ``state`` (the same
+  view, not merely the same storage): copied on a background thread (CPU tensors) or enqueued on
+  a side stream (CUDA tensors) after the call returns;
 * everything else, copied before the call returns: buffers (BatchNorm running statistics change in
-  forward), the scheduler, scaler, RNG and ``extra``, and parameters the optimizer does not hold.
+  forward), the scheduler, scaler, RNG and ``extra``, parameters the optimizer does not hold, and
+  parameters a forward writes (embeddings with ``max_norm``, renormalized in place).
 
-A step pre-hook on the optimizer (:class:`StepGuard`) waits for the guarded copy before the
-optimizer changes anything: on the CPU it waits for the copy thread; on CUDA it makes the current
-stream wait on the copy's event, with no host synchronization. The checkpoint is then the state at
-the ``snapshot()`` call, bit for bit.
+A global step pre-hook (:class:`StepGuard`) runs before the step of every torch optimizer (the
+one the snapshot named, the one a wrapper such as Lightning's or Accelerate's steps underneath, a
+second optimizer sharing parameters with it) and waits for the guarded copy when that optimizer
+holds a tensor the copy still has to read: on the CPU it waits for the copy thread; on CUDA it
+makes the current stream wait on the copy's event, with no host synchronization. The checkpoint
+is then the state at the ``snapshot()`` call, bit for bit.
 
 What breaks that contract: changing a parameter or an optimizer state tensor in place other than
 through ``optimizer.step()`` before the next step (manual weight clipping or projection under
 ``torch.no_grad()``, ``load_state_dict`` on the model or optimizer, an EMA written into the
-parameters). Call :meth:`ckptd_client.Client.wait_copied` first in such loops.
+parameters), and a step that runs no Python ``step()`` (a replayed CUDA graph of a captured
+step). Call :meth:`ckptd_client.Client.wait_copied` first in such loops.
 
 Thread safety: a :class:`CopyJob` is filled by one background thread and waited for by any
-thread; :class:`StepGuard` is shared by the trainer thread (which sets the job) and the hooks
-(which run on whatever thread calls ``optimizer.step()``).
+thread; :class:`StepGuard` is shared by the trainer thread (which sets the job) and the hook
+(which runs on whatever thread calls ``optimizer.step()``).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from ckptd.format.skeleton import is_dtensor
 from ckptd.protocol import LayoutEntry
 from ckptd_client.pending import PendingSnapshot
 from ckptd_client.slots import Slot
 
+ViewKey = tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype]
 
-def _storage_ptr(t: torch.Tensor) -> int:
-    """The address of ``t``'s storage (0 when it has none that can be named: empty, DTensor)."""
+
+def _view_key(t: torch.Tensor) -> ViewKey | None:
+    """Which bytes ``t`` is: its storage's address, offset, shape, strides and dtype (a DTensor:
+    its local shard's, which is what a snapshot stores); None when its storage cannot be named."""
+    if is_dtensor(t):
+        t = t.to_local()  # type: ignore[attr-defined]
     try:
-        return int(t.untyped_storage().data_ptr())
+        ptr = int(t.untyped_storage().data_ptr())
     except (RuntimeError, NotImplementedError, TypeError):
-        return 0
+        return None
+    if ptr == 0:
+        return None
+    return ptr, int(t.storage_offset()), tuple(t.shape), tuple(t.stride()), t.dtype
 
 
-def guarded_storages(optimizer: Any) -> set[int]:
-    """The storages ``optimizer.step()`` writes: its parameters and its state's tensors."""
-    ptrs: set[int] = set()
+def guarded_views(optimizer: Any) -> set[ViewKey]:
+    """The tensors ``optimizer.step()`` writes, as views: its parameters and its state's
+    tensors. A tensor that only shares a storage with one of them (a buffer carved out of the
+    same flat allocation) is not among them: it may change before the step."""
+    keys: set[ViewKey | None] = set()
     for group in optimizer.param_groups:
         for p in group["params"]:
             if isinstance(p, torch.Tensor):
-                ptrs.add(_storage_ptr(p))
+                keys.add(_view_key(p))
     for values in optimizer.state.values():
         if isinstance(values, dict):
             for v in values.values():
                 if isinstance(v, torch.Tensor):
-                    ptrs.add(_storage_ptr(v))
-    ptrs.discard(0)
-    return ptrs
+                    keys.add(_view_key(v))
+    keys.discard(None)
+    return keys  # type: ignore[return-value]
 
 
 def split(
-    entries: Sequence[LayoutEntry], tensors: Sequence[torch.Tensor], guarded: set[int]
+    entries: Sequence[LayoutEntry],
+    tensors: Sequence[torch.Tensor],
+    guarded: set[ViewKey],
+    written: set[ViewKey] = frozenset(),  # type: ignore[assignment]
 ) -> tuple[list[int], list[int]]:
-    """Indices of the tensors to copy now and of those the step guards (copied later)."""
+    """Indices of the tensors to copy now and of those the step guards (copied later): a tensor
+    is copied later only when it *is* one the step writes and nothing else writes
+    (``written``: parameters a forward changes in place)."""
     now: list[int] = []
     later: list[int] = []
     for i, t in enumerate(tensors):
-        if entries[i].nbytes and _storage_ptr(t) in guarded:
+        key = _view_key(t)
+        if entries[i].nbytes and key in guarded and key not in written:
             later.append(i)
         else:
             now.append(i)
     return now, later
+
+
+def forward_written(model: Any) -> set[ViewKey]:
+    """Parameters a forward changes in place: the weights of embeddings with ``max_norm``
+    (renormalized in place, rows looked up at each forward)."""
+    modules = getattr(model, "modules", None)
+    if modules is None:
+        return set()
+    keys = {
+        _view_key(m.weight)
+        for m in modules()
+        if isinstance(m, torch.nn.Embedding | torch.nn.EmbeddingBag) and m.max_norm is not None
+    }
+    keys.discard(None)
+    return keys  # type: ignore[return-value]
+
+
+def stepping_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer whose ``step()`` runs torch's step pre-hooks: ``optimizer`` itself,
+    or the one a wrapper holds as ``.optimizer`` (Accelerate's ``AcceleratedOptimizer``,
+    Lightning's ``LightningOptimizer``, which never run ``Optimizer.__init__``); None when
+    there is none (a step no hook can see)."""
+    for _ in range(4):
+        if isinstance(optimizer, torch.optim.Optimizer) and (
+            "_optimizer_step_pre_hooks" in vars(optimizer)
+        ):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+        if optimizer is None:
+            return None
+    return None
 
 
 @dataclass(eq=False)
@@ -91,7 +143,7 @@ class CopyJob:
 
     slot: Slot
     host: list[tuple[LayoutEntry, torch.Tensor]]
-    optimizer: Any
+    guarded: set[ViewKey]
     pending: PendingSnapshot
     event: Any = None  # torch.cuda.Event when CUDA copies were enqueued
     device: Any = None  # the CUDA device of the copy stream
@@ -116,32 +168,32 @@ class CopyJob:
 
 
 class StepGuard:
-    """The step pre-hooks a client put on optimizers, and the copy job they wait for.
+    """The step pre-hook a client puts on every torch optimizer, and the copy job it waits for.
 
-    One hook per optimizer, registered the first time a snapshot names it and removed by
-    :meth:`close`. A hook waits only for a job taken from its own optimizer; the time it waits is
-    added to that snapshot's ``stall_s``."""
+    One global hook (``register_optimizer_step_pre_hook``), registered by
+    the first overlapped snapshot and removed by :meth:`close`: it runs before the step of any
+    optimizer, the one the snapshot named, the one a wrapper (Lightning, Accelerate, SAM) steps
+    underneath, or a second optimizer that shares parameters with it. It waits for the job when
+    that optimizer holds a parameter the job still has to copy; the time it waits is added to
+    that snapshot's ``stall_s``."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._job: CopyJob | None = None
-        self._hooks: dict[int, tuple[weakref.ref[Any], Any]] = {}
+        self._global: Any = None
 
     def attach(self, optimizer: Any) -> None:
-        """Hook ``optimizer`` (once). Raises :class:`TypeError` for an object with no step
-        pre-hooks."""
+        """Hook every optimizer's step (once). Raises :class:`TypeError` when ``optimizer``'s
+        step runs no torch step hooks (not a torch optimizer, nor a wrapper of one)."""
+        if stepping_optimizer(optimizer) is None:
+            raise TypeError(
+                f"overlap=True needs a torch.optim.Optimizer (its step pre-hook waits for "
+                f"the copy), or a wrapper of one as .optimizer; got "
+                f"{type(optimizer).__name__}. Pass overlap=False"
+            )
         with self._lock:
-            held = self._hooks.get(id(optimizer))
-            if held is not None and held[0]() is optimizer:
-                return
-            register: Callable[..., Any] | None = getattr(optimizer, "register_step_pre_hook", None)
-            if register is None:
-                raise TypeError(
-                    f"overlap=True needs a torch.optim.Optimizer (its step pre-hook waits for "
-                    f"the copy); got {type(optimizer).__name__}. Pass overlap=False"
-                )
-            handle = register(self._before_step)
-            self._hooks[id(optimizer)] = (weakref.ref(optimizer), handle)
+            if self._global is None:  # removed by close()
+                self._global = register_optimizer_step_pre_hook(self._before_step)
 
     def start(self, job: CopyJob) -> None:
         with self._lock:
@@ -150,7 +202,7 @@ class StepGuard:
     def _before_step(self, optimizer: Any, _args: Any, _kwargs: Any) -> None:
         with self._lock:
             job = self._job
-        if job is None or job.optimizer is not optimizer:
+        if job is None or not _steps_any(optimizer, job.guarded):
             return
         started = time.perf_counter()
         job.copied.wait()
@@ -163,7 +215,16 @@ class StepGuard:
 
     def close(self) -> None:
         with self._lock:
-            hooks, self._hooks = list(self._hooks.values()), {}
             self._job = None
-        for _ref, handle in hooks:
-            handle.remove()
+            hook, self._global = self._global, None
+        if hook is not None:
+            hook.remove()
+
+
+def _steps_any(optimizer: Any, guarded: set[ViewKey]) -> bool:
+    """Whether ``optimizer`` holds a parameter among ``guarded`` (its step would write it)."""
+    for group in getattr(optimizer, "param_groups", ()):
+        for p in group["params"]:
+            if isinstance(p, torch.Tensor) and _view_key(p) in guarded:
+                return True
+    return False

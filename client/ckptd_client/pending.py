@@ -80,8 +80,9 @@ class PendingSnapshot:
         """Call ``fn(self)`` once the handle is settled (committed, failed or skipped): right
         away when it already is, else on the client thread that settles it, before ``done()``
         turns true (so ``wait()`` and ``Client.flush()`` return after it ran). ``fn`` must be
-        quick and must not call the Client (it runs on its connection's reader thread); an
-        exception it raises is logged."""
+        quick and must not call the Client (it runs on its connection's reader thread, or on the
+        copy thread for an ``overlap=True`` snapshot whose copy or hand-off failed); an exception
+        it raises is logged."""
         with self._settle:
             if not self._settled:
                 self._callbacks.append(fn)

@@ -171,7 +171,8 @@ class Slot:
     ) -> bool:
         """Copy each CPU tensor to its entry now, and enqueue each CUDA tensor's copy
         ``non_blocking`` on ``stream`` (required when there are any; it first waits for the
-        current stream). True when CUDA copies were enqueued: the caller synchronizes."""
+        current stream of its device). A CUDA tensor on another device than the stream's is
+        copied now, synchronously. True when CUDA copies were enqueued: the caller synchronizes."""
         cuda = any(t.is_cuda for t in tensors)
         if cuda:
             assert stream is not None, "CUDA tensors need a copy stream"
@@ -181,10 +182,10 @@ class Slot:
                 if e.nbytes == 0:
                     continue
                 dst = self.view(e.offset, t.dtype, e.shape)
-                if t.is_cuda:
+                if t.is_cuda and stream is not None and t.device == stream.device:
                     with torch.cuda.stream(stream):
                         dst.copy_(t, non_blocking=True)
-                else:
+                else:  # CPU, or CUDA on another device: copied now, after its device's work
                     dst.copy_(t)
         return cuda
 
