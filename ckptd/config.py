@@ -25,10 +25,10 @@ import re
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from ckptd.errors import ConfigError, InvalidNameError, TierError
-from ckptd.format.codec import CodecConfig
+from ckptd.format.codec import CodecChoice, CodecConfig
 from ckptd.format.store import validate_job_name
 from ckptd.pipeline.plan import PipelineConfig
 from ckptd.policy.diskguard import DiskConfig
@@ -37,6 +37,9 @@ from ckptd.tier.remote import TierSettings, TierUrl, parse_url
 from ckptd.units import parse_duration, parse_size
 
 DEFAULT_ROOT = Path("checkpoints")
+CODEC_CHOICES: tuple[str, ...] = get_args(CodecChoice)
+"""``codec.codec``'s values: ``"auto"`` (the daemon chooses per write between compressing and
+raw, :mod:`ckptd.pipeline.auto`), and the fixed codecs of :mod:`ckptd.format.codec`."""
 SYSTEM_CONFIG = Path("/etc/ckptd/ckptd.toml")
 
 
@@ -49,6 +52,9 @@ class StoreConfig:
     pack_bytes: int = 1 << 20
     threads: int = 4
     max_inflight_bytes: int = 256 << 20
+    concurrent_jobs: int = 2
+    """Snapshots written at once, each of another job or rank (they share ``threads`` and
+    ``max_inflight_bytes``); 1: one at a time, first come first served."""
 
 
 @dataclass(frozen=True)
@@ -160,6 +166,7 @@ class Config:
             pack_bytes=s.pack_bytes,
             threads=s.threads,
             max_inflight_bytes=s.max_inflight_bytes,
+            concurrent_jobs=s.concurrent_jobs,
             codec=self.codec,
             pending_timeout_s=self.ranks.pending_timeout_s,
         )
@@ -221,6 +228,7 @@ def config_from_dict(doc: dict[str, Any], source: Path | None = None) -> Config:
         max_inflight_bytes=_size(
             s.get("max_inflight_bytes", 256 << 20), "store.max_inflight_bytes", 1 << 20, "1MiB"
         ),
+        concurrent_jobs=_int(s.get("concurrent_jobs", 2), "store.concurrent_jobs", 1, 64),
     )
     if store.pack_bytes > store.chunk_bytes:
         raise ConfigError(
@@ -228,8 +236,11 @@ def config_from_dict(doc: dict[str, Any], source: Path | None = None) -> Config:
             f"got {store.pack_bytes}"
         )
     codec_name = c.get("codec", "auto")
-    if codec_name not in ("auto", "zstd", "raw"):
-        raise ConfigError(f'codec.codec: expected "auto", "zstd" or "raw", got {codec_name!r}')
+    if codec_name not in CODEC_CHOICES:
+        names = [f'"{name}"' for name in CODEC_CHOICES]
+        raise ConfigError(
+            f"codec.codec: expected {', '.join(names[:-1])} or {names[-1]}, got {codec_name!r}"
+        )
     codec = CodecConfig(codec=codec_name, level=_int(c.get("level", 1), "codec.level", -7, 22))
     return Config(
         store=store,

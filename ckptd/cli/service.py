@@ -28,6 +28,15 @@ from ckptd.locate import DaemonReply, ask_daemon
 from ckptd.protocol import can_connect
 
 
+def _writes(st: dict[str, Any]) -> str:
+    """The writes in progress as ``job@step`` (``-`` for none): every one of ``writes``, or the
+    one of ``writing`` from a daemon that reports a single write."""
+    writes = st.get("writes")
+    if writes is None:
+        writes = [st["writing"]] if st.get("writing") else []
+    return ", ".join(f"{w['job']}@{w['step']}" for w in writes) or "-"
+
+
 @click.command("start")
 @click.option("--config", "config", metavar="FILE", default=None, help="Config file.")
 @click.option("--root", "root", metavar="DIR", default=None, help="Checkpoint root.")
@@ -114,11 +123,11 @@ def status_cmd(socket_path: str | None, as_json: bool, job: str | None) -> None:
         + (" [draining]" if st["stopping"] else ""),
         f"socket {st['socket']}   root {st['root']}",
         f"clients {st.get('clients_total', len(st['clients']))}   queue {st['queue']}   in flight "
-        f"{human_bytes(st['inflight_bytes'])}   writing "
-        f"{st['writing']['job'] + '@' + str(st['writing']['step']) if st['writing'] else '-'}",
+        f"{human_bytes(st['inflight_bytes'])}   writing {_writes(st)}",
         f"commits {st['commits']}   failures {sum(st['failures'].values())} {st['failures'] or ''}"
         f"   skipped {st['skipped']}   throughput "
         f"{human_bytes(rate) + '/s' if rate else '-'}",
+        codec_line(st.get("codec")),
     ]
     for c in st["last_commit"][:10]:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c["at"]))
@@ -132,6 +141,31 @@ def status_cmd(socket_path: str | None, as_json: bool, job: str | None) -> None:
         lines.append(f"  error: {e}")
     for line in lines:
         out.print(line, markup=False)
+
+
+def codec_line(codec: dict[str, Any] | None) -> str:
+    """The codec's line of ``ckptd status``: the last write's codec and why, and what was
+    measured (``codec = "auto"`` decides from it, see :mod:`ckptd.pipeline.auto`)."""
+    if not codec or codec.get("choice") is None:
+        return "codec: no snapshot written yet"
+    if codec["why"] == "configured":
+        head = f"codec {codec['configured']} (codec.codec)"
+    else:
+        choice = "compress" if codec["choice"] == "compress" else "raw"
+        head = f"codec auto: {choice} for {codec['job']}: {codec['reason']}"
+    measured = [
+        f"{name} {value / 1e9:.2f} GB/s"
+        for name, value in (
+            ("disk", codec.get("disk_bytes_per_s")),
+            ("codec per core", codec.get("codec_bytes_per_s_per_core")),
+        )
+        if value
+    ]
+    if codec.get("free_cores") is not None:
+        measured.append(f"free cores {codec['free_cores']:.1f} of {codec['cpus']}")
+    writes = codec.get("writes") or {}
+    measured.append(f"writes {writes.get('compress', 0)} compressed, {writes.get('raw', 0)} raw")
+    return f"{head}   [{', '.join(measured)}]"
 
 
 def tier_lines(tier: dict[str, Any] | None) -> list[str]:

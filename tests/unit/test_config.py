@@ -77,6 +77,7 @@ chunk_bytes = "16MiB"
 pack_bytes = 524288
 threads = 8
 max_inflight_bytes = "1 GiB"
+concurrent_jobs = 3
 
 [codec]
 codec = "zstd"
@@ -90,6 +91,7 @@ level = 3
         pack_bytes=512 << 10,
         threads=8,
         max_inflight_bytes=1 << 30,
+        concurrent_jobs=3,
     )
     assert cfg.codec == CodecConfig(codec="zstd", level=3)
     assert cfg.pipeline() == PipelineConfig(
@@ -97,8 +99,16 @@ level = 3
         pack_bytes=512 << 10,
         threads=8,
         max_inflight_bytes=1 << 30,
+        concurrent_jobs=3,
         codec=CodecConfig(codec="zstd", level=3),
     )
+
+
+@pytest.mark.parametrize("name", ["auto", "bytegroup", "zstd", "raw"])
+def test_every_codec_name_is_accepted(name: str) -> None:
+    cfg = config_from_dict({"codec": {"codec": name}})
+    assert cfg.codec == CodecConfig(codec=name)  # type: ignore[arg-type]
+    assert cfg.pipeline().codec == cfg.codec
 
 
 def test_example_store_and_codec_tables_document_the_defaults() -> None:
@@ -158,9 +168,16 @@ def test_shipped_example_config_loads_as_the_defaults(env: Path) -> None:
             "[store]\nmax_inflight_bytes = 1000",
             "store.max_inflight_bytes: expected a size >= 1MiB, got 1000",
         ),
+        (
+            "[store]\nconcurrent_jobs = 0",
+            "store.concurrent_jobs: expected an integer >= 1 and <= 64, got 0",
+        ),
         ('[store]\nroot = ""', "store.root: expected a directory path (a string), got ''"),
         ("[store]\nroot = 5", "store.root: expected a directory path (a string), got 5"),
-        ('[codec]\ncodec = "lz4"', 'codec.codec: expected "auto", "zstd" or "raw", got \'lz4\''),
+        (
+            '[codec]\ncodec = "lz4"',
+            'codec.codec: expected "auto", "bytegroup", "zstd" or "raw", got \'lz4\'',
+        ),
         ("[codec]\nlevel = 23", "codec.level: expected an integer >= -7 and <= 22, got 23"),
         ("[codec]\nlevel = -8", "codec.level: expected an integer >= -7 and <= 22, got -8"),
         ("[codec]\nlevel = 1.0", "codec.level: expected an integer >= -7 and <= 22, got 1.0"),
@@ -169,7 +186,7 @@ def test_shipped_example_config_loads_as_the_defaults(env: Path) -> None:
         (
             "[store]\nchunk_size = 1",
             "store.chunk_size: unknown key; known keys in [store]: chunk_bytes, "
-            "max_inflight_bytes, pack_bytes, root, threads",
+            "concurrent_jobs, max_inflight_bytes, pack_bytes, root, threads",
         ),
         (
             "[codec]\ncompression = 1",
