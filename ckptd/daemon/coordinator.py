@@ -10,9 +10,11 @@ watches every uncommitted step under its root, so a commit a crash interrupted i
 Any daemon may commit any complete step: the commit needs no trainer and no election, only the
 records on disk (:mod:`ckptd.format.parts`).
 
-Threads: :meth:`Coordinator.watch`, :meth:`recover` and :meth:`recheck` run on the writer thread
-(the queue's one commit thread, so rechecks never run beside a write); :attr:`waiting` is replaced
-whole by that thread and read by the loop thread (``ckptd status``).
+Threads: :meth:`Coordinator.watch`, :meth:`recover` and :meth:`recheck` run on the write
+queue's coordinator thread, which owns the watched steps; writes hand their steps to it (a recheck
+may run beside a write: committing a step is safe against other committers, by the commit lock and
+the exclusive create of the record). :attr:`waiting` is replaced whole by that thread and read by
+the loop thread (``ckptd status``).
 """
 
 from __future__ import annotations

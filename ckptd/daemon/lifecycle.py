@@ -4,17 +4,18 @@
   (:mod:`~ckptd.daemon.listen`), watch the config file, then ``READY=1``.
 * **serve**: the loop accepts clients; each is a :class:`~ckptd.daemon.session.Connection`. The
   :class:`~ckptd.daemon.admission.Admission` decides what is accepted; the
-  :class:`~ckptd.daemon.writer.WriteQueue` writes accepted snapshots one at a time through the
-  pipeline and reports ``released`` / ``committed`` / ``failed``. A ticker pings the systemd
-  watchdog, looks whether disk space is back, and stops a spawned daemon that sits idle.
+  :class:`~ckptd.daemon.writer.WriteQueue` writes accepted snapshots through the pipeline, up to
+  ``store.concurrent_jobs`` jobs at once and each job's in order, and reports ``released`` /
+  ``committed`` / ``failed``. A ticker pings the systemd watchdog, looks whether disk space is
+  back, samples the CPU for the codec choice, and stops a spawned daemon that sits idle.
 * **drain**: the first SIGTERM (or ``ckptd stop``) stops admitting, writes every accepted snapshot,
   says ``STOPPING=1`` and exits 0. A second SIGTERM or SIGINT aborts at once (exit 1); the next
   start sweeps what was left in tmp.
 
 Threads: the loop thread owns every :class:`Connection`, the queue and the stats, and never
-touches the filesystem while serving. The writer thread and the chunk pool belong to the write
-queue; the control threads (:data:`CONTROL_THREADS`) do the filesystem work of attaching a client
-to a job and of the disk guard.
+touches the filesystem while serving. The commit threads, the coordinator thread and the chunk
+pools belong to the write queue; the control threads (:data:`CONTROL_THREADS`) do the filesystem
+work of attaching a client to a job and of the disk guard.
 """
 
 from __future__ import annotations
@@ -129,6 +130,8 @@ class Daemon:
             metrics=self.metrics,
             control_pool=self.control_pool,
         )
+        # Space is short when the disk guard's filesystem is nearly full: auto then compresses.
+        self.queue.auto.space = self.admission.guard.space
         self._idle_since = time.monotonic()
         self._signals = 0
         self._accept_backoff_s = 0.0
@@ -224,8 +227,9 @@ class Daemon:
         """Begin a graceful drain: refuse new snapshots, finish the accepted ones, then exit."""
         if self.stopping:
             return
-        log.info("draining %d queued snapshot(s): %s", len(self.queue.pending()), reason)
-        notify("STOPPING=1", f"STATUS=draining {len(self.queue.waiting)} snapshot(s)")
+        pending = len(self.queue.pending())
+        log.info("draining %d queued snapshot(s): %s", pending, reason)
+        notify("STOPPING=1", f"STATUS=draining {pending} snapshot(s)")
         self.queue.close()
 
     def _on_signal(self, sig: int) -> None:
@@ -355,6 +359,7 @@ class Daemon:
             if interval is not None:
                 notify("WATCHDOG=1")
             self.admission.check_space()
+            self.queue.auto.sample_cpu()
             if self.queue.coordinator:
                 self._background(self.queue.recheck())
             if self.connections or self.queue.pending():
@@ -364,7 +369,10 @@ class Daemon:
 
     def _status_line(self) -> None:
         last = next(reversed(self.stats.last_commit.values()), None)
-        text = f"queue {len(self.queue.waiting)}, clients {len(self.connections)}"
+        text = (
+            f"queue {len(self.queue.waiting)}, writing {len(self.queue.writes)}, "
+            f"clients {len(self.connections)}"
+        )
         if last:
             text += f", last commit {last['job']}@{last['step']}"
         notify(f"STATUS={text}")
@@ -373,7 +381,7 @@ class Daemon:
         """The daemon's state for ``ckptd status``; bounded in size whatever the number of jobs
         and clients (``job`` narrows the clients and last commits to one job)."""
         s = self.stats
-        writing = self.queue.writing
+        writes = self.queue.writes_status()
         clients = [c for c in self.connections if c.job is not None and job in (None, c.job)]
         commits = [c for c in reversed(s.last_commit.values()) if job in (None, c["job"])]
         return {
@@ -391,7 +399,11 @@ class Daemon:
             ],
             "clients_total": len(clients),
             "queue": len(self.queue.waiting),
-            "writing": None if writing is None else {"job": writing.job, "step": writing.step},
+            # The oldest write in progress, as before several were written at once; "writes"
+            # lists them all.
+            "writing": {"job": writes[0]["job"], "step": writes[0]["step"]} if writes else None,
+            "writes": writes,
+            "concurrent_jobs": self.queue.pipeline.concurrent_jobs,
             "inflight_bytes": sum(r.raw_bytes for r in self.queue.pending()),
             "commits": s.commits,
             "failures": dict(s.failures),
@@ -401,6 +413,7 @@ class Daemon:
             "raw_bytes": s.raw_bytes,
             "written_bytes": s.written_bytes,
             "throughput_bytes_per_s": round(s.raw_bytes / s.persist_s) if s.persist_s else None,
+            "codec": self.queue.auto.status(),
             "last_commit": commits[:MAX_STATUS_COMMITS],
             "waiting_for_ranks": [
                 w for w in self.queue.coordinator.waiting if job in (None, w["job"])

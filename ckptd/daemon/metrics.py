@@ -84,7 +84,12 @@ class Metrics:
             ),
             "queue": prom.Gauge(
                 "ckptd_queue_depth",
-                "Snapshots accepted and not yet committed",
+                "Snapshots accepted and waiting for a write to start",
+                registry=registry,
+            ),
+            "writes": prom.Gauge(
+                "ckptd_writes_in_progress",
+                "Snapshots being written now (at most store.concurrent_jobs)",
                 registry=registry,
             ),
             "last": prom.Gauge(
@@ -151,6 +156,10 @@ class Metrics:
     def queue_depth(self, depth: int) -> None:
         if self.enabled:
             self._m["queue"].set(depth)
+
+    def writes_in_progress(self, count: int) -> None:
+        if self.enabled:
+            self._m["writes"].set(count)
 
     def tier_backlog(self, depth: int) -> None:
         if self.enabled:

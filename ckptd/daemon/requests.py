@@ -2,13 +2,13 @@
 
 A :class:`Slot` is one segment of a client's ring (a sealed memfd), mapped read-only in the
 daemon. A :class:`WriteRequest` is one snapshot accepted from a slot, waiting in the queue or
-going through the pipeline.
+going through the pipeline (beside the writes of other jobs).
 
 Ownership of a slot: the session that registered it owns it and closes it. From an accepted (or
 being admitted) ``submit`` until the pipeline has read it, ``busy_seq`` names the request reading
 it and the session must not close it; a session that closes or unregisters it meanwhile marks it
 ``retired`` instead, and whoever ends the read closes it. That is how a snapshot survives its
-trainer. Every field is loop-thread state, except the mapping itself, which the writer thread reads
+trainer. Every field is loop-thread state, except the mapping itself, which a commit thread reads
 while the request is being written.
 
 A request answers to its :class:`Submitter`, the client session it came from (implemented by
@@ -147,3 +147,5 @@ class WriteRequest:
     """Upload it to the job's tier, if it has one (``Client(tier=False)`` opts out)."""
     done: bool = False
     """True once the slot was handed back (``released``); set by the writer, once."""
+    started_at: float | None = None
+    """Loop time its write started (None while it waits in the queue)."""

@@ -1,41 +1,63 @@
-"""The write queue and the single writer: accepted snapshots go to disk one at a time, in order.
+"""The write queue and its writers: accepted snapshots go to disk several jobs at once, each job's
+in order.
 
-A snapshot the admission accepted is :meth:`WriteQueue.enqueue`\\ d. One writer task takes the
-requests in FIFO order, across all clients, and runs each on the writer thread, which runs
-:func:`~ckptd.pipeline.write.write_checkpoint` over the slot in place, with the chunk pool
-(hashing, zstd and file I/O release the GIL; memory in flight is the pipeline's bounded budget).
+A snapshot the admission accepted is :meth:`WriteQueue.enqueue`\\ d. The queue's task
+(:meth:`WriteQueue.run`, on the loop) starts up to ``store.concurrent_jobs`` writes at once,
+each on a commit thread of its own, which runs :func:`~ckptd.pipeline.write.write_checkpoint`
+over the slot in place. Which request starts next:
+
+* one write at a time per *lane*, ``(root, job, rank)``, in hand-off order: a job's snapshots
+  commit in the order they were handed off, with increasing commit sequence numbers (the
+  store's ``latest`` and retention rely on it), and a job's retention runs before its next
+  write starts (the retentions of one job's ranks take turns);
+* among the jobs with a request whose lane is free, the one served longest ago (round robin;
+  ties in hand-off order): a job that hands off often cannot hold another back.
+
+The writes share the chunk threads (hashing, zstd and file I/O release the GIL) through one
+:class:`~ckptd.pipeline.write.InflightBudget`: at most ``store.max_inflight_bytes`` of chunks in
+flight in all (each write at most ``1 / concurrent_jobs`` of it), each write on at most
+``store.threads`` threads of its own. A 16 MiB write that arrives while a 1 GiB one uses all its
+threads so starts at once, instead of queueing behind the big write's chunks. While writes run
+side by side, the chunks of all but the smallest run on the bulk pool, a few nice steps lower
+(:class:`ChunkExecutor`): the small write gets most of the CPU, the big one the rest.
+
 For each request the client hears, in this order:
 
 * ``released``: the pipeline has read the slot (or never will): the client may reuse it;
-* ``committed`` (the manifest is durable) or ``failed`` (with the error's type and message);
+* ``committed`` (the manifest is durable, and the job's retention applied: it never fails the
+  commit) or ``failed`` (with the error's type and message).
 
-then the job's retention runs (on the writer thread; it never fails the commit). :meth:`drain`
-answers once a job has nothing accepted and uncommitted.
+:meth:`drain` answers once a job has nothing accepted and uncommitted.
 
 Threads: the queue, the drain waiters and :attr:`WriteQueue.ratios` belong to the loop thread.
-The writer thread (``commit_pool``, one thread) only runs :meth:`WriteQueue._write` and hands
-results back with ``call_soon_threadsafe``; the chunk pool's threads run at a lower priority.
+A commit thread (``commit_pool``) runs :meth:`WriteQueue._write` for one request at a time and
+hands results back through the loop; the chunk and bulk pools' threads run at a lower priority
+(``daemon.worker_nice``, and :data:`BULK_NICE_STEPS` more). The
+:class:`~ckptd.daemon.coordinator.Coordinator` belongs to the one coordinator thread
+(``coordinate_pool``).
 
 A request of a multi-rank job writes that rank's part; the write commits the step when the part
-completes it, and otherwise the :class:`~ckptd.daemon.coordinator.Coordinator` watches the step
-and commits it once the other ranks' parts are durable (:meth:`WriteQueue.recheck`, on the writer
-thread, from the daemon's ticker). The client hears ``committed`` once its part is durable, with
-``step_committed`` true when that write also committed the step.
+completes it, and otherwise hands the step to the coordinator, which watches it and commits it
+once the other ranks' parts are durable (:meth:`WriteQueue.recheck`, from the daemon's ticker).
+The client hears ``committed`` once its part is durable, with ``step_committed`` true when that
+write also committed the step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
 
 from ckptd.daemon.coordinator import Coordinator
 from ckptd.daemon.metrics import Metrics
@@ -45,12 +67,16 @@ from ckptd.daemon.uploads import Uploads
 from ckptd.errors import CkptdError, DiskFullError
 from ckptd.format.jobmeta import Upload
 from ckptd.format.store import Store
+from ckptd.pipeline.auto import AutoCodec
 from ckptd.pipeline.plan import PipelineConfig, TensorSource
-from ckptd.pipeline.write import WriteResult, write_checkpoint
+from ckptd.pipeline.write import InflightBudget, WriteResult, write_checkpoint
 from ckptd.policy.diskguard import PolicyFor
 from ckptd.policy.prune import prune
 
 log = logging.getLogger("ckptd.daemon.writer")
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 @dataclass
@@ -64,13 +90,52 @@ class DrainWaiter:
     timer: asyncio.TimerHandle | None = None
 
 
-class WriteQueue:
-    """The FIFO of accepted snapshots and the task that writes them (see the module docstring).
+BULK_NICE_STEPS = 5
+"""How much lower (in nice steps, capped at 19) the chunks of a write run while a smaller write
+runs beside it: CFS then gives the smaller write's threads about 3x the CPU share."""
+MAX_CONCURRENT_JOBS = 64
+"""The most writes a queue runs at once (``store.concurrent_jobs`` is at most this)."""
 
-    ``pipeline`` may be replaced on reload (it applies from the next write); ``policy_for`` is
-    called on the writer thread after each commit; ``on_change`` is called on the loop whenever
-    the queue changed (the daemon's status line). Call :meth:`run` once, on the loop; it returns
-    after :meth:`close` once every accepted snapshot is written. Then :meth:`shutdown`."""
+Lane = tuple[Path, str, int]
+"""``(root, job, rank)``: requests of one lane are written one at a time, in hand-off order."""
+JobKey = tuple[Path, str]
+MAX_SERVED_JOBS = 4096
+"""Jobs whose last turn the queue remembers (those served longer ago count as never served)."""
+
+
+def pick_next(
+    waiting: Sequence[Lane], busy: Collection[Lane], served: Mapping[JobKey, int]
+) -> int | None:
+    """Which of the ``waiting`` requests (their lanes, in hand-off order) starts next, given the
+    lanes ``busy`` being written and the turn each job was last ``served`` at: of the jobs with a
+    request whose lane is free, the one served longest ago (never served first; ties: the
+    earlier hand-off), and that job's earliest such request. None: nothing may start."""
+    first: dict[JobKey, int] = {}
+    for index, lane in enumerate(waiting):
+        job = lane[:2]
+        if lane not in busy and job not in first:
+            first[job] = index
+    if not first:
+        return None
+    return min(first.values(), key=lambda i: served.get(waiting[i][:2], -1))
+
+
+def lane_of(request: WriteRequest) -> Lane:
+    return (request.store.root, request.job, request.rank)
+
+
+def job_of(request: WriteRequest) -> JobKey:
+    return (request.store.root, request.job)
+
+
+class WriteQueue:
+    """The accepted snapshots and the writes in progress (see the module docstring).
+
+    ``pipeline`` may be replaced on reload (it applies from the next write, the concurrency and
+    the memory budget included); ``policy_for`` is called on a commit thread after each commit;
+    ``on_change`` is called on the loop whenever the queue changed (the daemon's status line).
+    Call :meth:`run` once, on the loop; it returns after :meth:`close` once every accepted
+    snapshot is written. Then :meth:`shutdown`."""
 
     def __init__(
         self,
@@ -86,32 +151,95 @@ class WriteQueue:
     ) -> None:
         self.loop = loop
         self.uploads = uploads
-        self.pipeline = pipeline
+        self.threads = max(1, pipeline.threads)
+        """Threads one write may use (``store.threads`` at startup: a change needs a restart)."""
+        self.concurrent_at_start = max(1, pipeline.concurrent_jobs)
+        """What the pools are sized for: a ``concurrent_jobs`` raised by a reload runs its
+        writes on these threads too."""
+        self.budget = InflightBudget(
+            pipeline.max_inflight_bytes, self._shares(pipeline), self.threads
+        )
+        self._pipeline = pipeline
         self.policy_for = policy_for
         self.stats = stats
         self.metrics = metrics
         self.on_change = on_change
         self.waiting: deque[WriteRequest] = deque()
-        self.writing: WriteRequest | None = None
+        """Accepted, not started; in hand-off order."""
+        self.writes: list[WriteRequest] = []
+        """Being written, in the order they started."""
         self.closed = False
         self.ratios: dict[tuple[Path, str], float] = {}
         """(root, job) -> stored/raw bytes of the job's last commit (what the admission
         estimates the next one with)."""
         self.drain_waiters: list[DrainWaiter] = []
         self._wakeup = asyncio.Event()
+        self._turns = itertools.count()
+        self._served: dict[JobKey, int] = {}
+        """The turn each job last started a write at (round robin), in turn order."""
+        self._housekeeping: dict[JobKey, tuple[threading.Lock, int]] = {}
+        """Per job with writes in progress: the lock its retention and part collection take
+        (ranks of one job write side by side), and how many writes use it."""
+        self._tasks: set[asyncio.Task[None]] = set()
         self.chunk_pool = ThreadPoolExecutor(
-            max(1, pipeline.threads),
+            self.threads * self.concurrent_at_start,
             thread_name_prefix="ckptd-chunk",
             initializer=lower_priority,
             initargs=(worker_nice,),
         )
-        self.commit_pool = ThreadPoolExecutor(1, thread_name_prefix="ckptd-commit")
+        self.bulk_pool = ThreadPoolExecutor(
+            self.threads * max(1, self.concurrent_at_start - 1),
+            thread_name_prefix="ckptd-bulk",
+            initializer=lower_priority,
+            initargs=(worker_nice + BULK_NICE_STEPS,),
+        )
+        self.smallest_raw_bytes = 0
+        """The smallest write in progress (raw bytes): set by the loop, read by commit
+        threads (:class:`ChunkExecutor`)."""
+        # Threads are made as writes need them: as many as writes ran at once.
+        self.commit_pool = ThreadPoolExecutor(
+            MAX_CONCURRENT_JOBS, thread_name_prefix="ckptd-commit"
+        )
+        self.coordinate_pool = ThreadPoolExecutor(1, thread_name_prefix="ckptd-coordinate")
         self.coordinator = Coordinator(pipeline.pending_timeout_s)
         self._rechecking = False
+        self.auto = AutoCodec()
+        """Chooses each write's codec when ``codec.codec = "auto"`` and measures every write
+        (thread-safe: commit threads choose and observe, the loop reads its status)."""
+
+    @property
+    def pipeline(self) -> PipelineConfig:
+        return self._pipeline
+
+    @pipeline.setter
+    def pipeline(self, pipeline: PipelineConfig) -> None:
+        """Loop thread (a reload): from the next write on."""
+        self._pipeline = pipeline
+        self.budget.configure(pipeline.max_inflight_bytes, self._shares(pipeline), self.threads)
+        self._wakeup.set()  # more writes may start now
+
+    def _shares(self, pipeline: PipelineConfig) -> int:
+        """Writes the budget is split between: ``concurrent_jobs``, but no more than the pools
+        have threads for (a reload that raises it adds no thread)."""
+        return max(1, min(pipeline.concurrent_jobs, self.concurrent_at_start))
 
     def pending(self) -> list[WriteRequest]:
-        """Accepted and not yet committed or failed: the one being written, then the queue."""
-        return [*([self.writing] if self.writing else []), *self.waiting]
+        """Accepted and not yet committed or failed: those being written, then the queue."""
+        return [*self.writes, *self.waiting]
+
+    def writes_status(self) -> list[dict[str, Any]]:
+        """The writes in progress for ``ckptd status``, oldest first."""
+        now = self.loop.time()
+        return [
+            {
+                "job": r.job,
+                "step": r.step,
+                "rank": r.rank,
+                "raw_bytes": r.raw_bytes,
+                "writing_s": round(now - (r.started_at or now), 3),
+            }
+            for r in self.writes
+        ]
 
     def enqueue(self, request: WriteRequest) -> None:
         self.waiting.append(request)
@@ -127,39 +255,97 @@ class WriteQueue:
     def shutdown(self) -> None:
         """After :meth:`run` returned: wait for the pipeline's threads to finish."""
         self.chunk_pool.shutdown(wait=True)
+        self.bulk_pool.shutdown(wait=True)
         self.commit_pool.shutdown(wait=True)
+        self.coordinate_pool.shutdown(wait=True)
 
-    # ---- the writer task ---------------------------------------------------------------------
+    # ---- scheduling (loop thread) ------------------------------------------------------------
 
     async def run(self) -> None:
         while True:
-            if not self.waiting:
-                if self.closed:
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            request = self.waiting.popleft()
-            self.writing = request
-            self.metrics.queue_depth(len(self.waiting))
-            try:
-                result = await self.loop.run_in_executor(self.commit_pool, self._write, request)
-            except CkptdError as exc:
-                self._failed(request, exc)
-            except Exception as exc:
-                log.exception("%s step %d: unexpected error", request.job, request.step)
-                self._failed(request, exc)
-            else:
-                self._committed(request, result)
-            finally:
-                self.writing = None
-                if not request.done:  # pipeline never reached on_read_done (refused early)
-                    self._release(request)
-                self._check_drains()
-                self.on_change()
+            self._start_writes()
+            if self.closed and not self.waiting and not self.writes:
+                return
+            self._wakeup.clear()
+            await self._wakeup.wait()
 
-    def _write(self, request: WriteRequest) -> WriteResult:
-        """Writer thread: run the pipeline over the slot, in place."""
+    def _start_writes(self) -> None:
+        started = False
+        while len(self.writes) < min(self._pipeline.concurrent_jobs, MAX_CONCURRENT_JOBS):
+            request = self.next_request()
+            if request is None:
+                break
+            self.waiting.remove(request)
+            self._start(request)
+            started = True
+        if started:
+            self.metrics.queue_depth(len(self.waiting))
+            self.metrics.writes_in_progress(len(self.writes))
+            self.on_change()
+
+    def next_request(self) -> WriteRequest | None:
+        """The request to start next (:func:`pick_next`)."""
+        index = pick_next(
+            [lane_of(r) for r in self.waiting], {lane_of(r) for r in self.writes}, self._served
+        )
+        return None if index is None else self.waiting[index]
+
+    def _start(self, request: WriteRequest) -> None:
+        key = job_of(request)
+        self._served.pop(key, None)  # re-inserted last: the dict stays in turn order
+        self._served[key] = next(self._turns)
+        if len(self._served) > MAX_SERVED_JOBS:
+            # The job served longest ago: as if never served, which keeps its place (first).
+            del self._served[next(iter(self._served))]
+        lock, users = self._housekeeping.get(key, (threading.Lock(), 0))
+        self._housekeeping[key] = (lock, users + 1)
+        request.started_at = self.loop.time()
+        self.writes.append(request)
+        self.smallest_raw_bytes = min(r.raw_bytes for r in self.writes)
+        task = self.loop.create_task(self._write_one(request, self._pipeline, lock))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _write_one(
+        self, request: WriteRequest, pipeline: PipelineConfig, lock: threading.Lock
+    ) -> None:
+        try:
+            result = await self.loop.run_in_executor(
+                self.commit_pool, self._write, request, pipeline, lock
+            )
+        except CkptdError as exc:
+            self._failed(request, exc)
+        except Exception as exc:
+            log.exception("%s step %d: unexpected error", request.job, request.step)
+            self._failed(request, exc)
+        else:
+            self._committed(request, result)
+        finally:
+            self._finish(request)
+
+    def _finish(self, request: WriteRequest) -> None:
+        self.writes.remove(request)
+        self.smallest_raw_bytes = min((r.raw_bytes for r in self.writes), default=0)
+        key = job_of(request)
+        lock, users = self._housekeeping[key]
+        if users > 1:
+            self._housekeeping[key] = (lock, users - 1)
+        else:
+            del self._housekeeping[key]
+        if not request.done:  # pipeline never reached on_read_done (refused early)
+            self._release(request)
+        self.metrics.writes_in_progress(len(self.writes))
+        self._check_drains()
+        self.on_change()
+        self._wakeup.set()
+
+    # ---- one write (a commit thread) ---------------------------------------------------------
+
+    def _write(
+        self, request: WriteRequest, pipeline: PipelineConfig, housekeeping: threading.Lock
+    ) -> WriteResult:
+        """Commit thread: run the pipeline over the slot, in place; then the job's retention
+        (and, for a rank part, the collection of part sets) under ``housekeeping``."""
         base = memoryview(request.slot.mm)
         views = [base[t.offset : t.offset + t.nbytes] for t in request.layout.tensors]
         sources = [
@@ -201,6 +387,7 @@ class WriteQueue:
                     begun = True
                     marked_before = upload in request.store.marked_uploads(request.job)
                     request.store.mark_upload(request.job, upload)
+            choice = self.auto.choose(request.store.root, request.job, request.raw_bytes, pipeline)
             result = write_checkpoint(
                 request.store,
                 request.job,
@@ -208,12 +395,13 @@ class WriteQueue:
                 request.layout.skeleton,
                 sources,
                 metric=request.metric,
-                config=self.pipeline,
-                executor=self.chunk_pool,
+                config=replace(pipeline, codec=choice.codec),
+                executor=ChunkExecutor(self, request.raw_bytes),
                 on_read_done=on_read_done,
                 rank=request.rank,
                 world_size=request.world_size,
                 attempt=request.attempt,
+                budget=self.budget,
             )
         except BaseException as exc:
             # Tracebacks hold the pipeline's frames, whose locals view the slot: drop them so
@@ -233,31 +421,41 @@ class WriteQueue:
             raise
         finally:
             on_read_done()
+        self.auto.observe(choice, result)
         if upload is not None and self.uploads is not None:
             self.uploads.add(request.store, request.job, upload)
-        if request.attempt is not None:
-            if result.record is None:
-                self.coordinator.watch(request.store, request.job, request.step, request.attempt)
-            self._collect(request.store, request.job)
-        self._retain(request.store, request.job)
+        with housekeeping:
+            if request.attempt is not None:
+                if result.record is None:
+                    self.coordinate_pool.submit(
+                        self.coordinator.watch,
+                        request.store,
+                        request.job,
+                        request.step,
+                        request.attempt,
+                    )
+                self._collect(request.store, request.job, pipeline)
+            self._retain(request.store, request.job)
         return result
 
-    def _collect(self, store: Store, job: str) -> None:
-        """Writer thread: collect the job's part sets that can never commit (never fails)."""
+    def _collect(self, store: Store, job: str, pipeline: PipelineConfig) -> None:
+        """Commit thread: collect the job's part sets that can never commit (never fails)."""
         try:
-            store.collect_parts(job, pending_timeout_s=self.pipeline.pending_timeout_s)
+            store.collect_parts(job, pending_timeout_s=pipeline.pending_timeout_s)
         except Exception as exc:
             log.warning("%s: uncommitted parts not collected: %s", job, exc)
 
     async def recheck(self) -> None:
-        """Try the watched multi-rank steps again, on the writer thread (loop thread; the
+        """Try the watched multi-rank steps again, on the coordinator thread (loop thread; the
         daemon's ticker calls this)."""
         if self._rechecking or not self.coordinator:
             return
         self._rechecking = True
         self.coordinator.pending_timeout_s = self.pipeline.pending_timeout_s
         try:
-            records = await self.loop.run_in_executor(self.commit_pool, self.coordinator.recheck)
+            records = await self.loop.run_in_executor(
+                self.coordinate_pool, self.coordinator.recheck
+            )
         except Exception:
             log.exception("checking uncommitted multi-rank steps failed")
             return
@@ -268,11 +466,11 @@ class WriteQueue:
 
     async def recover(self, store: Store) -> None:
         """Watch the uncommitted multi-rank steps under ``store`` (at startup)."""
-        await self.loop.run_in_executor(self.commit_pool, self.coordinator.recover, store)
+        await self.loop.run_in_executor(self.coordinate_pool, self.coordinator.recover, store)
         await self.recheck()
 
     def _retain(self, store: Store, job: str) -> None:
-        """Writer thread, after a commit: apply the job's retention (never fails the commit)."""
+        """Commit thread, after a commit: apply the job's retention (never fails the commit)."""
         try:
             res = prune(store, job, self.policy_for(store, job), gc_blocking=False)
         except Exception as exc:  # the checkpoint is committed whatever happens here
@@ -382,6 +580,23 @@ class WriteQueue:
         for waiter in list(self.drain_waiters):
             if waiter.conn.closed or not self.pending_steps(waiter.root, waiter.job):
                 self._drain_answer(waiter)
+
+
+class ChunkExecutor(Executor):
+    """The chunk threads as one write sees them: its chunks run on the queue's chunk pool while
+    it is the smallest write in progress (ties included), else on the bulk pool, whose threads
+    run :data:`BULK_NICE_STEPS` nice steps lower. Beside a 1 GiB write, a 16 MiB one so gets most
+    of the CPU and is durable soon; the big one gets the rest, and the chunk pool again once it
+    writes alone. Which pool is decided per chunk, at submission (any thread may submit)."""
+
+    def __init__(self, queue: WriteQueue, raw_bytes: int) -> None:
+        self.queue = queue
+        self.raw_bytes = raw_bytes
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        smallest = self.raw_bytes <= self.queue.smallest_raw_bytes
+        pool = self.queue.chunk_pool if smallest else self.queue.bulk_pool
+        return pool.submit(fn, *args, **kwargs)
 
 
 def lower_priority(nice: int) -> None:

@@ -31,10 +31,18 @@ class PipelineConfig:
     pack_bytes: int = 1 << 20
     threads: int = 4
     max_inflight_bytes: int = 256 << 20
+    """Bytes of chunks being worked on at once, across every write running beside it (each
+    chunk is counted at 3x its size: copy, planes, encoded output)."""
     codec: CodecConfig = field(default_factory=CodecConfig)
     pending_timeout_s: float = 3600.0
     """``ranks.pending_timeout``: how long the parts of a multi-rank step that never completes
     are kept (see :mod:`ckptd.format.parts`)."""
+    concurrent_jobs: int = 2
+    """``store.concurrent_jobs``: snapshots the daemon writes at once, each of another job or
+    rank (one job's snapshots are written one at a time, in hand-off order). Each runs on up to
+    ``threads`` threads of its own, and they share ``max_inflight_bytes`` (each holds at most
+    ``max_inflight_bytes / concurrent_jobs``); see
+    :class:`~ckptd.pipeline.write.InflightBudget`."""
 
 
 @dataclass(frozen=True)

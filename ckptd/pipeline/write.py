@@ -3,7 +3,8 @@
 Call order: :func:`write_checkpoint` plans chunks (:func:`~ckptd.pipeline.plan.plan_chunks`: large
 tensors split into ``chunk_bytes`` pieces, tensors of at most ``pack_bytes`` packed together by
 dtype), then, on a bounded thread pool and with at most ``max_inflight_bytes`` of chunks being
-worked on at once, for each chunk: copy its bytes into the worker thread's private buffer, hash
+worked on at once (an :class:`InflightBudget`, which the writes a daemon runs side by side
+share), for each chunk: copy its bytes into the worker thread's private buffer, hash
 that copy (blake3) and the checkpoint digest's leaves in it (:mod:`ckptd.pipeline.digest`), reuse
 the job's object of that name if its content verifies (dedup, :meth:`Store.reusable_object`), else
 encode the same copy and write it durably. Chunks of one write with the same content are produced
@@ -29,9 +30,9 @@ import math
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -68,6 +69,153 @@ class WriteResult:
     new_objects: int
     reused_objects: int
     record: Manifest | None = None
+    encoded_bytes: int = 0
+    """Raw bytes of the objects this write encoded and wrote (the new ones)."""
+    encode_cpu_s: float = 0.0
+    """CPU seconds the chunk threads spent encoding them (thread time: a per-core cost)."""
+    disk_busy_s: float = 0.0
+    """Wall seconds during which at least one of its object writes (write + fsync) ran: the
+    union of their intervals, so ``written_bytes / disk_busy_s`` is what the disk took (while
+    other writes ran beside it, a share of the disk)."""
+
+
+INFLIGHT_FACTOR = 3
+"""A chunk being worked on holds up to ~3x its size: its private copy, the byte-grouped planes
+and the encoded output."""
+
+
+class InflightBudget:
+    """The chunks being worked on at once (their bytes and their number), shared by the writes
+    that run side by side.
+
+    A write takes a :class:`Share` (:meth:`share`) for its whole run; its submitting thread calls
+    :meth:`Share.acquire` for each chunk before it hands the chunk to the pool, and the worker
+    that wrote the chunk calls :meth:`Share.release`. Contract:
+
+    * the bytes held by all shares never exceed ``capacity_bytes`` (a chunk counted larger than
+      that is counted as ``capacity_bytes``, so it runs alone);
+    * a share holds at most ``capacity_bytes // shares`` bytes (but always may hold one chunk)
+      and ``chunks_per_share`` chunks (a write's threads), and all shares together at most
+      ``shares * chunks_per_share`` chunks (the pools' threads): a granted chunk starts at once
+      instead of queueing behind other writes' chunks, and a write that arrives while another
+      uses all its threads starts at once on threads of its own;
+    * of the waiting acquires whose share has room, the one of the share holding the fewest
+      chunks is granted next (ties: the earliest): when the bytes run short, writes side by side
+      take turns, none starved.
+
+    Thread safety: every method may be called from any thread; :meth:`configure` applies to the
+    next grant (what shares hold is not taken back).
+    """
+
+    def __init__(
+        self, capacity_bytes: int, shares: int = 1, chunks_per_share: int | None = None
+    ) -> None:
+        self._cv = threading.Condition()
+        self._capacity = self._per_share = 1
+        self._chunks_per_share: int | None = None
+        self._max_chunks: int | None = None
+        self._in_use = self._chunks = 0
+        self._waiting: list[tuple[Share, int]] = []
+        self.configure(capacity_bytes, shares, chunks_per_share)
+
+    def configure(
+        self, capacity_bytes: int, shares: int, chunks_per_share: int | None = None
+    ) -> None:
+        """``chunks_per_share`` None: no bound on the number of chunks, only on their bytes."""
+        shares = max(1, shares)
+        with self._cv:
+            self._capacity = max(1, capacity_bytes)
+            self._per_share = max(1, self._capacity // shares)
+            if chunks_per_share is None:
+                self._chunks_per_share = self._max_chunks = None
+            else:
+                self._chunks_per_share = max(1, chunks_per_share)
+                self._max_chunks = self._chunks_per_share * shares
+            self._cv.notify_all()
+
+    @property
+    def in_use_bytes(self) -> int:
+        return self._in_use
+
+    @property
+    def in_use_chunks(self) -> int:
+        return self._chunks
+
+    @contextmanager
+    def share(self) -> Iterator[Share]:
+        """One write's share; every chunk it acquired must be released before the block ends."""
+        share = Share(self)
+        try:
+            yield share
+        finally:
+            if share.chunks:  # a chunk never ran (its pool was shut down): give it back
+                with self._cv:
+                    self._in_use -= share.held
+                    self._chunks -= share.chunks
+                    share.held = share.chunks = 0
+                    self._cv.notify_all()
+
+    def _grantable(self) -> tuple[Share, int] | None:
+        """Under the lock: the waiter to grant now, if any (see the class docstring)."""
+        if self._max_chunks is not None and self._chunks >= self._max_chunks:
+            return None
+        best: tuple[Share, int] | None = None
+        for entry in self._waiting:  # in arrival order
+            share, nbytes = entry
+            if share.chunks and (
+                share.held + nbytes > self._per_share
+                or (self._chunks_per_share is not None and share.chunks >= self._chunks_per_share)
+            ):
+                continue
+            if best is None or share.chunks < best[0].chunks:
+                best = entry
+        if best is None or self._in_use + best[1] > self._capacity:
+            return None
+        return best
+
+    def _acquire(self, share: Share, nbytes: int) -> int:
+        with self._cv:
+            nbytes = min(nbytes, self._capacity)
+            entry = (share, nbytes)
+            self._waiting.append(entry)
+            try:
+                while self._grantable() is not entry:
+                    self._cv.wait()
+            finally:
+                self._waiting.remove(entry)
+                self._cv.notify_all()
+            self._in_use += nbytes
+            self._chunks += 1
+            share.held += nbytes
+            share.chunks += 1
+            return nbytes
+
+    def _release(self, share: Share, nbytes: int) -> None:
+        with self._cv:
+            self._in_use -= nbytes
+            self._chunks -= 1
+            share.held -= nbytes
+            share.chunks -= 1
+            self._cv.notify_all()
+
+
+class Share:
+    """One write's part of an :class:`InflightBudget` (see there)."""
+
+    def __init__(self, budget: InflightBudget) -> None:
+        self._budget = budget
+        self.held = 0
+        """Bytes this write's chunks hold now (guarded by the budget's lock)."""
+        self.chunks = 0
+        """This write's chunks being worked on now (guarded by the budget's lock)."""
+
+    def acquire(self, nbytes: int) -> int:
+        """Block until one more chunk of ``nbytes`` may be worked on; return the bytes counted
+        (pass them to :meth:`release` once the chunk is done)."""
+        return self._budget._acquire(self, nbytes)
+
+    def release(self, nbytes: int) -> None:
+        self._budget._release(self, nbytes)
 
 
 @dataclass(frozen=True)
@@ -76,6 +224,9 @@ class _ChunkResult:
     info: ObjectInfo
     written_bytes: int
     leaves: tuple[LeafHash, ...] = ()
+    encode_cpu_s: float = 0.0
+    write_span: tuple[float, float] | None = None
+    """``perf_counter()`` at the start and end of the object write (None: nothing written)."""
 
 
 def write_checkpoint(
@@ -93,8 +244,13 @@ def write_checkpoint(
     rank: int = 0,
     world_size: int = 1,
     attempt: str | None = None,
+    budget: InflightBudget | None = None,
 ) -> WriteResult:
     """Write and commit one checkpoint; see the module docstring for the order and ownership.
+
+    ``executor`` (default: a pool of ``config.threads`` made for this write) runs the chunks;
+    ``budget`` (default: ``config.max_inflight_bytes`` and ``config.threads`` chunks for this
+    write alone) bounds the chunks in flight, shared with the other writes given the same budget.
 
     With ``world_size`` > 1 this writes rank ``rank``'s part of the step for restart attempt
     ``attempt`` instead of a manifest, and commits the step when that completes it
@@ -140,7 +296,15 @@ def write_checkpoint(
                 max(1, config.threads), thread_name_prefix="ckptd-write"
             )
             try:
-                results = _run_chunks(store, job, tensors, chunks, config, pool)
+                results = _run_chunks(
+                    store,
+                    job,
+                    tensors,
+                    chunks,
+                    config,
+                    pool,
+                    budget or InflightBudget(config.max_inflight_bytes, 1, config.threads),
+                )
             finally:
                 if own_pool:
                     pool.shutdown(wait=True, cancel_futures=True)
@@ -172,6 +336,7 @@ def write_checkpoint(
         record = store.commit_step(job, step, attempt, pending_timeout_s=config.pending_timeout_s)
     else:
         path = store.manifest_path(job, step)
+    made = [r for r in results if r.written_bytes]
     return WriteResult(
         manifest,
         path,
@@ -180,7 +345,22 @@ def write_checkpoint(
         new_objects,
         len(manifest.objects) - new_objects,
         record,
+        encoded_bytes=sum(r.info.raw_bytes for r in made),
+        encode_cpu_s=sum(r.encode_cpu_s for r in made),
+        disk_busy_s=busy_s([r.write_span for r in made if r.write_span is not None]),
     )
+
+
+def busy_s(spans: Sequence[tuple[float, float]]) -> float:
+    """The length of the union of the intervals ``spans``."""
+    total = 0.0
+    end = -math.inf
+    for start, stop in sorted(spans):
+        if stop <= end:
+            continue
+        total += stop - max(start, end)
+        end = stop
+    return total
 
 
 def _commit(
@@ -249,34 +429,49 @@ def _run_chunks(
     chunks: Sequence[Chunk],
     config: PipelineConfig,
     pool: Executor,
+    budget: InflightBudget,
 ) -> list[_ChunkResult]:
-    # Each chunk in flight holds up to ~3x its size (private copy, planes, encoded output).
-    budget = threading.BoundedSemaphore(
-        max(1, config.max_inflight_bytes // (3 * config.chunk_bytes))
-    )
     failed = threading.Event()
     futures: list[Future[_ChunkResult]] = []
     claims = _Claims()
     spanning = SpanningLeaves()
     sizes = [len(t.data) for t in tensors]
 
-    def work(chunk: Chunk) -> _ChunkResult:
+    with budget.share() as share:
+
+        def work(chunk: Chunk, held: int) -> _ChunkResult:
+            try:
+                if failed.is_set():
+                    raise _CancelledError
+                return _write_chunk(
+                    store, job, tensors, sizes, chunk, config.codec, claims, spanning
+                )
+            except BaseException:
+                failed.set()
+                raise
+            finally:
+                share.release(held)
+
         try:
-            if failed.is_set():
-                raise _CancelledError
-            return _write_chunk(store, job, tensors, sizes, chunk, config.codec, claims, spanning)
+            for chunk in chunks:
+                held = share.acquire(INFLIGHT_FACTOR * chunk.nbytes)
+                if failed.is_set():
+                    share.release(held)
+                    break
+                try:
+                    futures.append(pool.submit(work, chunk, held))
+                except BaseException:
+                    share.release(held)
+                    raise
         except BaseException:
             failed.set()
+            wait(futures)  # the chunks handed over still read the tensors and hold the share
             raise
-        finally:
-            budget.release()
+        return _results(futures)
 
-    for chunk in chunks:
-        budget.acquire()
-        if failed.is_set():
-            budget.release()
-            break
-        futures.append(pool.submit(work, chunk))
+
+def _results(futures: Sequence[Future[_ChunkResult]]) -> list[_ChunkResult]:
+    """Every chunk's result, in order; the first error once all have finished."""
     results: list[_ChunkResult] = []
     first_error: BaseException | None = None
     for fut in futures:
@@ -382,6 +577,11 @@ def _produce(
         return _ChunkResult(digest, info, 0)
     component = _FLOAT_COMPONENT_BYTES.get(dtype)
     elem_size = component or dtype_from_name(dtype).itemsize
+    cpu = time.thread_time()
     encoded = encode(raw, elem_size=elem_size, is_float=component is not None, config=codec)
+    encode_cpu_s = time.thread_time() - cpu
+    began = time.perf_counter()
     stored, _new_shard = store.write_object(job, digest, encoded.parts)
-    return _ChunkResult(digest, ObjectInfo(len(raw), stored, encoded.codec_name), stored)
+    span = (began, time.perf_counter())
+    info = ObjectInfo(len(raw), stored, encoded.codec_name)
+    return _ChunkResult(digest, info, stored, encode_cpu_s=encode_cpu_s, write_span=span)
