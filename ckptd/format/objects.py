@@ -26,12 +26,12 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ckptd.errors import CorruptCheckpointError, NotFoundError
-from ckptd.format.codec import CODEC_NAMES, HEADER, decode, read_header
+from ckptd.format.codec import CODEC_NAMES, HEADER, RAW, decode, decode_into, read_header
 from ckptd.format.fsutil import (
     Buffer,
     DurableDirs,
@@ -116,6 +116,87 @@ def read_object(path: Path, into: bytearray | None = None) -> memoryview:
         if isinstance(exc, FileNotFoundError):
             raise CorruptCheckpointError(f"missing object {path}") from exc
         raise os_error(exc, "read", path) from exc
+
+
+def _readinto_all(f: io.FileIO, view: memoryview) -> int:
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
+def decode_object_file(
+    path: Path,
+    pieces: Sequence[memoryview],
+    *,
+    stored_bytes: int,
+    where: str,
+    scratch: Callable[[int], bytearray],
+) -> None:
+    """Decode the object file ``path`` into ``pieces`` (as :func:`ckptd.format.codec.decode_into`).
+
+    A raw object is read straight into the pieces (no copy through memory of its own); an encoded
+    one is read into ``scratch(size)``, a buffer the caller reuses across objects. Raises
+    :class:`CorruptCheckpointError` when the file is missing, is not ``stored_bytes`` long, or does
+    not decode (with the messages of :func:`read_object` and ``decode_into``, naming ``where``
+    where they name the object), and a StoreIOError / StorePermissionError when it cannot be read.
+    The caller still verifies the hash.
+    """
+    try:
+        with path.open("rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size != stored_bytes:
+                kind = "truncated object" if size < stored_bytes else "object too long"
+                raise CorruptCheckpointError(
+                    f"{where}: {kind} ({size} bytes on disk, the manifest says {stored_bytes})"
+                )
+            head = bytearray(min(size, HEADER.size))
+            got = _readinto_all(f, memoryview(head))
+            if got == HEADER.size:
+                codec, _elem_size, raw_len = read_header(memoryview(head), where=where)
+                if (
+                    codec == RAW
+                    and raw_len == sum(len(p) for p in pieces)
+                    and size == HEADER.size + raw_len
+                ):
+                    for piece in pieces:
+                        n = _readinto_all(f, piece)
+                        got += n
+                        if n != len(piece):
+                            raise CorruptCheckpointError(
+                                f"{where}: truncated object ({got} bytes read, the manifest "
+                                f"says {stored_bytes})"
+                            )
+                    return
+            buf = scratch(size)
+            buf[:got] = head[:got]
+            if got == len(head):
+                got += _readinto_all(f, memoryview(buf)[got:size])
+    except FileNotFoundError as exc:
+        raise CorruptCheckpointError(f"missing object {path}") from exc
+    except OSError as exc:
+        raise os_error(exc, "read", path) from exc
+    decode_into(memoryview(buf)[:got], pieces, where=where)
+
+
+def advise_willneed(path: Path) -> None:
+    """Ask the kernel to start reading ``path`` into the page cache (and return at once), so a
+    later read finds it there; best effort: a file that cannot be opened is left alone."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def read_object_header(path: Path) -> tuple[int, int, int, int]:
