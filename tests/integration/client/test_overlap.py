@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -29,7 +30,21 @@ from tests.integration import daemon_fixtures
 from tests.integration.daemon_fixtures import Daemon, DaemonFactory, assert_same, wait_until
 
 daemons = daemon_fixtures.daemons
-daemon = daemon_fixtures.daemon
+shared_daemon = daemon_fixtures.shared_daemon
+
+
+@pytest.fixture
+def daemon(shared_daemon: Daemon) -> Daemon:
+    """One daemon for the module's tests (each uses a job of its own, see ``job``)."""
+    return shared_daemon
+
+
+@pytest.fixture
+def job(request: pytest.FixtureRequest) -> str:
+    """A job name of this test's own."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", request.node.name)[:100].strip("-.")
+
+
 pytestmark = pytest.mark.usefixtures("ckptd_env")
 ckptd_env = daemon_fixtures.ckptd_env
 
@@ -70,7 +85,7 @@ def expected_state(model: torch.nn.Module, opt: Any, sched: Any, scaler: Any) ->
 
 @pytest.mark.parametrize("copy_delay_s", [0.0, 0.04], ids=["memory-speed", "slowed-copy"])
 def test_overlapped_snapshots_restore_the_state_at_the_call_bit_for_bit(
-    daemon: Daemon, monkeypatch: pytest.MonkeyPatch, copy_delay_s: float
+    job: str, daemon: Daemon, monkeypatch: pytest.MonkeyPatch, copy_delay_s: float
 ) -> None:
     """Slowed copies (a sleep before each tensor's copy) make a missing wait or a buffer copied
     late certain to show, where copies at memory speed would usually win the race anyway."""
@@ -79,7 +94,7 @@ def test_overlapped_snapshots_restore_the_state_at_the_call_bit_for_bit(
     model, opt, sched, scaler = build()
     expected: dict[int, Any] = {}
     handles = []
-    with Client("ov", socket=daemon.socket, root=daemon.root, overlap=True, slots=2) as client:
+    with Client(job, socket=daemon.socket, root=daemon.root, overlap=True, slots=2) as client:
         for step in range(40):
             forward_backward(model, opt, scaler)
             if step % 2 == 0:  # right before the step: the step must wait for the copy
@@ -100,12 +115,12 @@ def test_overlapped_snapshots_restore_the_state_at_the_call_bit_for_bit(
         assert info.stall_s >= 0
     model.train()
     for step, want in expected.items():
-        got = ckptd_client.load("ov", step=step, root=daemon.root)
+        got = ckptd_client.load(job, step=step, root=daemon.root)
         assert_same(got, want, f"step {step}")
     # And it resumes: a fresh model restored from the last step equals the trained one.
     fresh, fresh_opt, fresh_sched, fresh_scaler = build(seed=7)
     ckptd_client.restore(
-        fresh, fresh_opt, job="ov", scheduler=fresh_sched, scaler=fresh_scaler, root=daemon.root
+        fresh, fresh_opt, job=job, scheduler=fresh_sched, scaler=fresh_scaler, root=daemon.root
     )
     assert_same(
         ckptd_client.collect(
@@ -115,11 +130,11 @@ def test_overlapped_snapshots_restore_the_state_at_the_call_bit_for_bit(
     )
 
 
-def test_overlap_refuses_what_it_cannot_hook(daemon: Daemon) -> None:
+def test_overlap_refuses_what_it_cannot_hook(job: str, daemon: Daemon) -> None:
     model, opt, _sched, _scaler = build()
     with pytest.raises(ValueError, match="overlap must be True or False"):
-        Client("ov", socket=daemon.socket, root=daemon.root, overlap="yes")  # type: ignore[arg-type]
-    with Client("ov", socket=daemon.socket, root=daemon.root) as client:
+        Client(job, socket=daemon.socket, root=daemon.root, overlap="yes")  # type: ignore[arg-type]
+    with Client(job, socket=daemon.socket, root=daemon.root) as client:
         with pytest.raises(ValueError, match="not state="):
             client.snapshot(step=1, state={"w": torch.ones(3)}, overlap=True)
         with pytest.raises(ValueError, match="got no optimizer"):
@@ -135,7 +150,7 @@ def test_overlap_refuses_what_it_cannot_hook(daemon: Daemon) -> None:
         client.snapshot(model, opt, step=2).wait(60)
     # A client's overlap=True default applies where it can: state= (what the framework adapters
     # hand off) and a model alone are copied before the call returns.
-    with Client("ov", socket=daemon.socket, root=daemon.root, overlap=True) as client:
+    with Client(job, socket=daemon.socket, root=daemon.root, overlap=True) as client:
         assert client.snapshot(step=3, state={"w": torch.ones(3)}).wait(60).step == 3
         assert client.snapshot(model, step=4).wait(60).step == 4
 
@@ -164,13 +179,13 @@ def _slow_copies(monkeypatch: pytest.MonkeyPatch, delay_s: float) -> None:
 
 
 def test_the_step_waits_for_the_copy_and_counts_it_as_stall(
-    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+    job: str, daemon: Daemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model, opt, sched, scaler = build()
     forward_backward(model, opt, scaler)
     optimizer_step(opt, sched, scaler)  # Adam's moments exist: 4 weights + 4 biases + moments
     _slow_copies(monkeypatch, 0.2)
-    with Client("ov", socket=daemon.socket, root=daemon.root, overlap=True) as client:
+    with Client(job, socket=daemon.socket, root=daemon.root, overlap=True) as client:
         forward_backward(model, opt, scaler)
         want = expected_state(model, opt, sched, scaler)
         pending = client.snapshot(model, opt, step=1, scheduler=sched, scaler=scaler)
@@ -183,17 +198,17 @@ def test_the_step_waits_for_the_copy_and_counts_it_as_stall(
         second = client.snapshot(model, opt, step=3, scheduler=sched, scaler=scaler)
         assert second.stall_s >= 0.2
         assert first.wait(60).step == 2 and second.wait(60).step == 3
-    assert_same(ckptd_client.load("ov", step=1, root=daemon.root), want)
+    assert_same(ckptd_client.load(job, step=1, root=daemon.root), want)
 
 
 def test_wait_copied_before_changing_weights_in_place(
-    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+    job: str, daemon: Daemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model, opt, sched, scaler = build()
     forward_backward(model, opt, scaler)
     optimizer_step(opt, sched, scaler)
     _slow_copies(monkeypatch, 0.2)
-    with Client("ov", socket=daemon.socket, root=daemon.root, overlap=True) as client:
+    with Client(job, socket=daemon.socket, root=daemon.root, overlap=True) as client:
         want = expected_state(model, opt, sched, scaler)
         pending = client.snapshot(model, opt, step=5, scheduler=sched, scaler=scaler)
         client.wait_copied()
@@ -201,11 +216,11 @@ def test_wait_copied_before_changing_weights_in_place(
             for p in model.parameters():
                 p.clamp_(-0.01, 0.01)  # manual weight clipping outside optimizer.step()
         pending.wait(60)
-    assert_same(ckptd_client.load("ov", step=5, root=daemon.root), want)
+    assert_same(ckptd_client.load(job, step=5, root=daemon.root), want)
 
 
 def test_a_copy_that_fails_fails_its_handle_and_the_next_snapshot_works(
-    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+    job: str, daemon: Daemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model, opt, sched, scaler = build()
     forward_backward(model, opt, scaler)
@@ -214,7 +229,7 @@ def test_a_copy_that_fails_fails_its_handle_and_the_next_snapshot_works(
     def broken(self: Slot, entry: Any, tensor: torch.Tensor) -> None:
         raise RuntimeError("injected copy failure")
 
-    with Client("ov", socket=daemon.socket, root=daemon.root, overlap=True) as client:
+    with Client(job, socket=daemon.socket, root=daemon.root, overlap=True) as client:
         with monkeypatch.context() as patch:
             patch.setattr(Slot, "copy_one", broken)
             bad = client.snapshot(model, opt, step=1)
@@ -224,12 +239,12 @@ def test_a_copy_that_fails_fails_its_handle_and_the_next_snapshot_works(
         good = client.snapshot(model, opt, step=2, scheduler=sched, scaler=scaler)
         want = expected_state(model, opt, sched, scaler)
         assert good.wait(60).step == 2
-    assert ckptd_client.list_checkpoints("ov", root=daemon.root)[-1].step == 2
-    assert_same(ckptd_client.load("ov", step=2, root=daemon.root), want)
+    assert ckptd_client.list_checkpoints(job, root=daemon.root)[-1].step == 2
+    assert_same(ckptd_client.load(job, step=2, root=daemon.root), want)
 
 
 def test_strict_raises_a_background_failure_from_the_next_snapshot(
-    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+    job: str, daemon: Daemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model, opt, sched, scaler = build()
     forward_backward(model, opt, scaler)
@@ -238,7 +253,7 @@ def test_strict_raises_a_background_failure_from_the_next_snapshot(
     def broken(self: Slot, entry: Any, tensor: torch.Tensor) -> None:
         raise RuntimeError("injected copy failure")
 
-    with Client("ov", socket=daemon.socket, root=daemon.root, overlap=True, strict=True) as client:
+    with Client(job, socket=daemon.socket, root=daemon.root, overlap=True, strict=True) as client:
         with monkeypatch.context() as patch:
             patch.setattr(Slot, "copy_one", broken)
             client.snapshot(model, opt, step=1)
@@ -248,7 +263,7 @@ def test_strict_raises_a_background_failure_from_the_next_snapshot(
 
 
 def test_daemon_killed_during_the_copy(
-    daemons: DaemonFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    job: str, daemons: DaemonFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """The daemon dies while the copy runs: the handle fails (it was never handed off), the
     step does not hang, and the next snapshot goes to the restarted daemon."""
@@ -258,7 +273,7 @@ def test_daemon_killed_during_the_copy(
     optimizer_step(opt, sched, scaler)
     _slow_copies(monkeypatch, 0.8)
     with Client(
-        "ov", socket=first.socket, root=first.root, overlap=True, spawn=False, timeout_s=10
+        job, socket=first.socket, root=first.root, overlap=True, spawn=False, timeout_s=10
     ) as client:
         pending = client.snapshot(model, opt, step=1)
         os.kill(first.pid, signal.SIGKILL)
@@ -273,23 +288,23 @@ def test_daemon_killed_during_the_copy(
         assert (
             client.snapshot(model, opt, step=2, scheduler=sched, scaler=scaler).wait(60).step == 2
         )
-    steps = [m.step for m in ckptd_client.list_checkpoints("ov", root=first.root)]
+    steps = [m.step for m in ckptd_client.list_checkpoints(job, root=first.root)]
     assert steps == [2]
-    assert_same(ckptd_client.load("ov", step=2, root=first.root), want)
+    assert_same(ckptd_client.load(job, step=2, root=first.root), want)
 
 
 def test_close_hands_off_an_overlapped_snapshot_still_copying(
-    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+    job: str, daemon: Daemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model, opt, sched, scaler = build()
     forward_backward(model, opt, scaler)
     optimizer_step(opt, sched, scaler)
     _slow_copies(monkeypatch, 0.3)
-    client = Client("ov", socket=daemon.socket, root=daemon.root, overlap=True)
+    client = Client(job, socket=daemon.socket, root=daemon.root, overlap=True)
     want = expected_state(model, opt, sched, scaler)
     pending = client.snapshot(model, opt, step=9, scheduler=sched, scaler=scaler)
     client.close()
     assert pending.wait(0).step == 9
-    assert_same(ckptd_client.load("ov", step=9, root=daemon.root), want)
+    assert_same(ckptd_client.load(job, step=9, root=daemon.root), want)
     # The hook was removed: a later step waits for nothing.
     optimizer_step(opt, sched, scaler)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -27,7 +28,21 @@ from tests.integration import daemon_fixtures
 from tests.integration.daemon_fixtures import Daemon, assert_same, clean_env
 
 daemons = daemon_fixtures.daemons
-daemon = daemon_fixtures.daemon
+shared_daemon = daemon_fixtures.shared_daemon
+
+
+@pytest.fixture
+def daemon(shared_daemon: Daemon) -> Daemon:
+    """One daemon for the module's tests (each uses a job of its own, see ``job``)."""
+    return shared_daemon
+
+
+@pytest.fixture
+def job(request: pytest.FixtureRequest) -> str:
+    """A job name of this test's own."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", request.node.name)[:100].strip("-.")
+
+
 ckptd_env = daemon_fixtures.ckptd_env
 pytestmark = pytest.mark.usefixtures("ckptd_env")
 
@@ -47,7 +62,7 @@ def fb(model: torch.nn.Module, x: torch.Tensor) -> None:
 
 
 def test_a_step_under_lightnings_optimizer_wrapper_waits(
-    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+    job: str, daemon: Daemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from lightning.pytorch.core.optimizer import LightningOptimizer
 
@@ -58,29 +73,29 @@ def test_a_step_under_lightnings_optimizer_wrapper_waits(
     fb(model, torch.randn(4, 8))
     inner.step()
     slow_copies(monkeypatch, 0.1)
-    with Client("f1", socket=daemon.socket, root=daemon.root, overlap=True) as client:
+    with Client(job, socket=daemon.socket, root=daemon.root, overlap=True) as client:
         fb(model, torch.randn(4, 8))
         want = copy.deepcopy(ckptd_client.collect(model, inner, rng=False))
         client.snapshot(model, opt, step=1, rng=False)
         inner.step()  # LightningOptimizer.step() ends in inner.step(): the hook sees `inner`
         client.flush(60)
-    assert_same(ckptd_client.load("f1", step=1, root=daemon.root), want)
+    assert_same(ckptd_client.load(job, step=1, root=daemon.root), want)
 
 
-def test_accelerates_optimizer_overlaps_with_the_client_default(daemon: Daemon) -> None:
+def test_accelerates_optimizer_overlaps_with_the_client_default(job: str, daemon: Daemon) -> None:
     from accelerate import Accelerator  # type: ignore[import-untyped]
 
     acc = Accelerator(cpu=True)
     model, opt = acc.prepare(
         torch.nn.Linear(4, 4), torch.optim.AdamW(torch.nn.Linear(4, 4).parameters())
     )
-    with Client("f2", socket=daemon.socket, root=daemon.root, overlap=True) as client:
+    with Client(job, socket=daemon.socket, root=daemon.root, overlap=True) as client:
         client.snapshot(model, opt, step=1).wait(60)  # overlapped: the wrapper's optimizer
         assert client.snapshot(model, opt, step=2, overlap=True).wait(60).step == 2
 
 
 def test_embedding_weights_a_forward_renormalizes_are_copied_in_the_call(
-    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+    job: str, daemon: Daemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     torch.manual_seed(0)
     model = torch.nn.Embedding(16, 8, max_norm=1.0)
@@ -88,13 +103,13 @@ def test_embedding_weights_a_forward_renormalizes_are_copied_in_the_call(
         model.weight.mul_(5)  # rows far outside the max norm
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     slow_copies(monkeypatch, 0.2)
-    with Client("f3", socket=daemon.socket, root=daemon.root, overlap=True) as client:
+    with Client(job, socket=daemon.socket, root=daemon.root, overlap=True) as client:
         want = copy.deepcopy(ckptd_client.collect(model, opt, rng=False))
         client.snapshot(model, opt, step=1, rng=False)
         fb(model, torch.arange(16))  # the next forward renormalizes every row in place
         opt.step()
         client.flush(60)
-    assert_same(ckptd_client.load("f3", step=1, root=daemon.root), want)
+    assert_same(ckptd_client.load(job, step=1, root=daemon.root), want)
 
 
 class SharedStorage(torch.nn.Module):
@@ -116,23 +131,23 @@ class SharedStorage(torch.nn.Module):
 
 
 def test_a_buffer_sharing_a_parameters_storage_is_copied_in_the_call(
-    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+    job: str, daemon: Daemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     torch.manual_seed(0)
     model = SharedStorage()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     slow_copies(monkeypatch, 0.2)
-    with Client("f4", socket=daemon.socket, root=daemon.root, overlap=True) as client:
+    with Client(job, socket=daemon.socket, root=daemon.root, overlap=True) as client:
         want = copy.deepcopy(ckptd_client.collect(model, opt, rng=False))
         client.snapshot(model, opt, step=1, rng=False)
         fb(model, torch.randn(8, 4))  # forward changes `running` before the copy reads it
         opt.step()
         client.flush(60)
-    assert_same(ckptd_client.load("f4", step=1, root=daemon.root), want)
+    assert_same(ckptd_client.load(job, step=1, root=daemon.root), want)
 
 
 def test_a_copy_thread_that_cannot_start_copies_in_the_call(
-    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+    job: str, daemon: Daemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def refuse(self: ThreadPoolExecutor, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("can't start new thread")
@@ -140,7 +155,7 @@ def test_a_copy_thread_that_cannot_start_copies_in_the_call(
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 4)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with Client("f5", socket=daemon.socket, root=daemon.root, overlap=True) as client:
+    with Client(job, socket=daemon.socket, root=daemon.root, overlap=True) as client:
         with monkeypatch.context() as patch:
             patch.setattr(ThreadPoolExecutor, "submit", refuse)
             try:
@@ -156,7 +171,7 @@ def test_a_copy_thread_that_cannot_start_copies_in_the_call(
         assert pending.wait(60).step == 1
 
 
-def test_a_snapshot_from_an_atexit_handler_lands(tmp_path: Path, daemon: Daemon) -> None:
+def test_a_snapshot_from_an_atexit_handler_lands(job: str, tmp_path: Path, daemon: Daemon) -> None:
     """'Save on exit' handlers: the copy thread cannot be started at interpreter shutdown."""
     script = textwrap.dedent(
         f"""
@@ -164,7 +179,7 @@ def test_a_snapshot_from_an_atexit_handler_lands(tmp_path: Path, daemon: Daemon)
         from ckptd_client import Client
         model = torch.nn.Linear(4, 4)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        client = Client("f5b", socket={str(daemon.socket)!r}, root={str(daemon.root)!r},
+        client = Client({job!r}, socket={str(daemon.socket)!r}, root={str(daemon.root)!r},
                         overlap=True, spawn=False)
         def save():
             client.snapshot(model, opt, step=7).wait(60)
@@ -186,10 +201,11 @@ def test_a_snapshot_from_an_atexit_handler_lands(tmp_path: Path, daemon: Daemon)
         timeout=120,
     )
     assert "SAVED" in proc.stdout, proc.stderr[-800:]
+    assert [m.step for m in ckptd_client.list_checkpoints(job, root=daemon.root)] == [7]
 
 
 def test_flush_timeout_holds_while_a_copy_runs(
-    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+    job: str, daemon: Daemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gate = threading.Event()
     copy_one = Slot.copy_one
@@ -201,7 +217,7 @@ def test_flush_timeout_holds_while_a_copy_runs(
     monkeypatch.setattr(Slot, "copy_one", gated)
     model = torch.nn.Linear(4, 4)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with Client("f6", socket=daemon.socket, root=daemon.root, overlap=True) as client:
+    with Client(job, socket=daemon.socket, root=daemon.root, overlap=True) as client:
         pending = client.snapshot(model, opt, step=1)
         flusher = threading.Thread(target=client.flush, args=(0.0,), daemon=True)
         flusher.start()
