@@ -160,12 +160,17 @@ def _tiling(
 _local = threading.local()
 
 
+_SCRATCH_STEP_BYTES = 1 << 20
+
+
 def _scratch(name: str, size: int) -> bytearray:
     """A per-thread buffer of at least ``size`` bytes reused across objects, so reading a
-    checkpoint does not pay first-touch page faults for every object. Grown by replacement."""
+    checkpoint does not pay first-touch page faults for every object. Grown by replacement (a
+    view of the old buffer may still be alive), to whole MiB so objects of similar sizes do not
+    grow it one after the other."""
     buf: bytearray | None = getattr(_local, name, None)
     if buf is None or len(buf) < size:
-        buf = bytearray(size)
+        buf = bytearray(-(-size // _SCRATCH_STEP_BYTES) * _SCRATCH_STEP_BYTES)
         setattr(_local, name, buf)
     return buf
 
