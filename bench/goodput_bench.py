@@ -12,6 +12,10 @@ is taken at the last step):
 * ``ckptd``: ``Client.snapshot(model, opt, step=...)`` to a daemon this script starts
   (``python -m ckptd start --user --socket S --root R``, default config, socket in a short /tmp
   directory); ``prepare()`` runs once before the first run; 2 slots, ``on_full="block"``;
+* ``ckptd-overlap``: the same daemon through a second client, ``Client(..., overlap=True)``: each
+  snapshot copies parameters and AdamW state on the client's background thread while the next
+  steps' forward and backward run, and the next ``optimizer.step()`` waits for that copy (its
+  step pre-hook); that wait counts as stall;
 * ``ckptd-nice0``: the same through a second daemon whose write threads are not niced
   (``[daemon] worker_nice = 0``): what the default ``worker_nice = 10`` buys;
 * ``torch.save+fsync``: ``torch.save({"model": ..., "optimizer": ...}, file)`` then ``fsync``
@@ -33,9 +37,13 @@ before it: ``% of none`` is the run's steps/s over its paired ``none`` run's ste
 run in an order that rotates each rep (``--reps``, default 3); the table shows median [min-max]
 over the reps (the ``none`` row: over all its runs). ``slowdown beyond stall`` = loop s - stall s -
 loop s of the paired ``none``: the time the loop lost to background work competing for the CPUs.
+Each ckptd method is also compared with ``dcp.async_save`` rep by rep: its ``% of none`` over
+dcp's in the same rep. With ``--quiet-wait S`` each pair first waits up to S seconds for other
+processes to use <10% of the CPUs; with ``--max-foreign F`` a pair during which they used more
+than F (in either run) is done again (at most 5 times per bench).
 
 Run: ``.venv/bin/python -m bench.goodput_bench [--steps 60] [--every 10] [--reps 3] [--quick]
-[--methods ckptd,ckptd-nice0]``;
+[--methods ckptd,ckptd-overlap,dcp.async] [--quiet-wait S] [--max-foreign F]``;
 results go to ``bench/results/goodput_bench.jsonl`` (``goodput_bench-quick.jsonl`` for --quick).
 """
 
@@ -71,18 +79,21 @@ from bench._common import (
     BenchDaemon,
     CpuWatch,
     Spread,
+    add_quiet_args,
     add_run_args,
     bench_parser,
     default_out,
     drop_ckptd_env,
     log,
     markdown_table,
+    quiet_of,
     reps_of,
     rotated,
     run_info,
     scratch,
     settle,
     show_cpu,
+    wait_for_quiet,
     write_records,
 )
 from bench.states import tensors_of
@@ -90,6 +101,7 @@ from ckptd_client import Client, PendingSnapshot
 
 NONE = "none"
 CKPTD = "ckptd"
+CKPTD_OVERLAP = "ckptd-overlap"
 CKPTD_NICE0 = "ckptd-nice0"
 TORCH = "torch.save"
 DCP_ASYNC = "dcp.async"
@@ -97,12 +109,15 @@ DCP_SAVE = "dcp.save"
 LABELS = {
     NONE: "no checkpoints",
     CKPTD: "ckptd Client.snapshot",
+    CKPTD_OVERLAP: "ckptd Client(overlap=True).snapshot",
     CKPTD_NICE0: "ckptd, write threads not niced (worker_nice = 0)",
     TORCH: "torch.save+fsync",
     DCP_ASYNC: "dcp.async_save (thread, reused stager)",
     DCP_SAVE: "dcp.save",
 }
 METHODS = list(LABELS)
+CKPTD_METHODS = (CKPTD, CKPTD_OVERLAP, CKPTD_NICE0)
+MAX_PAIR_REDOS = 5
 
 
 @dataclass(frozen=True)
@@ -209,15 +224,27 @@ class Saver:
     def extra(self) -> dict[str, float]:
         return {}
 
+    def hook_wait_s(self) -> float:
+        """Seconds the loop waited for checkpoints outside ``save()`` (an optimizer step
+        waiting for an overlapped copy)."""
+        return 0.0
+
 
 class CkptdSaver(Saver):
     def __init__(self, trainer: Trainer, client: Client) -> None:
         self.trainer = trainer
         self.client = client
         self.pending: list[PendingSnapshot] = []
+        self.stall_at_return: list[float] = []
 
     def save(self, step: int) -> None:
-        self.pending.append(self.client.snapshot(self.trainer.model, self.trainer.opt, step=step))
+        p = self.client.snapshot(self.trainer.model, self.trainer.opt, step=step)
+        self.pending.append(p)
+        self.stall_at_return.append(p.stall_s)
+
+    def hook_wait_s(self) -> float:
+        """``PendingSnapshot.stall_s`` grows by each step pre-hook's wait for the copy."""
+        return sum(p.stall_s for p in self.pending) - sum(self.stall_at_return)
 
     def finish(self) -> float:
         for p in self.pending:
@@ -334,8 +361,21 @@ class Bench:
             daemon = BenchDaemon(name, sock, self.root / name, config)
             log(f"daemon {name} pid {daemon.pid}")
             self.daemons[name] = daemon
+        # ckptd-overlap: a second job on the default daemon, through a client that overlaps.
+        for name, job, on, overlap in (
+            (CKPTD, "goodput", CKPTD, False),
+            (CKPTD_OVERLAP, "goodput-overlap", CKPTD, True),
+            (CKPTD_NICE0, "goodput", CKPTD_NICE0, False),
+        ):
+            daemon = self.daemons[on]
             client = Client(
-                "goodput", socket=sock, root=daemon.root, slots=2, spawn=False, strict=True
+                job,
+                socket=daemon.socket,
+                root=daemon.root,
+                slots=2,
+                spawn=False,
+                strict=True,
+                overlap=overlap,
             )
             client.prepare(self.trainer.model, self.trainer.opt, background=False)
             self.clients[name] = client
@@ -394,6 +434,8 @@ class Bench:
                 stall += time.perf_counter() - s0
                 checkpoints += 1
         t_end = time.perf_counter()
+        if saver is not None:
+            stall += saver.hook_wait_s()
         done = saver.finish() if saver is not None else t_end
         foreign = watch.foreign()
         extra = saver.extra() if saver is not None else {}
@@ -479,14 +521,49 @@ def report(runs: list[Run], reps: int) -> tuple[str, list[dict[str, Any]]]:
     notes = []
     for rec in records:
         ex = rec["extra"]
-        if rec["method"] in (CKPTD, CKPTD_NICE0) and ex:
+        if rec["method"] in CKPTD_METHODS and ex:
             notes.append(
                 f"- {rec['method']}: persist_s (daemon, per checkpoint) median "
                 f"{ex['persist_s_median']['median']:.2f} s; stored "
                 f"{ex['stored_bytes_median']['median'] / MB:.0f} MB per checkpoint; "
                 f"snapshots skipped: {ex['skipped']['max']:.0f}"
             )
+    for name in CKPTD_METHODS:
+        ratio = versus(runs, name, DCP_ASYNC)
+        if ratio is None:
+            continue
+        ahead = sum(v > 1 for v in ratio.values)
+        notes.append(
+            f"- {name} / {DCP_ASYNC} (% of none, per rep): {ratio.text(3)}; ahead in {ahead} of "
+            f"{len(ratio.values)} reps"
+        )
+        records.append(
+            {
+                "kind": "versus",
+                "method": name,
+                "reference": DCP_ASYNC,
+                "pct_of_none_ratio": ratio.as_json(),
+                "ahead_reps": ahead,
+                "reps": len(ratio.values),
+            }
+        )
     return "\n".join([table, *notes]), records
+
+
+def versus(runs: list[Run], name: str, other: str) -> Spread | None:
+    """Per rep with both methods: ``name``'s % of none over ``other``'s (each to its own paired
+    no-checkpoint run); None when no rep ran both."""
+
+    def pct(r: Run) -> float:
+        ref = r if r.ref is None else r.ref
+        return r.steps_per_s / ref.steps_per_s
+
+    by_rep: dict[int, dict[str, Run]] = {}
+    for r in runs:
+        if r.method in (name, other):
+            by_rep.setdefault(r.rep, {})[r.method] = r
+    vals = [pct(m[name]) / pct(m[other]) for m in by_rep.values() if len(m) == 2]
+    return Spread.of(vals) if vals else None
 
 
 # ---- main ---------------------------------------------------------------------------------------
@@ -514,6 +591,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"comma-separated methods to measure (default all: {', '.join(METHODS[1:])}); "
         "each is paired with a no-checkpoint run",
     )
+    add_quiet_args(ap)
     args = ap.parse_args(argv)
     steps = args.steps if args.steps is not None else (6 if args.quick else 60)
     every = args.every if args.every is not None else (2 if args.quick else 10)
@@ -539,18 +617,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             params=bench.trainer.n_params,
             state_bytes=bench.trainer.state_bytes,
         )
+        quiet = quiet_of(args)
+        redone = 0
         try:
             bench.start()
             for rep in range(reps):
                 for name in rotated(methods, rep):
-                    ref = bench.run(NONE, rep, steps, every)
-                    run = bench.run(name, rep, steps, every)
+                    while True:
+                        wait_for_quiet(quiet.wait_s)
+                        ref = bench.run(NONE, rep, steps, every)
+                        run = bench.run(name, rep, steps, every)
+                        busy = max((r.foreign or 0.0) for r in (ref, run))
+                        if busy <= quiet.max_foreign or redone >= MAX_PAIR_REDOS:
+                            break
+                        redone += 1
+                        log(f"  other processes used {busy:.0%} of the CPUs; pair done again")
                     run.ref = ref
                     runs += [ref, run]
         finally:
             stopped = bench.close()
     text, records = report(runs, reps)
-    info.update(loadavg_end=list(os.getloadavg()), daemon_stopped=stopped)
+    info.update(loadavg_end=list(os.getloadavg()), daemon_stopped=stopped, redone_pairs=redone)
     write_records(out_path, info, records)
     foreign = [r.foreign for r in runs]
     print(
@@ -559,7 +646,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"a checkpoint every {every} steps, median [min-max] of {reps} rep(s)\n\n"
         f"root: {info['root']}; % of none = steps/s over the no-checkpoint run of the same rep; "
         "end → last durable = from the last step's return to the last checkpoint being durable; "
-        f"other processes' CPU use per run: {', '.join(show_cpu(f) for f in foreign)}\n"
+        f"other processes' CPU use per run: {', '.join(show_cpu(f) for f in foreign)}"
+        f" ({redone} pair(s) redone because of them)\n"
     )
     print(text)
     print(f"\ndaemon stopped: {'yes' if stopped else 'NO'}; results: {out_path}")

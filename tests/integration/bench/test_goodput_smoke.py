@@ -19,7 +19,7 @@ import pytest
 from tests.integration.daemon_fixtures import clean_env
 
 REPO = Path(__file__).resolve().parents[3]
-METHODS = {"none", "ckptd", "ckptd-nice0", "torch.save", "dcp.async", "dcp.save"}
+METHODS = {"none", "ckptd", "ckptd-overlap", "ckptd-nice0", "torch.save", "dcp.async", "dcp.save"}
 pytestmark = pytest.mark.timeout(900)  # a hang, never a speed limit
 
 
@@ -57,6 +57,16 @@ def test_goodput_quick_and_plots(tmp_path: Path) -> None:
             assert r["stall_s"]["median"] > 0
             assert r["tail_s"]["median"] >= 0
     assert list(work.iterdir()) == [], "the bench left files under --root"
+    # each ckptd method against dcp.async_save, rep by rep
+    versus = {r["method"]: r for r in records if r.get("kind") == "versus"}
+    assert set(versus) == {"ckptd", "ckptd-overlap", "ckptd-nice0"}
+    for r in versus.values():
+        assert r["reference"] == "dcp.async" and r["reps"] == 1
+        assert r["pct_of_none_ratio"]["median"] > 0 and 0 <= r["ahead_reps"] <= 1
+    assert "- ckptd-overlap / dcp.async (% of none, per rep): " in gp.stdout
+    overlap = next(r for r in goodput if r["method"] == "ckptd-overlap")
+    assert overlap["label"] == "ckptd Client(overlap=True).snapshot"
+    assert overlap["extra"]["client_stall_s"]["median"] > 0
 
     # the size plots need store/snapshot results: the committed ones (bench/results/)
     committed = [

@@ -1,5 +1,5 @@
-"""``bench/snapshot_bench.py --quick`` runs, prints its table and targets, writes JSON lines and
-stops the daemons it started.
+"""``bench/snapshot_bench.py --quick`` (and ``--size demo``) and ``bench/overlap_bench.py --quick``
+run, print their tables and targets, write JSON lines and stop the daemons they started.
 
 It runs as a subprocess from the repository root, the way the README tells people to run it, on a
 4 MiB state. How fast it runs is not judged here (speed is measured in ``bench/``); the timeout
@@ -91,7 +91,7 @@ def test_table(run: tuple[str, list[dict[str, Any]]]) -> None:
         "dcp.save",
     ):
         assert must in labels, f"no table row {must!r} in {labels}"
-    assert len(rows[0]) == 5
+    assert len(rows[0]) == 6
     floor = rows[labels.index("copy_ into reused buffers (floor)")]
     assert floor[2] == "—" and floor[3] == "1.00"
     steady = rows[labels.index("ckptd snapshot, prepared (steady)")]
@@ -125,3 +125,90 @@ def test_daemons_stopped(run: tuple[str, list[dict[str, Any]]]) -> None:
         assert st["stopped"] is True, f"daemon {name} was not stopped"
         assert st["commits"] >= 1
         assert not _pid_alive(int(st["pid"])), f"daemon {name} (pid {st['pid']}) still runs"
+
+
+def test_fixed_cost(run: tuple[str, list[dict[str, Any]]]) -> None:
+    """Every method but the floor has a fixed cost (blocked - floor) column and record; the
+    steady ckptd snapshot's is checked against the 2 ms target."""
+    stdout, records = run
+    rows = _table_rows(stdout, "method")
+    labels = [r[0] for r in rows]
+    assert rows[labels.index("copy_ into reused buffers (floor)")][4] == "—"
+    float(rows[labels.index("ckptd snapshot, prepared (steady)")][4])
+    methods = {r["method"]: r for r in records if r["kind"] == "method"}
+    assert methods["ckptd"]["blocked_minus_floor_s"]["reps"]
+    fixed = [r for r in records if r["kind"] == "fixed_cost"]
+    assert len(fixed) == 1 and fixed[0]["method"] == "ckptd"
+    assert fixed[0]["limit_s"] == 0.002 and fixed[0]["applies"] is False  # quick is not a target
+    assert "fixed cost (steady stall - copy floor, paired per rep)" in stdout
+
+
+def _bench(tmp: Path, *args: str) -> tuple[str, list[dict[str, Any]]]:
+    """Run ``python <args> --out F --root R`` from the repository root; its stdout and records."""
+    out = tmp / "out.jsonl"
+    proc = subprocess.run(
+        [sys.executable, *args, "--out", str(out), "--root", str(tmp / "root")],
+        cwd=REPO,
+        env=clean_env(tmp / "env"),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, f"{args[0]} failed:\n{proc.stdout}\n{proc.stderr}"
+    assert list((tmp / "root").iterdir()) == []
+    return proc.stdout, [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_demo_size(tmp_path: Path) -> None:
+    """``--size demo``: the README demo's state (model, AdamW, scheduler, extra), 1.2 MB."""
+    stdout, records = _bench(
+        tmp_path,
+        "bench/snapshot_bench.py",
+        "--size",
+        "demo",
+        "--reps",
+        "1",
+        "--skip",
+        "dcp.async-process,ckptd-raw,dcp.async-default,dcp.save",
+    )
+    assert "### Snapshot benchmark: 1.2 MB state" in stdout
+    fixed = next(r for r in records if r["kind"] == "fixed_cost")
+    assert fixed["applies"] is True and fixed["size"] == "demo"
+    assert 1_100_000 < fixed["state_bytes"] < 1_300_000
+    assert "daemons stopped: yes" in stdout
+
+
+def test_overlap_bench_quick(tmp_path: Path) -> None:
+    """``bench.overlap_bench --quick``: the loop bench's table, targets and JSON lines; its
+    daemon stopped."""
+    stdout, records = _bench(tmp_path, "bench/overlap_bench.py", "--quick")
+    rows = _table_rows(stdout, "method")
+    labels = [r[0] for r in rows]
+    assert labels == [
+        "copy_ into reused buffers (floor)",
+        "the same copy on a thread, step waits (overlapped floor)",
+        "ckptd snapshot, overlap=False (today's path)",
+        "ckptd snapshot, overlap=True",
+        "dcp.async_save, thread, reused DefaultStager",
+    ]
+    assert all(len(r) == 6 for r in rows)
+    assert rows[0][2] == "1.00"  # the floor's call over itself
+    methods = {r["method"]: r for r in records if r["kind"] == "method"}
+    for name, rec in methods.items():
+        assert rec["call_s"]["median"] > 0, name
+        assert len(rec["pair_samples"]) == 1 and len(rec["pair_samples"][0]) == 1  # 1 rep, 1 pair
+        assert rec["pairs"] == 1 and rec["reps"] == 1
+        pair = rec["pair_samples"][0][0]
+        assert pair["plain_s"] > 0 and pair["with_s"] > pair["call_s"]
+    assert methods["floor"]["hook_wait_s"]["median"] == 0
+    assert methods["floor-overlap"]["hook_wait_s"]["median"] >= 0
+    assert methods["ckptd-overlap"]["hook_wait_s"]["median"] >= 0
+    loop = next(r for r in records if r["kind"] == "loop")
+    assert loop["compute_threads"] >= 1 and loop["fwd_bwd_s"]["median"] > 0
+    targets = {r["name"] for r in records if r["kind"] == "target"}
+    assert targets == {
+        "overlap snapshot() call / copy floor",
+        "overlap loop added time / copy floor",
+    }
+    assert "daemon stopped: yes" in stdout
+    assert all(r["quick"] is True and r["daemon_stopped"] is True for r in records)
