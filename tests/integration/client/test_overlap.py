@@ -178,6 +178,11 @@ def _slow_copies(monkeypatch: pytest.MonkeyPatch, delay_s: float) -> None:
     monkeypatch.setattr(Slot, "copy_one", slow)
 
 
+def _broken_copy(self: Slot, entry: Any, tensor: torch.Tensor) -> None:
+    """A background copy that fails (a seam: the copy of one tensor)."""
+    raise RuntimeError("injected copy failure")
+
+
 def test_the_step_waits_for_the_copy_and_counts_it_as_stall(
     job: str, daemon: Daemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -226,12 +231,9 @@ def test_a_copy_that_fails_fails_its_handle_and_the_next_snapshot_works(
     forward_backward(model, opt, scaler)
     optimizer_step(opt, sched, scaler)
 
-    def broken(self: Slot, entry: Any, tensor: torch.Tensor) -> None:
-        raise RuntimeError("injected copy failure")
-
     with Client(job, socket=daemon.socket, root=daemon.root, overlap=True) as client:
         with monkeypatch.context() as patch:
-            patch.setattr(Slot, "copy_one", broken)
+            patch.setattr(Slot, "copy_one", _broken_copy)
             bad = client.snapshot(model, opt, step=1)
             optimizer_step(opt, sched, scaler)  # the hook does not hang on a failed copy
             with pytest.raises(SnapshotFailedError, match="injected copy failure"):
@@ -250,12 +252,9 @@ def test_strict_raises_a_background_failure_from_the_next_snapshot(
     forward_backward(model, opt, scaler)
     optimizer_step(opt, sched, scaler)
 
-    def broken(self: Slot, entry: Any, tensor: torch.Tensor) -> None:
-        raise RuntimeError("injected copy failure")
-
     with Client(job, socket=daemon.socket, root=daemon.root, overlap=True, strict=True) as client:
         with monkeypatch.context() as patch:
-            patch.setattr(Slot, "copy_one", broken)
+            patch.setattr(Slot, "copy_one", _broken_copy)
             client.snapshot(model, opt, step=1)
         with pytest.raises(SnapshotFailedError, match="injected copy failure"):
             client.snapshot(model, opt, step=2)
